@@ -1,0 +1,13 @@
+"""blockquant: train graph neural networks with activations stored in block-wise low-bit form.
+
+The forward pass is exact; tensors saved for backward are compressed (1, 2, 4
+or 8 bits per element, unbiased stochastic rounding, optional seeded random
+projection) and decompressed on demand in backward.
+"""
+from .config import ROW, QuantConfig
+from .levels import optimal_levels
+from .packed import PackedTensor, dequantize, quantize
+
+__version__ = "0.1.0"
+
+__all__ = ["QuantConfig", "ROW", "PackedTensor", "quantize", "dequantize", "optimal_levels", "__version__"]

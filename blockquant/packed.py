@@ -1,0 +1,201 @@
+"""The public codec: :func:`quantize` and the :class:`PackedTensor` it returns."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from blockquant.kernels import get_backend
+from blockquant.kernels.blockwise import payload_bytes
+
+from .config import QuantConfig
+from .levels import optimal_levels
+from .projection import projected_dim, rademacher
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SEED_MASK = (1 << 62) - 1
+
+
+def draw_seed() -> int:
+    """A fresh seed from PyTorch's default CPU generator (so ``torch.manual_seed`` reproduces runs).
+
+    Uses the CPU generator on purpose: no device synchronisation.
+    """
+    return int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64).item())
+
+
+def _levels_for(config: QuantConfig, block: int) -> Optional[Tuple[float, ...]]:
+    return optimal_levels(config.bits, block) if config.levels == "optimal" else None
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+class PackedTensor:
+    """A tensor stored in block-wise low-bit form.
+
+    Holds the packed codes (``payload``), per-block metadata (``meta``, shape
+    ``(2, num_blocks)``: lower bound and step) and, when a random projection
+    was applied, only the projection's seed. :meth:`dequantize` returns a
+    tensor of the original shape and dtype.
+    """
+
+    __slots__ = ("payload", "meta", "shape", "dtype", "config", "block", "seed",
+                 "proj_seed", "proj_dims", "backend")
+
+    def __init__(self, payload, meta, shape, dtype, config, block, seed, proj_seed=None,
+                 proj_dims=None, backend=None):
+        self.payload = payload
+        self.meta = meta
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        self.config = config
+        self.block = block
+        self.seed = seed
+        self.proj_seed = proj_seed
+        self.proj_dims = proj_dims  # (in_dim, out_dim) when projected
+        self.backend = backend
+
+    # ---------------------------------------------------------------- sizes
+    @property
+    def bits(self) -> int:
+        return self.config.bits
+
+    @property
+    def device(self) -> torch.device:
+        return self.payload.device
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def stored_shape(self) -> torch.Size:
+        """Shape of the tensor whose codes are stored (the projected one, if projected)."""
+        if self.proj_dims is None:
+            return self.shape
+        return torch.Size((*self.shape[:-1], self.proj_dims[1]))
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes of every buffer held (whole storages: codes, metadata, padding)."""
+        return _storage_bytes(self.payload) + _storage_bytes(self.meta)
+
+    def storages(self):
+        """The tensors whose storages this object keeps alive (for memory accounting)."""
+        return (self.payload, self.meta)
+
+    def __repr__(self) -> str:
+        proj = f", projected={self.proj_dims[0]}->{self.proj_dims[1]}" if self.proj_dims else ""
+        return (f"PackedTensor(bits={self.bits}, block_size={self.block}, shape={tuple(self.shape)}, "
+                f"dtype={self.dtype}, nbytes={self.nbytes}{proj}, levels={self.config.levels!r})")
+
+    # -------------------------------------------------------------- decoding
+    def projection(self, dtype=None) -> torch.Tensor:
+        """The ``in_dim x out_dim`` projection matrix, regenerated from its seed."""
+        if self.proj_dims is None:
+            raise ValueError("this PackedTensor was stored without random projection")
+        return rademacher(*self.proj_dims, self.proj_seed, self.device, dtype or torch.float32)
+
+    def dequantize_stored(self) -> torch.Tensor:
+        """Decode the stored codes only (the projected tensor when projected)."""
+        shape = self.stored_shape
+        n = shape.numel()
+        if n == 0:
+            return torch.empty(shape, dtype=self.dtype, device=self.device)
+        backend = get_backend(self.device, self.backend)
+        flat = backend.dequantize(self.payload, self.meta, n, self.block, self.bits,
+                                  _levels_for(self.config, self.block), self.dtype)
+        return flat.view(shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """Unbiased reconstruction with the original shape and dtype."""
+        stored = self.dequantize_stored()
+        if self.proj_dims is None:
+            return stored
+        p = self.projection(torch.float32)
+        return (stored.to(torch.float32) @ p.t()).to(self.dtype)
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked integer codes of the stored tensor, flat (for inspection and tests)."""
+        from blockquant.kernels.blockwise import codes_torch
+
+        return codes_torch(self.payload, self.stored_shape.numel(), self.block, self.bits)
+
+
+def _check_input(x, config) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"blockquant.quantize expects a torch.Tensor; got {type(x).__name__}")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"blockquant.quantize expects a QuantConfig; got {type(config).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"blockquant.quantize expects a float32, float16 or bfloat16 tensor; got {x.dtype}")
+
+
+def _raise_non_finite(x: torch.Tensor, meta_dtype: torch.dtype) -> None:
+    bad = (~torch.isfinite(x)).sum().item()
+    if bad:
+        raise ValueError(
+            f"blockquant.quantize: input of shape {tuple(x.shape)} has {bad} non-finite value(s) (NaN or Inf); "
+            "activations must be finite to be compressed (check the learning rate or the input data)")
+    raise ValueError(
+        f"blockquant.quantize: the input's range (max |x| = {x.abs().max().item():.4g}) does not fit the "
+        f"{meta_dtype} block metadata; use QuantConfig(meta_dtype=torch.bfloat16) or torch.float32")
+
+
+def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None, seed: Optional[int] = None, *,
+             backend: Optional[str] = None) -> PackedTensor:
+    """Compress ``x`` block-wise to ``config.bits`` bits per element.
+
+    Args:
+        x: float32/float16/bfloat16 tensor of any shape (non-contiguous is fine).
+        config: a :class:`QuantConfig` (default ``QuantConfig()``).
+        seed: integer seed for stochastic rounding and the projection; drawn
+            from PyTorch's default generator when ``None``.
+        backend: force ``"torch"`` or ``"triton"``; default picks by device.
+
+    Raises:
+        TypeError: wrong input or config type or dtype.
+        ValueError: non-finite values, or a range the metadata dtype cannot hold.
+    """
+    config = QuantConfig() if config is None else config
+    _check_input(x, config)
+    x = x.detach()
+    if seed is None:
+        seed = draw_seed()
+    seed = int(seed) & _SEED_MASK
+    shape = x.shape
+    proj_seed = proj_dims = None
+    data = x
+    if config.rp_ratio > 1 and x.dim() >= 1 and x.shape[-1] > 1:
+        d = x.shape[-1]
+        r = projected_dim(d, config.rp_ratio)
+        if r < d:
+            proj_seed = (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _SEED_MASK
+            proj_dims = (d, r)
+            p = rademacher(d, r, proj_seed, x.device, torch.float32)
+            data = (x.reshape(-1, d).to(torch.float32) @ p).to(x.dtype).view(*shape[:-1], r)
+    row = data.shape[-1] if data.dim() >= 1 else 1
+    block = config.block_size_for(row)
+    flat = data.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    n = flat.numel()
+    chosen = get_backend(x.device, backend)
+    if n == 0:
+        payload = torch.empty(0, dtype=torch.uint8, device=x.device)
+        meta = torch.empty(2, 0, dtype=config.meta_dtype, device=x.device)
+    else:
+        payload, meta = chosen.quantize(flat, block, config.bits, config.meta_dtype, _levels_for(config, block),
+                                        config.rounding == "stochastic", seed)
+        if not bool(torch.isfinite(meta).all()):
+            _raise_non_finite(x if not bool(torch.isfinite(x).all()) else data, config.meta_dtype)
+        assert payload.numel() == payload_bytes(n, block, config.bits), "backend returned a malformed payload"
+    return PackedTensor(payload, meta, shape, x.dtype, config, block, seed, proj_seed, proj_dims,
+                        backend=backend)
+
+
+def dequantize(packed: PackedTensor) -> torch.Tensor:
+    """Functional form of :meth:`PackedTensor.dequantize`."""
+    return packed.dequantize()

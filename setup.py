@@ -1,0 +1,31 @@
+from setuptools import setup
+
+setup(
+    name="blockquant",
+    version="0.1.0",
+    description="Block-wise low-bit activation compression for memory-efficient GNN training (PyTorch / PyG)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["blockquant", "blockquant.kernels"],
+    # kernels/ lives at the top of the repository but installs as blockquant.kernels:
+    # a PyPI package called ``kernels`` already exists and would collide.
+    package_dir={"blockquant": "blockquant", "blockquant.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.1",
+        "torch-geometric>=2.4",
+        "ogb>=1.3.6",
+        "triton>=2.1; platform_system == 'Linux'",
+        "tqdm>=4.60",
+        "matplotlib>=3.5",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+    },
+    entry_points={"console_scripts": ["blockquant=blockquant.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
