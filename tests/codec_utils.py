@@ -1,0 +1,54 @@
+"""Helpers shared by the codec tests: backends to parametrize over and the theory to check against."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blockquant.kernels import available_backends
+from blockquant.levels import optimal_levels, uniform_levels
+
+BACKENDS = ["torch", "triton"]
+
+
+def backend_param(name: str):
+    """A pytest param for ``name`` that skips, with the reason, where that backend cannot run."""
+    marks = []
+    if name not in available_backends(torch.device("cpu")):
+        marks.append(pytest.mark.skip(reason=f"backend {name!r} cannot run on CPU here "
+                                             "(triton not installed or TRITON_INTERPRET unset)"))
+    return pytest.param(name, id=name, marks=marks)
+
+
+BACKEND_PARAMS = [backend_param(b) for b in BACKENDS]
+
+
+def level_values(packed) -> torch.Tensor:
+    cfg = packed.config
+    lv = optimal_levels(cfg.bits, packed.block) if cfg.levels == "optimal" else uniform_levels(cfg.bits)
+    return torch.tensor(lv, dtype=torch.float64)
+
+
+def per_element_bounds(x: torch.Tensor, packed):
+    """The two decoded levels bracketing each element of ``x`` (float64, flat).
+
+    Stochastic rounding picks one of them; its variance is ``(x - a)(b - x)``.
+    """
+    flat = x.detach().reshape(-1).to(torch.float64)
+    n, g = flat.numel(), packed.block
+    blk = torch.arange(n) // g
+    lo = packed.meta[0].to(torch.float64)[blk]
+    step = packed.meta[1].to(torch.float64)[blk]
+    lv = level_values(packed)
+    top = lv.numel() - 1
+    t = torch.where(step > 0, (flat - lo) / torch.where(step > 0, step, torch.ones_like(step)), torch.zeros_like(flat))
+    t = t.clamp(0, top)
+    k = (torch.searchsorted(lv, t, right=True) - 1).clamp(0, top - 1)
+    a = lo + step * lv[k]
+    b = lo + step * lv[k + 1]
+    return a, b
+
+
+def theoretical_variance(x: torch.Tensor, packed) -> torch.Tensor:
+    a, b = per_element_bounds(x, packed)
+    flat = x.detach().reshape(-1).to(torch.float64)
+    return ((flat - a) * (b - flat)).clamp_min(0)
