@@ -11,3 +11,7 @@ from .packed import PackedTensor, dequantize, quantize
 __version__ = "0.1.0"
 
 __all__ = ["QuantConfig", "ROW", "PackedTensor", "quantize", "dequantize", "optimal_levels", "__version__"]
+from .convert import convert, summary  # noqa: E402
+from .memory import track_saved  # noqa: E402
+
+__all__ += ["convert", "summary", "track_saved"]

@@ -1,0 +1,303 @@
+"""Swap a model's supported submodules for compressed wrappers: :func:`convert`, :func:`summary`.
+
+The swap is in place and keeps the user's Parameter objects (see
+:class:`blockquant.nn.CompressedModule`): ``state_dict`` keys and values do not
+change, checkpoints of the unconverted model load into the converted one and
+back, and an optimizer built before the conversion keeps updating the same
+tensors.
+
+What is *not* covered by a module swap: activations, dropout and norms called
+functionally inside a ``forward`` (``F.relu(x)``, ``F.dropout(x)``). PyG's
+model zoo (``GCN``, ``GraphSAGE``, ``GAT``, ``GIN``, ...) calls them as modules
+(``self.act``, ``self.dropout``, ``self.norms[i]``), so they are converted;
+for hand-written models that use the functional forms, wrap the training
+forward in :func:`blockquant.compress_saved_tensors`, which compresses what
+those calls save.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+
+from .config import QuantConfig
+from .nn.registry import WRAPPERS, CompressedModule
+
+__all__ = ["convert", "summary", "ConversionWarning", "ConversionInfo"]
+
+ConfigSpec = Union[None, str, QuantConfig, Mapping[Union[str, type], Optional[QuantConfig]]]
+FilterFn = Callable[[torch.nn.Module, str], bool]
+
+_INFO_ATTR = "_bq_conversion"
+
+# Modules that look like computation: leaving one of these unconverted leaves its
+# saved tensors at full precision, which the user should hear about.
+_COMPUTE_MODULE_FILES = ("activation", "batchnorm", "normalization", "instancenorm", "dropout", "conv",
+                         "linear", "pooling")
+_SILENT_TYPES = (torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten)
+
+
+class ConversionWarning(UserWarning):
+    """Some modules were left at full precision by :func:`convert`."""
+
+
+@dataclasses.dataclass
+class ConversionInfo:
+    """What :func:`convert` did to a model (kept on the model for :func:`summary`)."""
+
+    converted: List[Tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
+    """(qualified name, original type, wrapper type, config.short())"""
+    skipped: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    """(qualified name, type, reason)"""
+
+
+def _load_nn_wrappers() -> None:
+    """Import the wrapper modules so that they register themselves in WRAPPERS."""
+    import importlib
+
+    for mod in ("blockquant.nn.basic", "blockquant.nn.conv"):
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:  # only tolerate the module itself being absent
+            if getattr(e, "name", None) != mod:
+                raise
+
+
+def _resolve_single(config: Any, where: str) -> Optional[QuantConfig]:
+    if config is None:
+        return None
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, str):
+        return QuantConfig.preset(config)
+    raise TypeError(f"blockquant.convert: {where} must be a QuantConfig, a preset name "
+                    f"{QuantConfig.preset_names()} or None; got {type(config).__name__}")
+
+
+class _ConfigChooser:
+    """Picks the config of one module from what the caller passed to :func:`convert`.
+
+    Precedence: the module's exact qualified name, then the nearest ancestor's
+    name, then its type (walking the MRO), then the global default. A mapping
+    value of ``None`` means "leave this module (or subtree) alone".
+    """
+
+    _UNSET = object()
+
+    def __init__(self, config: ConfigSpec, names: List[str]):
+        self.default = QuantConfig.preset("default")
+        self.by_name: Dict[str, Optional[QuantConfig]] = {}
+        self.by_type: Dict[type, Optional[QuantConfig]] = {}
+        if config is None:
+            return
+        if isinstance(config, (QuantConfig, str)):
+            self.default = _resolve_single(config, "config")
+            return
+        if not isinstance(config, Mapping):
+            raise TypeError("blockquant.convert: config must be None, a QuantConfig, a preset name or a mapping "
+                            f"from module names / module types to QuantConfig; got {type(config).__name__}")
+        known = set(names)
+        unknown = []
+        for key, value in config.items():
+            if isinstance(key, str):
+                if key not in known:
+                    unknown.append(key)
+                    continue
+                self.by_name[key] = _resolve_single(value, f"config[{key!r}]")
+            elif isinstance(key, type) and issubclass(key, torch.nn.Module):
+                self.by_type[key] = _resolve_single(value, f"config[{key.__name__}]")
+            else:
+                raise TypeError("blockquant.convert: config mapping keys must be qualified module names (str) or "
+                                f"torch.nn.Module subclasses; got {key!r}")
+        if unknown:
+            sample = ", ".join(repr(n) for n in sorted(known) if n)[:300]
+            raise ValueError(f"blockquant.convert: config names {sorted(unknown)} match no submodule of the model; "
+                             f"expected qualified names from model.named_modules(), e.g. {sample}")
+
+    def choose(self, module: torch.nn.Module, name: str) -> Optional[QuantConfig]:
+        parts = name.split(".") if name else []
+        for i in range(len(parts), -1, -1):
+            key = ".".join(parts[:i])
+            if key in self.by_name:
+                return self.by_name[key]
+        cls = getattr(module, "wraps", None) if isinstance(module, CompressedModule) else None
+        for t in (cls.__mro__ if cls else type(module).__mro__):
+            if t in self.by_type:
+                return self.by_type[t]
+        return self.default
+
+
+def _looks_like_compute(module: torch.nn.Module) -> bool:
+    if isinstance(module, _SILENT_TYPES):
+        return False
+    if any(p is not None for p in module._parameters.values()):
+        return True
+    try:
+        from torch_geometric.nn.conv import MessagePassing
+
+        if isinstance(module, MessagePassing):
+            return True
+    except ImportError:  # torch_geometric is optional for plain torch models
+        pass
+    if len(module._modules) == 0:
+        mod = type(module).__module__ or ""
+        return mod.startswith("torch.nn.modules.") and mod.rsplit(".", 1)[-1] in _COMPUTE_MODULE_FILES
+    return False
+
+
+def _why_unknown(module: torch.nn.Module) -> str:
+    for base in type(module).__mro__[1:]:
+        if base in WRAPPERS:
+            return (f"subclass of {base.__name__}: wrappers match exact types only "
+                    f"(register one with blockquant.nn.register_wrapper)")
+    return "no blockquant wrapper"
+
+
+def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
+            filter_fn: Optional[FilterFn] = None) -> torch.nn.Module:
+    """Replace supported submodules of ``model`` by compressed wrappers, in place.
+
+    Supported means the module's exact type is a key of
+    :data:`blockquant.nn.WRAPPERS` (``torch.nn.Linear``, ``BatchNorm1d``,
+    activations, ``Dropout``, PyG convolutions, ...). Wrappers reuse the
+    original Parameter and buffer objects. A converted wrapper's children are
+    left to the wrapper; the children of everything else are visited.
+
+    Args:
+        model: the module to convert. If ``model`` itself is supported, the
+            wrapper replacing it is returned (use the return value).
+        config: ``None`` for ``QuantConfig.preset("default")``; a
+            :class:`QuantConfig` or preset name for every module; or a mapping
+            from qualified module names (``"convs.0"``, applies to the subtree)
+            and/or module types (``torch.nn.BatchNorm1d``) to a QuantConfig, or
+            to ``None`` to leave those modules alone. Names beat types; modules
+            matched by neither get the default preset. Unknown names raise.
+        filter_fn: ``filter_fn(module, qualified_name) -> bool``; modules for
+            which it returns False are not converted (their children are still
+            visited, so filter on a name prefix to exclude a subtree).
+
+    Returns:
+        ``model`` (or the wrapper, if the root itself was swapped).
+
+    Converting an already converted model is harmless: wrappers are kept; a
+    wrapper whose chosen config differs from an explicitly passed one is
+    rebuilt with the new config (same Parameters). Modules that look like
+    computation but have no wrapper, and wrappers that refuse a particular
+    module configuration (``unsupported_reason``), are left at full precision
+    and listed in one :class:`ConversionWarning`. :func:`summary` prints the
+    outcome.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"blockquant.convert expects a torch.nn.Module; got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"blockquant.convert: filter_fn must be callable(module, name) -> bool; "
+                        f"got {type(filter_fn).__name__}")
+    _load_nn_wrappers()
+    chooser = _ConfigChooser(config, [n for n, _ in model.named_modules()])
+    explicit = config is not None
+
+    info = ConversionInfo()
+    unknown: List[Tuple[str, str, str]] = []
+    refused: List[Tuple[str, str, str]] = []
+
+    def visit(module: torch.nn.Module, name: str) -> torch.nn.Module:
+        """Return what should stand at ``name``: the module or its wrapper."""
+        tname = type(module).__name__
+        if isinstance(module, CompressedModule):
+            cfg = chooser.choose(module, name)
+            if cfg is None:
+                return module.to_original()  # the caller asked for this subtree to stay exact
+            if explicit and cfg != module.bq_config:
+                module = type(module).from_module(module.to_original(), cfg)
+            return module
+        wrapper = WRAPPERS.get(type(module))
+        if wrapper is not None:
+            cfg = chooser.choose(module, name)
+            keep = filter_fn(module, name) if filter_fn is not None else True
+            if cfg is None or not keep:
+                info.skipped.append((name, tname, "excluded by config" if cfg is None else "excluded by filter_fn"))
+            else:
+                check = getattr(wrapper, "unsupported_reason", None)
+                reason = check(module) if check is not None else None
+                if reason is None:
+                    return wrapper.from_module(module, cfg)
+                refused.append((name, tname, reason))
+                info.skipped.append((name, tname, reason))
+        elif _looks_like_compute(module):
+            # do not warn about a compute module the caller excluded on purpose
+            if not (filter_fn is not None and not filter_fn(module, name)) and chooser.choose(module, name):
+                unknown.append((name, tname, _why_unknown(module)))
+                info.skipped.append((name, tname, _why_unknown(module)))
+        for child_name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            qual = f"{name}.{child_name}" if name else child_name
+            new = visit(child, qual)
+            if new is not child:
+                setattr(module, child_name, new)
+        return module
+
+    root = visit(model, "")
+
+    for name, mod in root.named_modules():
+        if isinstance(mod, CompressedModule):
+            info.converted.append((name, mod.wraps.__name__, type(mod).__name__, mod.bq_config.short()))
+    previous: Optional[ConversionInfo] = model.__dict__.get(_INFO_ATTR)
+    if previous is not None:  # keep reasons found by an earlier call for modules still unconverted
+        seen = {s[0] for s in info.skipped} | {c[0] for c in info.converted}
+        info.skipped.extend(s for s in previous.skipped if s[0] not in seen)
+    root.__dict__[_INFO_ATTR] = info
+    if root is not model:
+        model.__dict__[_INFO_ATTR] = info
+
+    if unknown or refused:
+        lines = []
+        if unknown:
+            lines.append("no compressed wrapper for: " + "; ".join(f"{n or '<root>'} ({t}: {r})" for n, t, r in unknown))
+        if refused:
+            lines.append("wrapper refused: " + "; ".join(f"{n or '<root>'} ({t}: {r})" for n, t, r in refused))
+        warnings.warn("blockquant.convert left these modules at full precision (their saved tensors are not "
+                      "compressed; blockquant.compress_saved_tensors can cover them): " + " | ".join(lines),
+                      ConversionWarning, stacklevel=2)
+    return root
+
+
+def conversion_info(model: torch.nn.Module) -> Optional[ConversionInfo]:
+    """The :class:`ConversionInfo` stored by the last :func:`convert` on ``model`` (or ``None``)."""
+    return model.__dict__.get(_INFO_ATTR)
+
+
+def summary(model: torch.nn.Module, *, print_it: bool = True) -> str:
+    """Table of the compressed modules of ``model`` and of what was left alone and why.
+
+    Returns the text and (by default) prints it.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"blockquant.summary expects a torch.nn.Module; got {type(model).__name__}")
+    rows = [(n or "<root>", m.wraps.__name__, type(m).__name__, m.bq_config.short())
+            for n, m in model.named_modules() if isinstance(m, CompressedModule)]
+    head = ("module", "original", "wrapper", "config")
+    widths = [max([len(head[i])] + [len(r[i]) for r in rows]) for i in range(4)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [f"blockquant: {len(rows)} compressed module(s) in {type(model).__name__}", fmt.format(*head),
+             "  ".join("-" * w for w in widths)]
+    lines += [fmt.format(*r) for r in rows]
+    info = conversion_info(model)
+    if info is None:
+        lines.append("(blockquant.convert has not been called on this model)")
+    else:
+        converted = {r[0] for r in rows}
+        skipped = [s for s in info.skipped if (s[0] or "<root>") not in converted]
+        if skipped:
+            lines.append("")
+            lines.append(f"not converted ({len(skipped)}):")
+            w = max(len(s[0] or "<root>") for s in skipped)
+            lines += [f"  {s[0] or '<root>':<{w}}  {s[1]}: {s[2]}" for s in skipped]
+        else:
+            lines.append("every module that looks like computation was converted")
+    text = "\n".join(lines)
+    if print_it:
+        print(text)
+    return text
