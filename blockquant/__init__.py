@@ -15,3 +15,8 @@ from .convert import convert, summary  # noqa: E402
 from .memory import track_saved  # noqa: E402
 
 __all__ += ["convert", "summary", "track_saved"]
+from . import functional  # noqa: E402
+from .adjacency import Adjacency, as_adjacency  # noqa: E402
+from .saved_hooks import compress_saved_tensors  # noqa: E402
+
+__all__ += ["functional", "Adjacency", "as_adjacency", "compress_saved_tensors"]

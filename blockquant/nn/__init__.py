@@ -2,3 +2,8 @@
 from .registry import WRAPPERS, CompressedModule, register_wrapper, wrapper_for
 
 __all__ = ["WRAPPERS", "CompressedModule", "register_wrapper", "wrapper_for"]
+from .basic import (QELU, QGELU, QBatchNorm1d, QDropout, QLayerNorm, QLeakyReLU, QLinear,  # noqa: E402
+                    QPyGBatchNorm, QPyGLinear, QReLU)
+
+__all__ += ["QLinear", "QPyGLinear", "QBatchNorm1d", "QPyGBatchNorm", "QLayerNorm", "QReLU", "QLeakyReLU",
+            "QELU", "QGELU", "QDropout"]
