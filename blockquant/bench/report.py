@@ -1,0 +1,186 @@
+"""Turn benchmark records into a terminal table, results.json, results.csv and PNG plots."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import os.path as osp
+from typing import Any, Dict, List, Optional
+
+# flat columns of results.csv (and the order of the JSON record's headline fields)
+CSV_FIELDS = (
+    "config", "config_kind", "config_quant_short", "dataset", "model", "device",
+    "activation_bytes", "activation_mib", "bytes_per_node", "memory_ratio_fp32", "activation_source",
+    "track_saved_bytes", "alloc_delta_bytes", "alloc_delta_method",
+    "peak_step_bytes", "peak_step_mib", "peak_method",
+    "epoch_time_median_s", "time_ratio_fp32",
+    "metric", "val_mean", "val_std", "test_mean", "test_std", "grad_rel_error",
+    "epochs", "seeds",
+)
+
+
+def _fmt(v: Optional[float], spec: str, missing: str = "-") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return missing
+    return format(v, spec)
+
+
+def format_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
+    """A fixed-width summary table with a header saying what each column measured."""
+    metric = meta.get("metric", "acc")
+    scale = 100.0 if metric == "acc" else 1.0
+    mfmt = ".2f" if metric == "acc" else ".4f"
+    head = ["config", "act MiB", "B/node", "x fp32", "peak MiB", "epoch ms", "x fp32",
+            f"val {metric}", f"test {metric}", "grad err"]
+    rows = []
+    for r in records:
+        rows.append([
+            r["config"] + ("" if not r.get("config_quant_short") else f" ({r['config_quant_short']})"),
+            _fmt(r["activation_mib"], ".2f"),
+            _fmt(r["bytes_per_node"], ".1f"),
+            _fmt(r.get("memory_ratio_fp32"), ".3f"),
+            _fmt(r["peak_step_mib"], ".1f"),
+            _fmt(r["epoch_time_median_s"] * 1e3, ".1f"),
+            _fmt(r.get("time_ratio_fp32"), ".2f"),
+            f"{_fmt(r['val_mean'] * scale, mfmt)} ± {_fmt(r['val_std'] * scale, mfmt)}",
+            f"{_fmt(r['test_mean'] * scale, mfmt)} ± {_fmt(r['test_std'] * scale, mfmt)}",
+            _fmt(r["grad_rel_error"], ".2e"),
+        ])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    ds = meta.get("dataset", {})
+    first = records[0] if records else {}
+    out = [
+        f"{ds.get('name', '?')}: {ds.get('num_nodes', '?')} nodes, {ds.get('num_edges', '?')} directed edges, "
+        f"{ds.get('num_features', '?')} features | model {meta.get('model')} {meta.get('layers')}x{meta.get('hidden')}"
+        f" | {meta.get('epochs')} epochs x seeds {meta.get('seeds')} | device {meta.get('device')}",
+        line(head),
+        line(["-" * w for w in widths]),
+    ]
+    out += [line(row) for row in rows]
+    out.append(
+        f"act = bytes held for backward after forward (excl. data/model/output; source: "
+        f"{first.get('activation_source', '?')}); peak = one forward+backward ({first.get('peak_method', '?')}); "
+        f"epoch = median training step; {metric} = best-validation epoch, mean ± std over seeds (x100 for acc); "
+        f"grad err = relative L2 error of the first step's weight gradients vs fp32."
+    )
+    return "\n".join(out)
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return " ".join(str(a) for a in v)
+    return "" if v is None else v
+
+
+def write_results(out_dir: str, records: List[Dict[str, Any]], meta: Dict[str, Any], plots: bool = True) -> List[str]:
+    """Write results.json, results.csv and the plots into ``out_dir``; returns the written paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    full = []
+    for r in records:
+        rec = {k: r.get(k) for k in CSV_FIELDS if k in r}
+        rec.update({k: v for k, v in r.items() if k not in rec})
+        for k in ("dataset", "model", "device", "versions", "command", "metric", "epochs", "hidden", "layers", "lr"):
+            rec[k] = meta.get(k)
+        full.append(rec)
+    paths = []
+    jpath = osp.join(out_dir, "results.json")
+    with open(jpath, "w") as f:
+        json.dump({"meta": meta, "records": full}, f, indent=1, default=str)
+    paths.append(jpath)
+
+    cpath = osp.join(out_dir, "results.csv")
+    with open(cpath, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(CSV_FIELDS))
+        w.writeheader()
+        for r in full:
+            row = {k: _csv_value(r.get(k)) for k in CSV_FIELDS}
+            row["dataset"] = meta["dataset"]["name"]
+            w.writerow(row)
+    paths.append(cpath)
+    if plots:
+        paths += write_plots(out_dir, records, meta)
+    return paths
+
+
+def write_plots(out_dir: str, records: List[Dict[str, Any]], meta: Dict[str, Any]) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    metric = meta.get("metric", "acc")
+    title = f"{meta['dataset']['name']} / {meta['model']} / {meta['device']}"
+    paths = []
+
+    # accuracy vs activation memory
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for r in records:
+        ax.errorbar(r["activation_mib"], r["test_mean"], yerr=r["test_std"], fmt="o", capsize=4, label=r["config"])
+        ax.annotate(r["config"], (r["activation_mib"], r["test_mean"]), textcoords="offset points", xytext=(5, 5),
+                    fontsize=8)
+    if all(r["activation_mib"] > 0 for r in records):
+        ax.set_xscale("log")
+    ax.set_xlabel("activation memory (MiB, log scale)")
+    ax.set_ylabel(f"test {metric} (at best validation)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    p = osp.join(out_dir, "accuracy_vs_memory.png")
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+
+    # per-layer memory breakdown (stacked bars, one per configuration)
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    modules: List[str] = []
+    for r in records:
+        for k in r.get("per_module") or {}:
+            if k not in modules:
+                modules.append(k)
+    x = list(range(len(records)))
+    if modules:
+        bottom = [0.0] * len(records)
+        cmap = plt.get_cmap("tab20")
+        for i, m in enumerate(modules):
+            vals = [(r.get("per_module") or {}).get(m, 0) / 2 ** 20 for r in records]
+            ax.bar(x, vals, bottom=bottom, label=m or "(root)", color=cmap(i % 20))
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.legend(fontsize=6, ncol=2, loc="upper right")
+    else:
+        ax.bar(x, [r["activation_mib"] for r in records], color="grey")
+        ax.text(0.5, 0.95, "per-module accounting unavailable (blockquant.track_saved missing)",
+                transform=ax.transAxes, ha="center", va="top", fontsize=8)
+    ax.set_xticks(x)
+    ax.set_xticklabels([r["config"] for r in records], rotation=20, fontsize=8)
+    ax.set_ylabel("activation memory (MiB)")
+    ax.set_title(f"per-module activation memory - {title}", fontsize=9)
+    fig.tight_layout()
+    p = osp.join(out_dir, "memory_per_module.png")
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+
+    # training curves
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in records:
+        a1.plot(r["curve_loss_mean"], label=r["config"])
+        a2.plot(r["curve_val_mean"], label=r["config"])
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("training loss (mean over seeds)")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel(f"validation {metric} (mean over seeds)")
+    a2.legend(fontsize=8)
+    for a in (a1, a2):
+        a.grid(True, alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    p = osp.join(out_dir, "training_curves.png")
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+    return paths

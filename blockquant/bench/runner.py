@@ -1,0 +1,455 @@
+"""Run one benchmark: every configuration on the same data, model shape, seeds and epochs.
+
+For each configuration the runner measures, on the first seed and before any
+optimizer step (same initial weights for every configuration):
+
+* activation memory: bytes the autograd graph holds for backward after one
+  training-mode forward, excluding the data, the model and the output. Taken
+  from :func:`blockquant.track_saved` when available and cross-checked by the
+  net allocation during that forward (GPU: ``torch.cuda.memory_allocated``
+  delta; CPU: allocations recorded by ``torch.profiler``), minus the output.
+  ``checkpoint`` keeps its block inputs outside autograd's saved tensors, so its
+  row adds those inputs explicitly (and the allocation delta confirms it);
+* peak memory of one forward+backward (GPU: ``torch.cuda.max_memory_allocated``;
+  CPU: peak of the profiler's allocation trace), above the memory in use before;
+* the relative error of all weight gradients against ``fp32`` (dropout off,
+  BatchNorm in training mode, so the only difference is the compression).
+
+Then it trains every seed for ``epochs`` full-batch epochs, timing each
+training step and scoring validation/test after each epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import os.path as osp
+import statistics
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import blockquant
+
+from .datasets import GraphDataset
+from .errors import BenchError
+from .models import GNN, build_model
+
+BASELINES = ("fp32", "checkpoint")
+DEFAULT_CONFIGS = ("fp32", "checkpoint", "exact", "iexact", "default")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One row of the comparison: a baseline (``quant is None``) or a blockquant QuantConfig."""
+
+    name: str
+    quant: Optional[blockquant.QuantConfig] = None
+    checkpoint: bool = False
+    source: str = "builtin"
+
+    def describe(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": "checkpoint" if self.checkpoint else ("blockquant" if self.quant is not None else "fp32"),
+            "quant": self.quant.to_dict() if self.quant is not None else None,
+            "quant_short": self.quant.short() if self.quant is not None else None,
+            "source": self.source,
+        }
+
+
+def config_names() -> Tuple[str, ...]:
+    return BASELINES + tuple(n for n in blockquant.QuantConfig.preset_names() if n not in BASELINES)
+
+
+def resolve_config(spec: str) -> BenchConfig:
+    """``fp32``, ``checkpoint``, a QuantConfig preset name, or a path to a JSON QuantConfig."""
+    spec = spec.strip()
+    if spec == "fp32":
+        return BenchConfig("fp32")
+    if spec == "checkpoint":
+        return BenchConfig("checkpoint", checkpoint=True)
+    if spec in blockquant.QuantConfig.preset_names():
+        return BenchConfig(spec, blockquant.QuantConfig.preset(spec), source="preset")
+    if spec.endswith(".json") or os.sep in spec or osp.exists(spec):
+        if not osp.isfile(spec):
+            raise BenchError(f"config file {spec!r} not found; pass an existing JSON file with QuantConfig fields "
+                             f"or one of {', '.join(config_names())}")
+        try:
+            q = blockquant.QuantConfig.from_json(spec)
+        except (ValueError, TypeError, json.JSONDecodeError) as e:
+            raise BenchError(f"bad config file {spec!r}: {e}".replace("\n", " ")) from None
+        return BenchConfig(osp.splitext(osp.basename(spec))[0], q, source=osp.abspath(spec))
+    raise BenchError(f"unknown config {spec!r}; expected a comma-separated list of {', '.join(config_names())} "
+                     f"or paths to JSON QuantConfig files")
+
+
+def resolve_configs(specs: Sequence[str]) -> List[BenchConfig]:
+    specs = [s for s in specs if s.strip()]
+    if not specs:
+        raise BenchError("--configs is empty; name at least one configuration, e.g. --configs fp32,default")
+    out = [resolve_config(s) for s in specs]
+    names = [c.name for c in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise BenchError(f"configuration name(s) {', '.join(dup)} given twice; each row needs a unique name")
+    return out
+
+
+@dataclasses.dataclass
+class BenchOptions:
+    dataset: str = "synthetic"
+    root: Optional[str] = None
+    model: str = "sage"
+    configs: Tuple[str, ...] = DEFAULT_CONFIGS
+    epochs: int = 50
+    seeds: Tuple[int, ...] = (0, 1)
+    hidden: int = 128
+    layers: int = 3
+    lr: float = 0.01
+    dropout: float = 0.5
+    device: str = "cpu"
+    scale: float = 1.0
+    quiet: bool = False
+
+
+# --------------------------------------------------------------------------- measurement helpers
+
+
+def _storage_key(t: torch.Tensor) -> Tuple[str, int]:
+    s = t.untyped_storage()
+    return (str(t.device), s.data_ptr())
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    return int(t.untyped_storage().nbytes())
+
+
+@contextlib.contextmanager
+def _fd2_silenced():
+    """The profiler's C++ side prints start/stop lines on fd 2; keep the terminal clean."""
+    try:
+        fd = os.dup(2)
+    except OSError:  # no stderr at all
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+
+
+def _cpu_allocation_trace(fn) -> Tuple[Any, int, int]:
+    """Run ``fn()`` under the profiler; return (result, net bytes still allocated, peak bytes above start)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _fd2_silenced():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = osp.join(tmp, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                events = json.load(f).get("traceEvents", [])
+    mem = sorted((e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0),
+                 key=lambda e: e["ts"])
+    cur = peak = 0
+    for e in mem:
+        cur += int(e["args"].get("Bytes", 0))
+        peak = max(peak, cur)
+    return result, cur, peak
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(e, oom_type):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg
+                                            or "not enough memory" in msg)
+
+
+class Trainer:
+    """Holds the data on the device and runs measurements and training for one configuration."""
+
+    def __init__(self, data: GraphDataset, opts: BenchOptions, device: torch.device):
+        self.data = data
+        self.opts = opts
+        self.device = device
+        self.train_idx = data.split["train"]
+        if data.task == "multilabel":
+            self.criterion = nn.BCEWithLogitsLoss()
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+
+    def build(self, cfg: BenchConfig, seed: int) -> GNN:
+        torch.manual_seed(seed)
+        model = build_model(self.opts.model, self.data.num_features, self.opts.hidden, self.data.out_dim,
+                            num_layers=self.opts.layers, dropout=self.opts.dropout).to(self.device)
+        if cfg.quant is not None:
+            convert = getattr(blockquant, "convert", None)
+            if convert is None:
+                raise BenchError(f"config {cfg.name!r} needs blockquant.convert, which this build does not have; "
+                                 f"run only --configs fp32,checkpoint or update blockquant")
+            model = convert(model, cfg.quant)
+        model.checkpoint_layers = cfg.checkpoint
+        # a first forward fills caches (GCN normalisation) so later measurements see steady state
+        model.eval()
+        with torch.no_grad():
+            model(self.data.x, self.data.edge_index)
+        return model
+
+    def loss(self, out: torch.Tensor) -> torch.Tensor:
+        return self.criterion(out[self.train_idx], self.data.y[self.train_idx])
+
+    # ------------------------------------------------------------ first-step measurements
+    def weight_grads(self, model: GNN) -> Dict[str, torch.Tensor]:
+        """Gradients of one forward/backward with dropout off and BatchNorm in training mode."""
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
+        model.zero_grad(set_to_none=True)
+        self.loss(model(self.data.x, self.data.edge_index)).backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        model.train()
+        return grads
+
+    def activation_memory(self, model: GNN) -> Dict[str, Any]:
+        x, ei = self.data.x, self.data.edge_index
+        exclude = (x, ei, self.data.y)
+        model.train()
+        res: Dict[str, Any] = {}
+
+        track_saved = getattr(blockquant, "track_saved", None)
+        if track_saved is not None:
+            model.record_checkpoint_inputs = True
+            with track_saved(model, exclude=exclude) as mem:
+                out = model(x, ei)
+            total, per_module = int(mem.total_bytes), {k: int(v) for k, v in dict(mem.per_module).items()}
+            if model.checkpoint_layers:
+                skip = {_storage_key(t) for t in exclude}
+                skip |= {_storage_key(p) for p in model.parameters()}
+                skip.add(_storage_key(out))
+                seen = {}
+                for t in model.checkpoint_inputs:
+                    k = _storage_key(t)
+                    if k not in skip:
+                        seen[k] = _storage_bytes(t)
+                extra = sum(seen.values())
+                total += extra
+                per_module["checkpointed block inputs"] = extra
+            model.record_checkpoint_inputs = False
+            model.checkpoint_inputs = []
+            del out
+            res.update(track_saved_bytes=total, per_module=per_module)
+
+        # allocation delta over a forward, minus the output that is kept
+        if self.device.type == "cuda":
+            _sync(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            out = model(x, ei)
+            _sync(self.device)
+            delta = torch.cuda.memory_allocated(self.device) - before
+            method = "torch.cuda.memory_allocated delta"
+        else:
+            out, delta, _ = _cpu_allocation_trace(lambda: model(x, ei))
+            method = "torch.profiler CPU allocation delta"
+        delta -= _storage_bytes(out)
+        del out
+        res.update(alloc_delta_bytes=int(delta), alloc_delta_method=method)
+        if "track_saved_bytes" in res:
+            res.update(activation_bytes=res["track_saved_bytes"], activation_source="blockquant.track_saved")
+        else:
+            res.update(activation_bytes=int(delta), activation_source=method, per_module={})
+        return res
+
+    def step_peak(self, model: GNN) -> Dict[str, Any]:
+        """Peak memory of forward + loss + backward above what was allocated before it."""
+        model.train()
+        model.zero_grad(set_to_none=True)
+
+        def step():
+            self.loss(model(self.data.x, self.data.edge_index)).backward()
+
+        if self.device.type == "cuda":
+            _sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            step()
+            _sync(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - base
+            method = "torch.cuda.max_memory_allocated"
+        else:
+            _, _, peak = _cpu_allocation_trace(step)
+            method = "torch.profiler CPU allocation peak"
+        model.zero_grad(set_to_none=True)
+        return {"peak_step_bytes": int(peak), "peak_method": method}
+
+    # ------------------------------------------------------------ training
+    def train(self, model: GNN, seed: int, epochs: int, bar=None) -> Dict[str, Any]:
+        torch.manual_seed(seed)
+        opt = torch.optim.Adam(model.parameters(), lr=self.opts.lr)
+        x, ei = self.data.x, self.data.edge_index
+        times, losses, val_curve, test_curve = [], [], [], []
+        best_val, test_at_best, best_epoch = -math.inf, float("nan"), -1
+        for epoch in range(epochs):
+            model.train()
+            _sync(self.device)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = self.loss(model(x, ei))
+            loss.backward()
+            opt.step()
+            _sync(self.device)
+            times.append(time.perf_counter() - t0)
+            losses.append(float(loss.item()))
+            model.eval()
+            with torch.no_grad():
+                out = model(x, ei)
+            val = self.data.score(out, self.data.split["valid"])
+            test = self.data.score(out, self.data.split["test"])
+            val_curve.append(val)
+            test_curve.append(test)
+            if val > best_val:
+                best_val, test_at_best, best_epoch = val, test, epoch
+            if bar is not None:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{val:.3f}", refresh=False)
+                bar.update(1)
+        if not all(math.isfinite(v) for v in losses):
+            raise BenchError(f"training diverged (non-finite loss) with seed {seed}; try a smaller --lr")
+        return {
+            "seed": seed, "epoch_times_s": times, "loss": losses, "val": val_curve, "test": test_curve,
+            "best_val": best_val, "test_at_best_val": test_at_best, "best_epoch": best_epoch,
+        }
+
+
+def _rel_error(grads: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    num = den = 0.0
+    per = {}
+    for name, g_ref in ref.items():
+        g = grads.get(name)
+        if g is None:
+            continue
+        d = float((g.double() - g_ref.double()).norm() ** 2)
+        r = float(g_ref.double().norm() ** 2)
+        num, den = num + d, den + r
+        per[name] = math.sqrt(d / r) if r > 0 else 0.0
+    return {"grad_rel_error": math.sqrt(num / den) if den > 0 else 0.0, "grad_rel_error_per_param": per}
+
+
+def _mean_std(v: List[float]) -> Tuple[float, float]:
+    v = [float(a) for a in v]
+    if not v:
+        return float("nan"), float("nan")
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def resolve_device(name: str) -> torch.device:
+    name = (name or "cpu").strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise BenchError(f"unknown device {name!r}; expected cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"--device {name} asked for CUDA but no CUDA GPU is visible; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise BenchError(f"unsupported device {name!r}; expected cpu, cuda, cuda:N or auto")
+    return dev
+
+
+def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchConfig]) -> List[Dict[str, Any]]:
+    """Measure and train every configuration; returns one record per configuration (no I/O)."""
+    from tqdm.auto import tqdm
+
+    device = resolve_device(opts.device)
+    data.to(device)
+    trainer = Trainer(data, opts, device)
+    quiet = opts.quiet
+    records: List[Dict[str, Any]] = []
+    ref_grads: Optional[Dict[str, torch.Tensor]] = None
+    first_seed = opts.seeds[0]
+
+    def ref():
+        nonlocal ref_grads
+        if ref_grads is None:
+            ref_grads = trainer.weight_grads(trainer.build(BenchConfig("fp32"), first_seed))
+        return ref_grads
+
+    cfg_bar = tqdm(configs, desc="configs", disable=quiet, leave=True, dynamic_ncols=True)
+    for cfg in cfg_bar:
+        cfg_bar.set_postfix_str(cfg.name)
+        try:
+            rec: Dict[str, Any] = {"config": cfg.name, **{f"config_{k}": v for k, v in cfg.describe().items()
+                                                           if k != "name"}}
+            model = trainer.build(cfg, first_seed)
+            init_state = copy.deepcopy(model.state_dict())
+            rec.update(_rel_error(trainer.weight_grads(model), ref()))
+            rec.update(trainer.activation_memory(model))
+            rec.update(trainer.step_peak(model))
+            model.load_state_dict(init_state)
+            del init_state
+            runs = []
+            seed_bar = tqdm(opts.seeds, desc=f"{cfg.name} seeds", disable=quiet, leave=False, dynamic_ncols=True)
+            for seed in seed_bar:
+                if seed != first_seed or model is None:
+                    model = trainer.build(cfg, seed)
+                with tqdm(total=opts.epochs, desc=f"{cfg.name} seed {seed}", disable=quiet, leave=False,
+                          dynamic_ncols=True) as ep_bar:
+                    runs.append(trainer.train(model, seed, opts.epochs, ep_bar))
+                model = None
+            seed_bar.close()
+        except BenchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - OOM is a user-facing condition, everything else is a bug
+            if _is_oom(e):
+                raise BenchError(f"out of memory on {device} while running config {cfg.name!r} "
+                                 f"({str(e).splitlines()[0][:120]}); try a smaller --hidden or --scale, fewer "
+                                 f"--configs, or another --device") from None
+            raise
+        all_times = [t for r in runs for t in r["epoch_times_s"]]
+        val_m, val_s = _mean_std([r["best_val"] for r in runs])
+        test_m, test_s = _mean_std([r["test_at_best_val"] for r in runs])
+        n_epochs = opts.epochs
+        rec.update(
+            activation_mib=rec["activation_bytes"] / 2 ** 20,
+            bytes_per_node=rec["activation_bytes"] / data.num_nodes,
+            peak_step_mib=rec["peak_step_bytes"] / 2 ** 20,
+            epoch_time_median_s=statistics.median(all_times) if all_times else float("nan"),
+            val_mean=val_m, val_std=val_s, test_mean=test_m, test_std=test_s,
+            seeds=list(opts.seeds),
+            runs=runs,
+            curve_loss_mean=[statistics.fmean(r["loss"][e] for r in runs) for e in range(n_epochs)],
+            curve_val_mean=[statistics.fmean(r["val"][e] for r in runs) for e in range(n_epochs)],
+        )
+        records.append(rec)
+    cfg_bar.close()
+
+    base = next((r for r in records if r["config"] == "fp32"), None)
+    for r in records:
+        r["memory_ratio_fp32"] = (r["activation_bytes"] / base["activation_bytes"]
+                                  if base and base["activation_bytes"] > 0 else None)
+        r["time_ratio_fp32"] = (r["epoch_time_median_s"] / base["epoch_time_median_s"]
+                                if base and base["epoch_time_median_s"] > 0 else None)
+    return records
