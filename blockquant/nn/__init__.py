@@ -7,3 +7,6 @@ from .basic import (QELU, QGELU, QBatchNorm1d, QDropout, QLayerNorm, QLeakyReLU,
 
 __all__ += ["QLinear", "QPyGLinear", "QBatchNorm1d", "QPyGBatchNorm", "QLayerNorm", "QReLU", "QLeakyReLU",
             "QELU", "QGELU", "QDropout"]
+from .conv import QGATConv, QGATv2Conv, QGCN2Conv, QGCNConv, QGINConv, QGraphConv, QSAGEConv  # noqa: E402
+
+__all__ += ["QGCNConv", "QSAGEConv", "QGATConv", "QGATv2Conv", "QGINConv", "QGraphConv", "QGCN2Conv"]
