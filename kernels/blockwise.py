@@ -105,7 +105,10 @@ def block_meta_torch(flat: torch.Tensor, block: int, bits: int, meta_dtype: torc
     if tail < block:
         mn[-1], mx[-1] = lo_last, hi_last
     lo = round_meta(mn, meta_dtype, up=False)
-    step = (mx - lo.to(torch.float32)) / float((1 << bits) - 1)
+    # divide by a tensor, not a Python scalar: CUDA turns division by a CPU scalar
+    # into multiplication by its reciprocal, which is not the IEEE quotient the CPU
+    # and the Triton kernel compute, so the two devices' metadata could differ by an ulp
+    step = (mx - lo.to(torch.float32)) / torch.full_like(mx, float((1 << bits) - 1))
     step = round_meta(step, meta_dtype, up=True)
     return torch.stack([lo, step])
 
