@@ -21,6 +21,7 @@ config); see :func:`compress_shared`.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -60,6 +61,13 @@ def _check_float(x, op: str, name: str = "x") -> None:
         raise TypeError(f"blockquant.functional.{op} expects {name} to be a torch.Tensor; got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"blockquant.functional.{op} expects a floating-point {name}; got {x.dtype}")
+
+
+def _untracked(*tensors) -> bool:
+    """No graph will be recorded: run the plain torch op, compress nothing."""
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t is not None and t.requires_grad for t in tensors)
 
 
 def is_resident(t: torch.Tensor) -> bool:
@@ -226,6 +234,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"blockquant.functional.linear: x's last dimension must equal weight.shape[1] "
                          f"(in_features); got x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    if _untracked(x, weight, bias):
+        return torch.nn.functional.linear(x, weight, bias)
     return _Linear.apply(x, weight, bias, config)
 
 
@@ -234,6 +244,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 # ----------------------------------------------------------------------------
 
 _REDUCES = ("sum", "add", "mean", "max")
+
+
+class _NoCtx:
+    """Stand-in ctx for running a Function's forward without recording a graph."""
+
+    def __init__(self, needs_input_grad):
+        self.needs_input_grad = needs_input_grad
+
+    def save_for_backward(self, *tensors) -> None:
+        if tensors:
+            raise AssertionError("nothing should be saved when no gradient is needed")
+
+
+def _trailing(shape) -> int:
+    return math.prod(shape[1:])
 
 
 def _gather_scatter_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
@@ -259,7 +284,7 @@ class _Aggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, adj: Adjacency, reduce: str, config: QuantConfig):
         need_x, need_w = ctx.needs_input_grad[:2]
-        x2 = x.reshape(x.shape[0], -1)
+        x2 = x.reshape(x.shape[0], _trailing(x.shape))
         src, dst = adj.src, adj.dst
         msg = x2.index_select(0, src)
         if weight is not None:
@@ -310,7 +335,7 @@ class _Aggregate(torch.autograd.Function):
         x_ref = saved.pop(0) if ctx.bq_ref else None
         weight = saved.pop(0) if ctx.bq_has_weight else None
         n_src = ctx.bq_x_shape[0]
-        g = grad_out.reshape(adj.num_dst, -1)
+        g = grad_out.reshape(adj.num_dst, _trailing(grad_out.shape))
         if reduce == "max":
             winner = state.pop(0).long()
             num_e = adj.num_edges
@@ -324,7 +349,7 @@ class _Aggregate(torch.autograd.Function):
         grad_x = grad_w = None
         if need_w:
             x = x_ref if x_ref is not None else state.pop(0).dequantize()
-            x2 = x.reshape(n_src, -1).to(grad_msg.dtype)
+            x2 = x.reshape(n_src, _trailing(x.shape)).to(grad_msg.dtype)
             grad_w = (grad_msg * x2.index_select(0, adj.src)).sum(1).to(weight.dtype)
         if need_x:
             if weight is not None:
@@ -363,6 +388,9 @@ def aggregate(x: torch.Tensor, adj, reduce: str = "sum", config: Optional[QuantC
     if adj.num_src != x.size(0):
         raise ValueError(f"blockquant.functional.aggregate: the adjacency has {adj.num_src} source nodes but x "
                          f"has {x.size(0)} rows")
+    if _untracked(x, adj.edge_weight):
+        with torch.no_grad():
+            return _Aggregate.forward(_NoCtx((False, False)), x, adj.edge_weight, adj, reduce, config)
     return _Aggregate.apply(x, adj.edge_weight, adj, reduce, config)
 
 
@@ -400,12 +428,16 @@ class _MaskedActivation(torch.autograd.Function):
 def relu(x: torch.Tensor) -> torch.Tensor:
     """``torch.relu`` storing a 1-bit mask for backward."""
     _check_float(x, "relu")
+    if _untracked(x):
+        return torch.relu(x)
     return _MaskedActivation.apply(x, None)
 
 
 def leaky_relu(x: torch.Tensor, negative_slope: float = 0.01) -> torch.Tensor:
     """``torch.nn.functional.leaky_relu`` storing a 1-bit mask for backward."""
     _check_float(x, "leaky_relu")
+    if _untracked(x):
+        return torch.nn.functional.leaky_relu(x, float(negative_slope))
     return _MaskedActivation.apply(x, float(negative_slope))
 
 
@@ -453,6 +485,8 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Ten
         raise ValueError(f"dropout probability must be in [0, 1]; got {p}")
     if not training:
         return x
+    if _untracked(x):
+        return torch.nn.functional.dropout(x, p, True)
     return _Dropout.apply(x, p)
 
 
@@ -524,6 +558,11 @@ class _BatchNorm(torch.autograd.Function):
             grad_b = grad_out.sum(dims) if (need_b and has_b) else None
             return grad_x, None, grad_b, None, None, None, None, None, None
         x = x.to(grad_out.dtype)
+        if grad_out.numel() == 0:
+            return (torch.zeros_like(grad_out) if need_x else None,
+                    torch.zeros_like(weight) if (need_w and has_w) else None,
+                    grad_out.new_zeros(ctx.bq_c) if (need_b and has_b) else None,
+                    None, None, None, None, None, None)
         if ctx.bq_training:
             mean, invstd, rm, rv = stat_a, stat_b, None, None
         else:
@@ -549,6 +588,9 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
         if reduce_size == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     momentum = 0.0 if momentum is None else float(momentum)
+    if _untracked(x, weight, bias):
+        return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, bool(training),
+                                              momentum, float(eps))
     return _BatchNorm.apply(x, weight, bias, running_mean, running_var, bool(training), momentum, float(eps),
                             config)
 
@@ -596,6 +638,10 @@ class _LayerNorm(torch.autograd.Function):
             return None, None, None, grad_out.sum(dims) if (need_b and has_b) else None, None, None
         x = saved.pop(0) if ctx.bq_ref else ctx.bq_state[0].dequantize()
         mean, rstd, weight, bias = saved
+        if grad_out.numel() == 0:  # the ATen kernel divides by the row count
+            return (torch.zeros_like(grad_out) if need_x else None, None,
+                    torch.zeros_like(weight) if (need_w and has_w) else None,
+                    torch.zeros_like(bias) if (need_b and has_b) else None, None, None)
         grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
             grad_out.contiguous(), x.to(grad_out.dtype), ctx.bq_shape_norm, mean, rstd,
             weight if has_w else None, bias if has_b else None,
@@ -612,6 +658,8 @@ def layer_norm(x, normalized_shape: Union[int, Sequence[int]], weight=None, bias
     if tuple(x.shape[x.dim() - len(shape):]) != shape or len(shape) > x.dim():
         raise ValueError(f"blockquant.functional.layer_norm: x's trailing dims must equal normalized_shape "
                          f"{list(shape)}; got x of shape {tuple(x.shape)}")
+    if _untracked(x, weight, bias):
+        return torch.nn.functional.layer_norm(x, shape, weight, bias, float(eps))
     return _LayerNorm.apply(x, list(shape), weight, bias, float(eps), config)
 
 
@@ -622,7 +670,12 @@ def layer_norm(x, normalized_shape: Union[int, Sequence[int]], weight=None, bias
 class _Smooth(torch.autograd.Function):
     """ELU / GELU (exact forward). Saves the input compressed without
     projection (or by reference when resident), only if its gradient is needed;
-    backward calls the ATen derivative on the dequantized input."""
+    backward calls the ATen derivative on the dequantized input.
+
+    ELU's derivative jumps at 0 (from ``alpha`` to 1) unless ``alpha == 1``, so
+    a compressed ELU input also keeps the 1-bit sign mask ``x > 0``
+    (0.125 B/elem): rounding can then never put an element on the wrong side.
+    """
 
     @staticmethod
     def forward(ctx, x, kind, param, config):
@@ -635,6 +688,8 @@ class _Smooth(torch.autograd.Function):
         ctx.bq_ref = False
         if ctx.needs_input_grad[0]:
             ctx.bq_state = _SavedInput.save(ctx, x, _no_proj(config))
+            if kind == "elu" and not ctx.bq_ref:
+                ctx.bq_state = ctx.bq_state + (BitMask.pack(x > 0),)
         return out
 
     @staticmethod
@@ -643,6 +698,9 @@ class _Smooth(torch.autograd.Function):
             return None, None, None, None
         x = _SavedInput.load(ctx, ctx.bq_state).to(grad_out.dtype)
         if ctx.bq_kind == "elu":
+            if not ctx.bq_ref:  # the exact sign decides the branch; x_hat only feeds exp()
+                positive = ctx.bq_state[1].unpack()
+                x = torch.where(positive, x.clamp(min=1.0), x.clamp(max=0.0))
             grad = torch.ops.aten.elu_backward(grad_out, ctx.bq_param, 1, 1, False, x)
         else:
             grad = torch.ops.aten.gelu_backward(grad_out, x, approximate=ctx.bq_param)
@@ -653,6 +711,8 @@ def elu(x: torch.Tensor, alpha: float = 1.0, config: Optional[QuantConfig] = Non
     """``torch.nn.functional.elu`` whose saved input is compressed."""
     config = _config(config, "elu")
     _check_float(x, "elu")
+    if _untracked(x):
+        return torch.nn.functional.elu(x, float(alpha))
     return _Smooth.apply(x, "elu", float(alpha), config)
 
 
@@ -662,4 +722,6 @@ def gelu(x: torch.Tensor, approximate: str = "none", config: Optional[QuantConfi
     _check_float(x, "gelu")
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh'; got {approximate!r}")
+    if _untracked(x):
+        return torch.nn.functional.gelu(x, approximate=approximate)
     return _Smooth.apply(x, "gelu", approximate, config)

@@ -48,6 +48,14 @@ class _Packed:
     def unpack(self) -> torch.Tensor:
         return self.obj.unpack() if self.kind == "mask" else self.obj.dequantize()
 
+    @property
+    def nbytes(self) -> int:
+        return self.obj.nbytes
+
+    def storages(self):
+        """The tensors held (so graph walkers such as ``track_saved`` can count them)."""
+        return self.obj.storages()
+
 
 _QUANTIZABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -58,6 +58,9 @@ if _PyGLinear is not None:
                     "first (or pass in_channels), then convert")
             return super().from_module(module, config)
 
+        def __repr__(self) -> str:  # PyG builds this repr itself (no extra_repr): append the config
+            return f"{super().__repr__()[:-1]}, bq={self.bq_config.short()})"
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if not self.compressing() or _uninitialized(self.weight):
                 return super().forward(x)
