@@ -73,8 +73,9 @@ def _untracked(*tensors) -> bool:
 def is_resident(t: torch.Tensor) -> bool:
     """True when ``t`` (or the tensor it is a view of) has no ``grad_fn``: it is held
     by its owner (input data, a parameter) and saving it costs nothing extra."""
+    # a view (e.g. ``weight.t()`` saved by addmm) gets a grad_fn of its own; its base decides
     base = t._base if t._base is not None else t
-    return t.grad_fn is None and base.grad_fn is None
+    return base.grad_fn is None
 
 
 class _Float64Packed:

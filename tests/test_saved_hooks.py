@@ -1,0 +1,192 @@
+"""blockquant.compress_saved_tensors: what is compressed, what is left alone,
+round trips of dtype/shape, gradient quality, bytes, errors."""
+import pytest
+import torch
+from torch import nn
+
+import blockquant
+from blockquant import PackedTensor, QuantConfig, compress_saved_tensors
+from blockquant.kernels.bitmask import BitMask
+
+FINE = QuantConfig(bits=8, block_size=64, rounding="nearest", meta_dtype=torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def torch_backend(request, monkeypatch):
+    if "default_backend" not in request.node.name:
+        monkeypatch.setenv("BLOCKQUANT_BACKEND", "torch")  # the Triton interpreter is slow on CPU
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Sigmoid(), nn.Linear(64, 8))
+
+
+def _grads(model, x, config=None, record=None):
+    model.zero_grad()
+    if config is None:
+        loss = model(x).pow(2).sum()
+    else:
+        with compress_saved_tensors(config, record=record):
+            loss = model(x).pow(2).sum()
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_mlp_gradients_close_at_8_bits_and_packed_objects_recorded():
+    model = _mlp()
+    x = torch.randn(128, 32)
+    exact = _grads(model, x)
+    record = []
+    approx = _grads(model, x, FINE, record)
+    for a, b in zip(approx, exact):
+        assert _rel(a, b) < 1e-2
+    # resident x and the parameters are not compressed. tanh and sigmoid save their outputs,
+    # and the next linear saves the same tensor as its input: two saves, one compression
+    # each; pow(2) saves the model output (128 x 8 = min_numel elements)
+    assert all(isinstance(p, PackedTensor) for p in record)
+    shapes = sorted(tuple(p.shape) for p in record)
+    assert shapes == [(128, 8)] + [(128, 64)] * 4
+    assert len({id(p) for p in record}) == 3
+
+
+def test_unbiased_gradient_at_2_bits():
+    """A linear layer fed by an activation: grad_W = g^T h_hat is unbiased."""
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 6)
+    base = torch.randn(64, 24, requires_grad=True)
+    g = torch.randn(64, 6)
+    exact = torch.autograd.grad(lin(base * 1.0), lin.weight, g)[0]
+    cfg = QuantConfig(bits=2, block_size=32)
+    samples = []
+    for _ in range(200):
+        with compress_saved_tensors(cfg, min_numel=0):
+            y = lin(base * 1.0)
+        samples.append(torch.autograd.grad(y, lin.weight, g)[0])
+    s = torch.stack(samples)
+    var_sum = s.var(0).sum().item()
+    assert var_sum > 0
+    # ||mean - exact||^2 averages sum(var)/K for an unbiased estimator; 4x margin
+    assert (s.mean(0) - exact).pow(2).sum().item() < 4 * var_sum / len(samples)
+
+
+def test_projection_is_switched_off():
+    record = []
+    h = torch.randn(100, 64, requires_grad=True) * 1.0
+    with compress_saved_tensors(QuantConfig(bits=2, rp_ratio=8), record=record):
+        y = h.exp()
+    (p,) = record
+    assert p.proj_dims is None and p.config.rp_ratio == 1
+    y.sum().backward()
+
+
+def test_left_alone_parameters_resident_integer_tiny_and_non_finite():
+    record = []
+    lin = nn.Linear(64, 64)
+    data_x = torch.randn(100, 64)  # resident: no grad_fn
+    idx = torch.randint(0, 100, (5000,))
+    h_leaf = torch.randn(100, 64, requires_grad=True)
+    small_leaf = torch.randn(10, 10, requires_grad=True)
+    h, small = h_leaf * 1.0, small_leaf * 1.0
+    with compress_saved_tensors(FINE, record=record):
+        a = lin(data_x)  # saves data_x (resident) and the weight (parameter, as a view)
+        b = h.index_select(0, idx)  # saves the int64 index (and nothing float)
+        c = small.exp()  # 100 elements < min_numel: kept
+        d = (h * float("inf")).exp()  # non-finite saved result: kept exact, no error
+    assert record == []
+    # the graphs still work
+    (a.sum() + b.sum() + c.sum()).backward(retain_graph=True)
+    assert h_leaf.grad is not None and small_leaf.grad is not None and lin.weight.grad is not None
+    # the kept tensor is the exact one: the gradient equals plain autograd's
+    ref = (h * float("inf")).exp()
+    g1 = torch.autograd.grad(d.sum(), h)[0]
+    g2 = torch.autograd.grad(ref.sum(), h)[0]
+    assert torch.equal(g1.isnan(), g2.isnan()) and torch.equal(g1.nan_to_num(), g2.nan_to_num())
+
+
+def test_bool_tensors_packed_losslessly_and_dtype_shape_restored():
+    record = []
+    h = torch.randn(50, 41, requires_grad=True)
+    hb = (h * 1.0).to(torch.bfloat16)
+    mask = torch.rand(50, 41) > 0.5
+    mask_nonleaf = mask.clone().t().contiguous().t()  # a non-contiguous bool view
+    with compress_saved_tensors(FINE, record=record):
+        y = hb.exp()  # saves a bf16 output
+        z = torch.where(mask_nonleaf, h * 1.0, torch.zeros(()))  # saves the bool condition
+    kinds = sorted(type(p).__name__ for p in record)
+    assert kinds == ["BitMask", "PackedTensor"]
+    bm = next(p for p in record if isinstance(p, BitMask))
+    assert bm.nbytes == -(-50 * 41 // 8)
+    assert torch.equal(bm.unpack(), mask)
+    pt = next(p for p in record if isinstance(p, PackedTensor))
+    assert pt.dtype == torch.bfloat16 and pt.shape == (50, 41)
+    # unpacking gives back the original dtype and shape: backward runs and is close
+    gy = torch.autograd.grad(y.float().sum(), h, retain_graph=True)[0]
+    ref = torch.autograd.grad((h * 1.0).to(torch.bfloat16).exp().float().sum(), h)[0]
+    assert gy.dtype == torch.float32 and _rel(gy, ref) < 2e-2
+    gz = torch.autograd.grad(z.sum(), h)[0]
+    assert torch.equal(gz, mask.float())
+
+
+def test_float64_through_float32_codec():
+    record = []
+    h = torch.randn(100, 30, dtype=torch.float64, requires_grad=True)
+    with compress_saved_tensors(FINE, record=record):
+        y = (h * 1.0).exp()
+    (g,) = torch.autograd.grad(y.sum(), h)
+    assert g.dtype == torch.float64 and _rel(g, h.detach().exp()) < 1e-2
+    assert len(record) == 1
+
+
+def test_compressed_bytes_far_below_exact():
+    model = _mlp()
+    x = torch.randn(512, 32)
+    record = []
+    with compress_saved_tensors(QuantConfig(bits=2, block_size=1024), record=record):
+        model(x).sum()
+    held = sum(p.nbytes for p in record)
+    exact = 4 * 512 * 64 * 4  # four fp32 activations of 512 x 64
+    assert held == 4 * (512 * 64 // 4 + 32 * 4)  # 2-bit codes + 32 blocks x 2 bf16 each
+    assert held * 15 < exact
+
+
+def test_track_saved_sees_the_packed_objects():
+    model = _mlp()
+    x = torch.randn(512, 32)
+    with blockquant.track_saved(model, exclude=(x,)) as plain:
+        out = model(x)
+    del out
+    with compress_saved_tensors(QuantConfig(bits=2, block_size=1024)):
+        with blockquant.track_saved(model, exclude=(x,)) as packed:
+            out = model(x)
+    assert packed.total_bytes > 0
+    assert packed.total_bytes * 8 < plain.total_bytes
+
+
+def test_callable_record_and_errors():
+    seen = []
+    h = torch.randn(64, 64, requires_grad=True) * 1.0
+    with compress_saved_tensors(FINE, record=seen.append):
+        h.exp()
+    assert len(seen) == 1
+    with pytest.raises(TypeError, match="expects a QuantConfig; got str"):
+        with compress_saved_tensors("int2"):
+            pass
+    with pytest.raises(ValueError, match="min_numel"):
+        with compress_saved_tensors(FINE, min_numel=-1):
+            pass
+    with pytest.raises(TypeError, match="record must be a list or a callable"):
+        with compress_saved_tensors(FINE, record=3):
+            pass
+
+
+def test_mlp_through_the_default_backend():
+    model = _mlp()
+    x = torch.randn(64, 32)
+    exact = _grads(model, x)
+    approx = _grads(model, x, FINE)
+    assert all(_rel(a, b) < 1e-2 for a, b in zip(approx, exact))
