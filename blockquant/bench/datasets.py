@@ -285,9 +285,13 @@ def _no_stdin(prompt: str = "") -> str:
 
 @contextlib.contextmanager
 def _quiet_stdout():
-    """Library chatter ("Processing...", tqdm) goes to a buffer; stdout stays for our table."""
+    """Library chatter ("Processing...", tqdm bars, numpy warnings) goes to a buffer: stdout is for
+    the table and stderr for our own progress bars and errors."""
+    import warnings
+
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         yield buf
 
 

@@ -84,7 +84,8 @@ def write_results(out_dir: str, records: List[Dict[str, Any]], meta: Dict[str, A
     for r in records:
         rec = {k: r.get(k) for k in CSV_FIELDS if k in r}
         rec.update({k: v for k, v in r.items() if k not in rec})
-        for k in ("dataset", "model", "device", "versions", "command", "metric", "epochs", "hidden", "layers", "lr"):
+        rec["dataset"] = meta["dataset"]["name"]
+        for k in ("model", "device", "versions", "command", "metric", "epochs", "hidden", "layers", "lr"):
             rec[k] = meta.get(k)
         full.append(rec)
     paths = []
