@@ -31,8 +31,10 @@ def _Phi(z: torch.Tensor) -> torch.Tensor:
 def block_sigma(bits: int, d: int) -> float:
     """Standard deviation of the clipped-normal model for a block of ``d`` values."""
     half = ((1 << bits) - 1) / 2.0
-    if d < 2:
-        return half  # degenerate; any spread works, keep it finite
+    if d <= 2:
+        # Phi^-1(1/2) = 0: with two values or fewer both sit on the block ends,
+        # so the inner levels never matter; any finite spread will do
+        return half
     q = torch.special.ndtri(torch.tensor(1.0 / d, dtype=torch.float64)).abs().item()
     return half / q
 

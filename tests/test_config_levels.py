@@ -95,6 +95,12 @@ def test_optimal_levels_other_bit_widths(bits):
     assert variance_reduction(bits, 1024) < -0.2  # clearly better than uniform under the model
 
 
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_optimal_levels_tiny_blocks_are_finite(d):
+    lv = optimal_levels(2, d)
+    assert all(math.isfinite(v) for v in lv) and lv[0] < lv[1] < lv[2] < lv[3]
+
+
 def test_optimal_levels_bad_input():
     assert optimal_levels(1, 64) == (0.0, 1.0)
     with pytest.raises(ValueError, match="bits must be one of"):
