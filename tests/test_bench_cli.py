@@ -209,3 +209,44 @@ def test_ogb_folder_without_release_file_never_prompts(tmp_path):
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and "RELEASE_v1.txt" in err, err
     assert "Will you update" not in proc.stdout
+
+
+@pytest.mark.parametrize("model", ["sage", "gcn", "gat", "gin", "gcn2"])
+def test_every_model_trains_and_converts(model):
+    from blockquant.bench.datasets import load_dataset
+    from blockquant.bench.runner import BenchOptions, resolve_configs, run_benchmark
+
+    data = load_dataset("synthetic:tiny")
+    opts = BenchOptions(dataset="synthetic:tiny", model=model, epochs=2, seeds=(0,), hidden=16, quiet=True)
+    recs = {r["config"]: r for r in run_benchmark(data, opts, resolve_configs(["fp32", "checkpoint", "int8"]))}
+    assert recs["checkpoint"]["activation_bytes"] < recs["fp32"]["activation_bytes"]
+    assert recs["checkpoint"]["grad_rel_error"] < 1e-5
+    assert recs["int8"]["activation_bytes"] < recs["fp32"]["activation_bytes"]
+    assert recs["int8"]["grad_rel_error"] < 0.1  # 8-bit codes: close to fp32
+    for r in recs.values():
+        assert all(torch.isfinite(torch.tensor(run["loss"])).all() for run in r["runs"])
+
+
+def test_out_of_memory_is_one_line_exit_2(monkeypatch, capsys):
+    from blockquant.bench import runner
+
+    def boom(self, *a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
+
+    monkeypatch.setattr(runner.Trainer, "train", boom)
+    rc = main(["bench", "--quiet", "--dataset", "synthetic:tiny", "--epochs", "1", "--seeds", "1",
+               "--configs", "fp32"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "out of memory" in err and "--hidden" in err, err
+
+
+def test_progress_bars_unless_quiet(capsys):
+    argv = ["bench", "--dataset", "synthetic:tiny", "--epochs", "1", "--seeds", "1", "--hidden", "8",
+            "--configs", "fp32"]
+    assert main(argv) == 0
+    loud = capsys.readouterr()
+    assert "configs" in loud.err and "fp32 seed 0" in loud.err
+    assert main(argv + ["--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and "fp32" in quiet.out
