@@ -226,3 +226,55 @@ def test_cuda_memory_allocated_delta_matches():
         # the caching allocator rounds every block up to 512 B
         assert abs(mem.total_bytes - (delta - out_bytes)) <= 0.02 * mem.total_bytes + 64 * 512
         del out
+
+
+# ---------------------------------------------------------------------------
+# arxiv-sage memory targets (ALGORITHM.md section 5) on a small graph of the same
+# shape family: bytes per node do not depend on the node count, up to block padding.
+
+ARXIV_LIKE_NODES = 4000
+
+
+@pytest.fixture(scope="module")
+def arxiv_like():
+    import importlib.util
+    import os
+    import sys
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "arxiv_memory.py")
+    spec = importlib.util.spec_from_file_location("arxiv_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("arxiv_memory", bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    x, edge_index = bench.synthetic_arxiv(ARXIV_LIKE_NODES)
+    return bench, x, edge_index
+
+
+# Known miss, reported to the ops/conv owner: blockquant.functional.is_resident treats
+# (a) a custom Function's output that is a view of a no-grad buffer (_Aggregate's
+# output) and (b) the aggregate of data.x (no grad_fn at all) as resident, so
+# _Linear saves SAGE's aggregated features by reference in fp32: 512 B/node in
+# each of convs.0/1/2. With residency fixed this measures 117.8 (int2/rp8) and
+# 260.0 (int2) B/node. strict: the test fails once the cause is fixed, so the
+# marker gets removed.
+@pytest.mark.xfail(strict=True, reason="SAGE lin_l input saved uncompressed (functional.is_resident); see comment")
+@pytest.mark.parametrize("case_name", ["int2/rp8", "int2"])
+def test_arxiv_sage_bytes_per_node_targets(arxiv_like, case_name):
+    bench, x, edge_index = arxiv_like
+    case = next(c for c in bench.cases() if c.name == case_name)
+    row = bench.measure(case, x, edge_index)
+    per_module = {k: round(v, 1) for k, v in row["per_module_bytes_per_node"].items()}
+    assert row["bytes_per_node"] <= case.target_bytes_per_node, (
+        f"{case_name}: {row['bytes_per_node']:.1f} B/node > {case.target_bytes_per_node}; per module: {per_module}")
+    # every hidden layer stores its activations compressed: nothing plain of size N x 128
+    assert row["plain_bytes"] / ARXIV_LIKE_NODES < 64, per_module
+
+
+def test_arxiv_sage_fp32_and_compressed_match_profiler(arxiv_like):
+    bench, x, edge_index = arxiv_like
+    for case in bench.cases()[:2]:  # fp32 and int2/rp8
+        row = bench.measure(case, x, edge_index, profile=True)
+        assert close(row["total_bytes"], row["profiler_net_minus_output_bytes"]), row
+    fp32 = bench.measure(bench.cases()[0], x, edge_index)
+    # full precision keeps ~5.6 KB/node (ALGORITHM.md: "on the order of 4.9 KB")
+    assert 4000 < fp32["bytes_per_node"] < 7000
