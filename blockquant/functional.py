@@ -263,8 +263,10 @@ def _trailing(shape) -> int:
 
 
 def _gather_scatter_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    # index_add_ gives the same sums as PyG's scatter_add_ with an expanded index,
+    # and is several times faster on multi-threaded CPUs
     out = values.new_zeros((size, values.shape[1]))
-    return out.scatter_add_(0, index.view(-1, 1).expand_as(values), values)
+    return out.index_add_(0, index, values)
 
 
 class _Aggregate(torch.autograd.Function):
