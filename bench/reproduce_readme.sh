@@ -11,8 +11,10 @@
 #   OUT         where result folders go (default: bench/results); each run writes
 #               results.json (machine, versions, command line included), results.csv
 #               and three PNG plots into $OUT/bench_<name>_<device>/.
-#   EPOCHS_ARXIV / SEEDS_ARXIV   override the arxiv-like run length (CPU default: 20 x 1;
-#               with a GPU use e.g. EPOCHS_ARXIV=300 SEEDS_ARXIV=5).
+#   EPOCHS_CORA / SEEDS_CORA, EPOCHS_ARXIV / SEEDS_ARXIV   run lengths. Defaults: on CPU
+#               Cora 40 epochs x 3 seeds and arxiv-like 5 epochs x 1 seed (memory numbers do not
+#               depend on the length; a 2-core CPU needs ~20 s per arxiv-like epoch); with a
+#               GPU (DEVICE=cuda*) Cora 200 x 10 and arxiv-like 300 x 5.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +23,11 @@ DEVICE="${DEVICE:-cpu}"
 OUT="${OUT:-bench/results}"
 CORA_RAW="${CORA_RAW:-/work/shared/data/planetoid/Cora/raw}"
 TAG="${DEVICE//:/}"
+if [[ "$DEVICE" == cuda* ]]; then LONG=1; else LONG=0; fi
+EPOCHS_CORA="${EPOCHS_CORA:-$([[ $LONG == 1 ]] && echo 200 || echo 40)}"
+SEEDS_CORA="${SEEDS_CORA:-$([[ $LONG == 1 ]] && echo 10 || echo 3)}"
+EPOCHS_ARXIV="${EPOCHS_ARXIV:-$([[ $LONG == 1 ]] && echo 300 || echo 5)}"
+SEEDS_ARXIV="${SEEDS_ARXIV:-$([[ $LONG == 1 ]] && echo 5 || echo 1)}"
 BQ="${BQ:-python -m blockquant}"
 
 run_quick() {
@@ -35,14 +42,14 @@ run_cora() {
   mkdir -p "$root/Cora"
   cp -r "$CORA_RAW" "$root/Cora/raw"
   $BQ bench --dataset cora --root "$root" --model sage --hidden 128 --layers 3 \
-    --configs fp32,checkpoint,exact,iexact,default,int4,int8 \
-    --epochs 200 --seeds 5 --device "$DEVICE" --out "$OUT/bench_cora_$TAG"
+    --configs fp32,checkpoint,exact,iexact,default,int4 \
+    --epochs "$EPOCHS_CORA" --seeds "$SEEDS_CORA" --device "$DEVICE" --out "$OUT/bench_cora_$TAG"
 }
 
 run_arxiv_like() {
   $BQ bench --dataset synthetic:arxiv-like --model sage --hidden 128 --layers 3 \
     --configs fp32,checkpoint,exact,iexact,default \
-    --epochs "${EPOCHS_ARXIV:-20}" --seeds "${SEEDS_ARXIV:-1}" --device "$DEVICE" \
+    --epochs "$EPOCHS_ARXIV" --seeds "$SEEDS_ARXIV" --device "$DEVICE" \
     --out "$OUT/bench_arxiv-like_$TAG"
 }
 
