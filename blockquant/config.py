@@ -151,4 +151,4 @@ _PRESETS: Dict[str, QuantConfig] = {
 }
 # Chosen from measurements (see README, "Choosing the default"); kept as a preset
 # so that the benchmark and convert() agree on one definition.
-_PRESETS["default"] = QuantConfig(bits=2, block_size=1024, rp_ratio=8, levels="optimal", meta_dtype=torch.bfloat16)
+_PRESETS["default"] = QuantConfig(bits=4, block_size=1024, rp_ratio=1, levels="uniform", meta_dtype=torch.bfloat16)
