@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 from .config import QuantConfig
+from .functional import mark_resident
 from .nn.registry import WRAPPERS, CompressedModule
 
 __all__ = ["convert", "summary", "ConversionWarning", "ConversionInfo"]
@@ -31,6 +32,7 @@ ConfigSpec = Union[None, str, QuantConfig, Mapping[Union[str, type], Optional[Qu
 FilterFn = Callable[[torch.nn.Module, str], bool]
 
 _INFO_ATTR = "_bq_conversion"
+_HOOK_ATTR = "_bq_resident_hook"
 
 # Modules that look like computation: leaving one of these unconverted leaves its
 # saved tensors at full precision, which the user should hear about.
@@ -162,8 +164,11 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
     Supported means the module's exact type is a key of
     :data:`blockquant.nn.WRAPPERS` (``torch.nn.Linear``, ``BatchNorm1d``,
     activations, ``Dropout``, PyG convolutions, ...). Wrappers reuse the
-    original Parameter and buffer objects. A converted wrapper's children are
-    left to the wrapper; the children of everything else are visited.
+    original Parameter and buffer objects. A wrapper's children are left to it,
+    except those it lists in ``bq_convert_children`` (GIN's ``nn`` MLP); the
+    children of everything else are visited. Tensors passed to the returned
+    model's ``forward`` are marked resident (:func:`blockquant.functional.mark_resident`):
+    they are saved by reference, not compressed.
 
     Args:
         model: the module to convert. If ``model`` itself is supported, the
@@ -211,6 +216,7 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
                 return module.to_original()  # the caller asked for this subtree to stay exact
             if explicit and cfg != module.bq_config:
                 module = type(module).from_module(module.to_original(), cfg)
+            visit_children(module, name, type(module).bq_convert_children)
             return module
         wrapper = WRAPPERS.get(type(module))
         if wrapper is not None:
@@ -222,7 +228,9 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
                 check = getattr(wrapper, "unsupported_reason", None)
                 reason = check(module) if check is not None else None
                 if reason is None:
-                    return wrapper.from_module(module, cfg)
+                    new = wrapper.from_module(module, cfg)
+                    visit_children(new, name, wrapper.bq_convert_children)
+                    return new
                 refused.append((name, tname, reason))
                 info.skipped.append((name, tname, reason))
         elif _looks_like_compute(module):
@@ -230,16 +238,21 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
             if not (filter_fn is not None and not filter_fn(module, name)) and chooser.choose(module, name):
                 unknown.append((name, tname, _why_unknown(module)))
                 info.skipped.append((name, tname, _why_unknown(module)))
+        visit_children(module, name)
+        return module
+
+    def visit_children(module: torch.nn.Module, name: str, only=None) -> None:
+        """Visit ``module``'s children (for a wrapper, only those it does not run itself)."""
         for child_name, child in list(module._modules.items()):
-            if child is None:
+            if child is None or (only is not None and child_name not in only):
                 continue
             qual = f"{name}.{child_name}" if name else child_name
             new = visit(child, qual)
             if new is not child:
                 setattr(module, child_name, new)
-        return module
 
     root = visit(model, "")
+    _mark_inputs_resident_on_call(root)
 
     for name, mod in root.named_modules():
         if isinstance(mod, CompressedModule):
@@ -262,6 +275,34 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
                       "compressed; blockquant.compress_saved_tensors can cover them): " + " | ".join(lines),
                       ConversionWarning, stacklevel=2)
     return root
+
+
+def _mark_tensors(obj, depth: int = 0) -> None:
+    if depth > 4:
+        return
+    if isinstance(obj, torch.Tensor):
+        mark_resident(obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _mark_tensors(item, depth + 1)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _mark_tensors(item, depth + 1)
+    elif hasattr(obj, "stores") and hasattr(obj, "to_dict"):  # PyG Data / HeteroData
+        for item in obj.to_dict().values():
+            _mark_tensors(item, depth + 1)
+
+
+def _resident_inputs_hook(module, args, kwargs):
+    _mark_tensors(args)
+    _mark_tensors(kwargs)
+
+
+def _mark_inputs_resident_on_call(root: torch.nn.Module) -> None:
+    """Tensors passed to the converted model (features, adjacency) are held by the
+    caller anyway: compressed ops inside save them by reference instead of a copy."""
+    if _HOOK_ATTR not in root.__dict__:
+        root.__dict__[_HOOK_ATTR] = root.register_forward_pre_hook(_resident_inputs_hook, with_kwargs=True)
 
 
 def conversion_info(model: torch.nn.Module) -> Optional[ConversionInfo]:

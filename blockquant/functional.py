@@ -35,7 +35,7 @@ from .packed import SUPPORTED_DTYPES, PackedTensor, draw_seed, quantize
 
 __all__ = [
     "linear", "aggregate", "relu", "leaky_relu", "dropout", "batch_norm", "layer_norm", "elu", "gelu",
-    "compress_shared", "is_resident", "BitMask",
+    "compress_shared", "is_resident", "mark_resident", "BitMask",
 ]
 
 # ----------------------------------------------------------------------------
@@ -70,12 +70,40 @@ def _untracked(*tensors) -> bool:
     return not any(t is not None and t.requires_grad for t in tensors)
 
 
+_RESIDENT: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
+def mark_resident(*tensors: torch.Tensor) -> None:
+    """Declare tensors that stay alive anyway (the graph's features, say), so compressed
+    ops save them by reference instead of storing a compressed copy.
+
+    :func:`blockquant.convert` marks every tensor passed to the converted model's
+    ``forward`` automatically. Marks vanish with the tensors (weak references).
+    """
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            _RESIDENT[t] = True
+
+
+def _held_anyway(t: torch.Tensor) -> bool:
+    return isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad) or t in _RESIDENT
+
+
 def is_resident(t: torch.Tensor) -> bool:
-    """True when ``t`` (or the tensor it is a view of) has no ``grad_fn``: it is held
-    by its owner (input data, a parameter) and saving it costs nothing extra."""
-    # a view (e.g. ``weight.t()`` saved by addmm) gets a grad_fn of its own; its base decides
-    base = t._base if t._base is not None else t
-    return base.grad_fn is None
+    """True when saving ``t`` by reference costs nothing extra: it is a parameter, a
+    leaf that requires grad (held by the caller), a tensor marked with
+    :func:`mark_resident`, or a view of one of those (e.g. ``weight.t()``).
+
+    A tensor without ``grad_fn`` is not enough: ``dropout(data.x)`` or an
+    aggregation of ``data.x`` has none either, yet it is a fresh intermediate
+    that only the graph would keep alive. Guessing wrong that way would keep a
+    full-precision copy; guessing wrong the other way only compresses a tensor
+    that was resident, which costs a few percent of its size.
+    """
+    if _held_anyway(t):
+        return True
+    base = t._base
+    return base is not None and _held_anyway(base)
 
 
 class _Float64Packed:
@@ -323,7 +351,9 @@ class _Aggregate(torch.autograd.Function):
                 ctx.bq_ref = True
                 to_save.insert(0, x)
             else:
-                state.append(compress_shared(x, config))
+                # grad_w is a per-edge inner product over few channels (one GAT head):
+                # projection would be unbiased but far too noisy there
+                state.append(compress_shared(x, _no_proj(config)))
         ctx.save_for_backward(*to_save)
         ctx.bq_state = tuple(state)
         return out.view(adj.num_dst, *x.shape[1:])

@@ -240,3 +240,39 @@ def test_summary_lists_modules_and_configs(toy_wrappers, capsys):
     assert "int8/G1024" in row2
     assert "3 compressed module(s)" in lines[0]
     assert "has not been called" in blockquant.summary(nn.Linear(2, 2), print_it=False)
+
+
+def test_gin_mlp_is_converted_inside_the_wrapper():
+    from torch_geometric.nn import GINConv
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    model = torch.nn.ModuleDict({"conv": GINConv(mlp)})
+    blockquant.convert(model, QuantConfig(bits=2))
+    conv = model["conv"]
+    assert type(conv).__name__ == "QGINConv"
+    assert [type(m).__name__ for m in conv.nn] == ["QLinear", "QReLU", "QLinear"]
+    assert conv.nn[0].weight is mlp[0].weight
+
+
+def test_model_inputs_saved_by_reference_fresh_intermediates_compressed():
+    """convert() marks the tensors passed to forward as resident: a Linear fed data.x keeps a
+    reference (no copy), while dropout(data.x), a fresh tensor without grad_fn, is compressed."""
+    import blockquant.nn  # noqa: F401
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(32, 32)
+            self.drop = torch.nn.Dropout(0.5)
+            self.b = torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.a(x) + self.b(self.drop(x))
+
+    net = blockquant.convert(Net(), QuantConfig(bits=2, block_size=64))
+    x = torch.randn(256, 32)
+    out = net(x)
+    a_node, b_node = out.grad_fn.next_functions[0][0], out.grad_fn.next_functions[1][0]
+    assert a_node.bq_state == () and a_node.saved_tensors[0].data_ptr() == x.data_ptr()
+    (packed,) = b_node.bq_state
+    assert packed.nbytes < x.numel() * 4 / 8

@@ -315,10 +315,11 @@ def test_saves_only_what_requested_gradients_need():
     y = BF.linear(x, W, None, FINE)
     assert y.grad_fn.bq_state == ()
     assert len(y.grad_fn.saved_tensors) == 1  # only W (for grad_x)
-    # input does not need grad but the weight does: W is not saved
+    # input does not need grad but the weight does: W is not saved, and the input
+    # (a fresh intermediate without grad_fn, not resident) is kept compressed
     W2 = torch.randn(5, 13, requires_grad=True)
     y = BF.linear(x.detach() * 1.0, W2, None, FINE)
-    assert len(y.grad_fn.saved_tensors) == 1 and y.grad_fn.saved_tensors[0].shape == (30, 13)
+    assert len(y.grad_fn.saved_tensors) == 0 and len(y.grad_fn.bq_state) == 1
     # constant adjacency: the aggregation keeps nothing of x
     y = BF.aggregate(x, _graph(30, 90), "mean", FINE)
     assert y.grad_fn.bq_state == () and len(y.grad_fn.saved_tensors) == 0
@@ -332,7 +333,8 @@ def test_saves_only_what_requested_gradients_need():
 
 
 def test_resident_input_saved_by_reference_not_compressed():
-    data_x = torch.randn(50, 20)  # like data.x: a leaf without grad_fn
+    data_x = torch.randn(50, 20)  # like data.x: held by the caller, declared resident
+    BF.mark_resident(data_x)
     W = torch.randn(4, 20, requires_grad=True)
     y = BF.linear(data_x, W, None, FINE)
     assert y.grad_fn.bq_state == ()
@@ -343,6 +345,8 @@ def test_resident_input_saved_by_reference_not_compressed():
     # a leaf that requires grad is resident too; so is a view of a resident tensor
     leaf = torch.randn(50, 20, requires_grad=True)
     assert BF.is_resident(leaf) and BF.is_resident(data_x[:, :10]) and not BF.is_resident(leaf * 2)
+    # a non-grad intermediate (dropout of the features, an aggregation) is NOT resident
+    assert not BF.is_resident(torch.nn.functional.dropout(data_x, 0.5)) and not BF.is_resident(torch.randn(3))
     y = BF.gelu(leaf, "none", FINE)
     assert y.grad_fn.bq_state == () and y.grad_fn.saved_tensors[0].data_ptr() == leaf.data_ptr()
 

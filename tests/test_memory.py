@@ -250,14 +250,7 @@ def arxiv_like():
     return bench, x, edge_index
 
 
-# Known miss, reported to the ops/conv owner: blockquant.functional.is_resident treats
-# (a) a custom Function's output that is a view of a no-grad buffer (_Aggregate's
-# output) and (b) the aggregate of data.x (no grad_fn at all) as resident, so
-# _Linear saves SAGE's aggregated features by reference in fp32: 512 B/node in
-# each of convs.0/1/2. With residency fixed this measures 117.8 (int2/rp8) and
-# 260.0 (int2) B/node. strict: the test fails once the cause is fixed, so the
-# marker gets removed.
-@pytest.mark.xfail(strict=True, reason="SAGE lin_l input saved uncompressed (functional.is_resident); see comment")
+# The targets: <= 120 B/node at INT2 + projection ratio 8, <= 300 B/node at INT2.
 @pytest.mark.parametrize("case_name", ["int2/rp8", "int2"])
 def test_arxiv_sage_bytes_per_node_targets(arxiv_like, case_name):
     bench, x, edge_index = arxiv_like

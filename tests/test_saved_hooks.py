@@ -6,6 +6,7 @@ from torch import nn
 
 import blockquant
 from blockquant import PackedTensor, QuantConfig, compress_saved_tensors
+from blockquant.functional import mark_resident
 from blockquant.kernels.bitmask import BitMask
 
 FINE = QuantConfig(bits=8, block_size=64, rounding="nearest", meta_dtype=torch.float32)
@@ -40,6 +41,7 @@ def _grads(model, x, config=None, record=None):
 def test_mlp_gradients_close_at_8_bits_and_packed_objects_recorded():
     model = _mlp()
     x = torch.randn(128, 32)
+    mark_resident(x)  # the input data: held by the caller
     exact = _grads(model, x)
     record = []
     approx = _grads(model, x, FINE, record)
@@ -87,7 +89,8 @@ def test_projection_is_switched_off():
 def test_left_alone_parameters_resident_integer_tiny_and_non_finite():
     record = []
     lin = nn.Linear(64, 64)
-    data_x = torch.randn(100, 64)  # resident: no grad_fn
+    data_x = torch.randn(100, 64)  # the input data, declared resident
+    mark_resident(data_x)
     idx = torch.randint(0, 100, (5000,))
     h_leaf = torch.randn(100, 64, requires_grad=True)
     small_leaf = torch.randn(10, 10, requires_grad=True)
@@ -145,6 +148,7 @@ def test_float64_through_float32_codec():
 def test_compressed_bytes_far_below_exact():
     model = _mlp()
     x = torch.randn(512, 32)
+    mark_resident(x)
     record = []
     with compress_saved_tensors(QuantConfig(bits=2, block_size=1024), record=record):
         model(x).sum()

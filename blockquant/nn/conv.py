@@ -309,6 +309,8 @@ class QGINConv(_QConv, GINConv):
     ``flow="target_to_source"``.
     """
 
+    bq_convert_children = ("nn",)  # the MLP is ordinary modules: convert() swaps them
+
     def forward(self, x, edge_index, size=None) -> Tensor:
         if not self.compressing():
             return GINConv.forward(self, x, edge_index, size)

@@ -45,6 +45,9 @@ class CompressedModule:
 
     wraps: type = object
     bq_config: QuantConfig
+    bq_convert_children: tuple = ()
+    """Names of child modules that :func:`blockquant.convert` should still visit
+    (the wrapper does not run them itself, e.g. GIN's ``nn`` MLP)."""
 
     @classmethod
     def from_module(cls, module: torch.nn.Module, config: Optional[QuantConfig] = None):
