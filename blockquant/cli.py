@@ -21,7 +21,7 @@ from .bench.errors import BenchError
 
 _EPILOG = """\
 datasets (--dataset):
-  synthetic                 built-in generator, 'small' preset (5,000 nodes, 8 classes): the quick default
+  synthetic                 built-in generator, 'small' preset (3,000 nodes, 8 classes): the quick default
   synthetic:tiny            600 nodes (tests)
   synthetic:arxiv-like      169,343 nodes, ~1.17M undirected edges, 128 features, 40 classes
   synthetic:products-like   2,449,029 nodes, ~61.9M undirected edges, 100 features, 47 classes

@@ -60,7 +60,7 @@ def test_synthetic_arxiv_like_is_fast_and_has_arxiv_shape():
 
 def test_synthetic_scale_option():
     ds = load_dataset("synthetic:small", scale=0.2)
-    assert ds.num_nodes == 1000
+    assert ds.num_nodes == round(SYNTHETIC_PRESETS["small"].num_nodes * 0.2)
     with pytest.raises(DatasetError, match="--scale"):
         load_dataset("synthetic", scale=-1.0)
     with pytest.raises(DatasetError, match="arxiv-like"):

@@ -130,7 +130,7 @@ SYNTHETIC_PRESETS: Dict[str, SyntheticSpec] = {
     # a few hundred nodes: unit tests
     "tiny": SyntheticSpec(num_nodes=600, num_edges=3_000, num_features=32, num_classes=4),
     # the bare `blockquant bench`: seconds per configuration on two CPU cores
-    "small": SyntheticSpec(num_nodes=5_000, num_edges=30_000, num_features=64, num_classes=8),
+    "small": SyntheticSpec(num_nodes=3_000, num_edges=18_000, num_features=64, num_classes=8),
     # ogbn-arxiv's shape (169,343 nodes, 1,166,243 edges, 128 features, 40 classes)
     "arxiv-like": SyntheticSpec(num_nodes=169_343, num_edges=1_166_243, num_features=128, num_classes=40,
                                 train_frac=0.54, valid_frac=0.18),

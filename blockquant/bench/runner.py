@@ -108,7 +108,7 @@ class BenchOptions:
     root: Optional[str] = None
     model: str = "sage"
     configs: Tuple[str, ...] = DEFAULT_CONFIGS
-    epochs: int = 30
+    epochs: int = 20
     seeds: Tuple[int, ...] = (0, 1)
     hidden: int = 128
     layers: int = 3
