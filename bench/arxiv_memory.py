@@ -11,8 +11,8 @@ has 169,343 nodes, 1,166,243 directed edges, 128 features and 40 classes.
 
 Usage::
 
-    TRITON_INTERPRET=1 BLOCKQUANT_BACKEND=torch python bench/arxiv_memory.py          # full size
-    TRITON_INTERPRET=1 BLOCKQUANT_BACKEND=torch python bench/arxiv_memory.py --nodes 20000 --no-write
+    python bench/arxiv_memory.py                          # full size (CPU: PyTorch backend)
+    python bench/arxiv_memory.py --nodes 20000 --no-write
 
 Writes ``bench/results/arxiv_memory_<device>.json`` and ``.md``.
 """
@@ -27,8 +27,6 @@ import platform
 import sys
 import time
 from typing import Dict, List, Optional
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before torch_geometric imports triton
 
 import torch  # noqa: E402
 
@@ -85,10 +83,10 @@ def arxiv_sage(num_features: int = ARXIV_FEATURES, num_classes: int = ARXIV_CLAS
                      norm="batch_norm", act="relu")
 
 
-def build(case: Case, seed: int = 0):
+def build(case: Case, seed: int = 0, device="cpu"):
     import warnings
 
-    model = arxiv_sage(seed=seed)
+    model = arxiv_sage(seed=seed).to(device)
     if case.config is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -97,7 +95,7 @@ def build(case: Case, seed: int = 0):
 
 
 def measure(case: Case, x, edge_index, *, profile: bool = False, seed: int = 0) -> Dict:
-    model = build(case, seed)
+    model = build(case, seed, x.device)
     n = x.shape[0]
     torch.manual_seed(seed)
     gc.collect()
@@ -119,9 +117,26 @@ def measure(case: Case, x, edge_index, *, profile: bool = False, seed: int = 0) 
         "forward_and_measure_s": round(elapsed, 3),
         "note": case.note,
     }
-    if profile:
+    if profile and x.device.type == "cpu":
         row["profiler_net_minus_output_bytes"] = profiler_net_minus_output(model, x, edge_index, seed)
+    elif profile and x.device.type == "cuda":
+        row["cuda_allocated_minus_output_bytes"] = cuda_allocated_minus_output(model, x, edge_index, seed)
     return row
+
+
+def cuda_allocated_minus_output(model, x, edge_index, seed: int = 0) -> int:
+    """``torch.cuda.memory_allocated`` growth over one forward, minus the output."""
+    model.zero_grad(set_to_none=False)
+    torch.manual_seed(seed)
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(x.device)
+    out = model(x, edge_index)
+    torch.cuda.synchronize()
+    grown = torch.cuda.memory_allocated(x.device) - before
+    result = grown - out.untyped_storage().nbytes()
+    del out
+    return result
 
 
 def profiler_net_minus_output(model, x, edge_index, seed: int = 0) -> int:
@@ -146,7 +161,7 @@ def to_markdown(meta: Dict, rows: List[Dict]) -> str:
              "training mode. Bytes held by the autograd graph after the forward pass (blockquant.track_saved; "
              "data, parameters and output excluded).", "",
              f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}, torch {meta['torch']}", "",
-             "| case | config | B/node | MiB | vs fp32 | compressed / plain B/node | target | profiler check |",
+             "| case | config | B/node | MiB | vs fp32 | compressed / plain B/node | target | cross-check |",
              "|---|---|---|---|---|---|---|---|"]
     fp32 = next((r for r in rows if r["case"] == "fp32"), None)
     for r in rows:
@@ -156,9 +171,11 @@ def to_markdown(meta: Dict, rows: List[Dict]) -> str:
             ok = r["bytes_per_node"] <= r["target_bytes_per_node"]
             tgt = f"<= {r['target_bytes_per_node']:.0f} {'met' if ok else 'MISSED'}"
         prof = ""
-        if "profiler_net_minus_output_bytes" in r:
-            p = r["profiler_net_minus_output_bytes"]
-            prof = f"{p / meta['nodes']:.1f} B/node ({100 * (p - r['total_bytes']) / max(r['total_bytes'], 1):+.2f}%)"
+        p = r.get("profiler_net_minus_output_bytes", r.get("cuda_allocated_minus_output_bytes"))
+        if p is not None:
+            how = "profiler" if "profiler_net_minus_output_bytes" in r else "cuda.memory_allocated"
+            prof = (f"{how}: {p / meta['nodes']:.1f} B/node "
+                    f"({100 * (p - r['total_bytes']) / max(r['total_bytes'], 1):+.2f}%)")
         lines.append(f"| {r['case']} | {r['config'] or 'fp32'} | {r['bytes_per_node']:.1f} | "
                      f"{r['total_bytes'] / 2**20:.2f} | {ratio} | {r['compressed_bytes'] / meta['nodes']:.1f} / "
                      f"{r['plain_bytes'] / meta['nodes']:.1f} | {tgt} | {prof} |")
@@ -180,21 +197,23 @@ def to_markdown(meta: Dict, rows: List[Dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=ARXIV_NODES)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA adds a memory_allocated cross-check)")
     ap.add_argument("--cases", default="", help="comma-separated subset of case names")
     ap.add_argument("--no-profile", action="store_true", help="skip the torch.profiler cross-check")
     ap.add_argument("--no-write", action="store_true", help="print only, do not write bench/results")
     args = ap.parse_args(argv)
     wanted = [c for c in cases() if not args.cases or c.name in args.cases.split(",")]
     x, edge_index = synthetic_arxiv(args.nodes)
+    x, edge_index = x.to(args.device), edge_index.to(args.device)
     rows = []
     for case in wanted:
         row = measure(case, x, edge_index, profile=not args.no_profile)
         rows.append(row)
+        check = row.get("profiler_net_minus_output_bytes", row.get("cuda_allocated_minus_output_bytes"))
         print(f"{case.name:>10}  {row['bytes_per_node']:8.1f} B/node  {row['total_bytes'] / 2**20:8.2f} MiB"
-              + (f"  profiler {row['profiler_net_minus_output_bytes'] / args.nodes:8.1f} B/node"
-                 if "profiler_net_minus_output_bytes" in row else ""), flush=True)
+              + (f"  cross-check {check / args.nodes:8.1f} B/node" if check is not None else ""), flush=True)
     meta = {
-        "device": "cpu",
+        "device": str(x.device) if x.device.type == "cpu" else torch.cuda.get_device_name(x.device),
         "nodes": args.nodes,
         "edges": int(edge_index.shape[1]),
         "command": "python " + " ".join(["bench/arxiv_memory.py"] + (argv if argv is not None else sys.argv[1:])),
@@ -206,9 +225,10 @@ def main(argv=None) -> int:
     print(md)
     if not args.no_write:
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-        with open(os.path.join(HERE, "results", "arxiv_memory_cpu.json"), "w") as f:
+        tag = x.device.type
+        with open(os.path.join(HERE, "results", f"arxiv_memory_{tag}.json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
-        with open(os.path.join(HERE, "results", "arxiv_memory_cpu.md"), "w") as f:
+        with open(os.path.join(HERE, "results", f"arxiv_memory_{tag}.md"), "w") as f:
             f.write(md)
     return 0
 
