@@ -6,7 +6,7 @@
 # Environment:
 #   DEVICE      cpu (default), cuda, cuda:N or auto
 #   CORA_RAW    folder holding the Planetoid Cora raw files (ind.cora.*);
-#               default /work/shared/data/planetoid/Cora/raw. They are copied to a
+#               default ../shared/data/planetoid/Cora/raw (the shared folder beside the repository). They are copied to a
 #               temporary --root because Planetoid writes processed/ next to raw/.
 #   OUT         where result folders go (default: bench/results); each run writes
 #               results.json (machine, versions, command line included), results.csv
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 WHAT="${1:-all}"
 DEVICE="${DEVICE:-cpu}"
 OUT="${OUT:-bench/results}"
-CORA_RAW="${CORA_RAW:-/work/shared/data/planetoid/Cora/raw}"
+CORA_RAW="${CORA_RAW:-$(cd .. && pwd)/shared/data/planetoid/Cora/raw}"
 TAG="${DEVICE//:/}"
 if [[ "$DEVICE" == cuda* ]]; then LONG=1; else LONG=0; fi
 EPOCHS_CORA="${EPOCHS_CORA:-$([[ $LONG == 1 ]] && echo 200 || echo 40)}"

@@ -13,7 +13,7 @@ import shutil
 
 import torch
 
-SHARED_CORA_RAW = "/work/shared/data/planetoid/Cora/raw"
+from shared_data import require_cora
 
 
 def _write_csv_gz(path: str, rows) -> None:
@@ -68,5 +68,5 @@ def write_ogb_fixture(root: str, name: str = "ogbn-arxiv", num_nodes: int = 90, 
 def copy_cora(tmp_path) -> str:
     """Copy the shared Cora raw files into ``tmp_path``; returns the --root to pass."""
     root = os.path.join(str(tmp_path), "planetoid")
-    shutil.copytree(SHARED_CORA_RAW, os.path.join(root, "Cora", "raw"))
+    shutil.copytree(require_cora(), os.path.join(root, "Cora", "raw"))
     return root

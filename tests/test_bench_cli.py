@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import blockquant
-from bench_fixtures import SHARED_CORA_RAW, copy_cora, write_ogb_fixture
+from bench_fixtures import copy_cora, write_ogb_fixture
 from blockquant.cli import build_parser, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +101,6 @@ def test_bench_synthetic_in_process(tmp_path, capsys):
         _assert_png(out / png)
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_CORA_RAW), reason=f"Cora raw files not present at {SHARED_CORA_RAW}")
 def test_bench_cora_in_process(tmp_path, capsys):
     root = copy_cora(tmp_path)
     out = tmp_path / "cora"

@@ -1,8 +1,8 @@
 """Real Cora: compressed training at the default config matches full precision, and
 gradient error falls with the bit width.
 
-Uses the raw Planetoid files shipped in /work/shared/data (downloads do not work
-in CI); the files are copied to a temporary directory before loading.
+Uses the raw Planetoid files in the shared data folder beside the repository
+(downloads do not work in CI); the files are copied to a temporary directory before loading.
 """
 import os
 import shutil
@@ -15,12 +15,10 @@ import blockquant
 from blockquant import QuantConfig
 from blockquant.convert import ConversionWarning
 
-CORA_RAW = os.environ.get("BLOCKQUANT_CORA_RAW", "/work/shared/data/planetoid/Cora/raw")
+from shared_data import require_cora
 SEEDS = (0, 1, 2, 3, 4)
 EVAL_EVERY = 5  # model selection on validation accuracy, every few epochs in the second half
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(CORA_RAW),
-                                reason=f"Cora raw files not found at {CORA_RAW} (set BLOCKQUANT_CORA_RAW)")
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +37,7 @@ def cora(tmp_path_factory):
     from torch_geometric.datasets import Planetoid
 
     root = tmp_path_factory.mktemp("planetoid")
-    shutil.copytree(CORA_RAW, root / "Cora" / "raw")
+    shutil.copytree(require_cora(), root / "Cora" / "raw")
     return Planetoid(str(root), "Cora")[0]
 
 

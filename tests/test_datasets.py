@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from bench_fixtures import SHARED_CORA_RAW, copy_cora, write_ogb_fixture
+from bench_fixtures import copy_cora, write_ogb_fixture
 from blockquant.bench.datasets import (
     SYNTHETIC_PRESETS, DatasetError, generate_synthetic, load_dataset, ogb_required_files,
 )
@@ -102,7 +102,6 @@ def test_synthetic_labels_are_learnable():
     assert accs["sage"] > accs["mlp"] + 0.1, accs
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_CORA_RAW), reason=f"Cora raw files not present at {SHARED_CORA_RAW}")
 def test_cora_from_local_copy(tmp_path):
     root = copy_cora(tmp_path)
     ds = load_dataset("cora", root)
