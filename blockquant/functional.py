@@ -22,7 +22,7 @@ config); see :func:`compress_shared`.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -160,24 +160,22 @@ def compress_shared(x: torch.Tensor, config: QuantConfig):
     return packed
 
 
-class _SavedInput:
-    """How a Function kept one input: by reference (resident) or compressed."""
+def _keep_input(ctx, x: torch.Tensor, config: QuantConfig) -> Tuple[List[torch.Tensor], Tuple[object, ...]]:
+    """How a Function keeps its input for backward: ``([x], ())`` by reference when
+    resident, else ``([], (packed,))`` compressed with ``config``. Sets ``ctx.bq_ref``.
 
-    @staticmethod
-    def save(ctx, x: torch.Tensor, config: QuantConfig) -> Tuple[object, ...]:
-        """Returns the ``bq_state`` entries; resident tensors go to ``save_for_backward``."""
-        if is_resident(x):
-            ctx.bq_ref = True
-            ctx.save_for_backward(x)
-            return ()
-        ctx.bq_ref = False
-        return (compress_shared(x, config),)
+    The caller puts the first part into ``save_for_backward`` and the second into
+    ``ctx.bq_state``; :func:`_load_input` undoes it.
+    """
+    ctx.bq_ref = is_resident(x)
+    if ctx.bq_ref:
+        return [x], ()
+    return [], (compress_shared(x, config),)
 
-    @staticmethod
-    def load(ctx, state: Tuple[object, ...]) -> torch.Tensor:
-        if ctx.bq_ref:
-            return ctx.saved_tensors[0]
-        return state[0].dequantize()
+
+def _load_input(ctx, saved: List[torch.Tensor], state: Tuple[object, ...]) -> torch.Tensor:
+    """The input kept by :func:`_keep_input`: popped from ``saved`` or decompressed."""
+    return saved.pop(0) if ctx.bq_ref else state[0].dequantize()
 
 
 def _no_proj(config: QuantConfig) -> QuantConfig:
@@ -207,15 +205,11 @@ class _Linear(torch.autograd.Function):
         ctx.bq_in_dim = x.shape[-1]
         ctx.bq_x_shape = x.shape
         ctx.bq_has_bias = bias is not None
-        to_save = []
+        to_save: List[torch.Tensor] = []
         state: Tuple[object, ...] = ()
         ctx.bq_ref = False
         if need_w:
-            if is_resident(x):
-                ctx.bq_ref = True
-                to_save.append(x)
-            else:
-                state = (compress_shared(x, config),)
+            to_save, state = _keep_input(ctx, x, config)
         if need_x:
             to_save.append(weight)
         ctx.save_for_backward(*to_save)
@@ -347,13 +341,11 @@ class _Aggregate(torch.autograd.Function):
             to_save.append(weight)  # resident-sized ([E]) and needed for A^T g
         ctx.bq_ref = False
         if need_w:
-            if is_resident(x):
-                ctx.bq_ref = True
-                to_save.insert(0, x)
-            else:
-                # grad_w is a per-edge inner product over few channels (one GAT head):
-                # projection would be unbiased but far too noisy there
-                state.append(compress_shared(x, _no_proj(config)))
+            # grad_w is a per-edge inner product over few channels (one GAT head):
+            # projection would be unbiased but far too noisy there
+            refs, packed = _keep_input(ctx, x, _no_proj(config))
+            to_save = refs + to_save
+            state.extend(packed)
         ctx.save_for_backward(*to_save)
         ctx.bq_state = tuple(state)
         return out.view(adj.num_dst, *x.shape[1:])
@@ -554,13 +546,9 @@ class _BatchNorm(torch.autograd.Function):
         need_input = need_w or (need_x and training)
         ctx.bq_ref = False
         state: Tuple[object, ...] = ()
-        tensors = []
+        tensors: List[torch.Tensor] = []
         if need_input:
-            if is_resident(x):
-                ctx.bq_ref = True
-                tensors.append(x)
-            else:
-                state = (compress_shared(x, _no_proj(config)),)
+            tensors, state = _keep_input(ctx, x, _no_proj(config))
         ctx.bq_need_input = need_input
         stats = (save_mean, save_invstd) if training else (running_mean, running_var)
         tensors.extend(stats)
@@ -576,7 +564,7 @@ class _BatchNorm(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         x = None
         if ctx.bq_need_input:
-            x = saved.pop(0) if ctx.bq_ref else ctx.bq_state[0].dequantize()
+            x = _load_input(ctx, saved, ctx.bq_state)
         stat_a, stat_b, weight = saved
         has_w, has_b = ctx.bq_has
         weight = weight if has_w else None
@@ -646,13 +634,9 @@ class _LayerNorm(torch.autograd.Function):
         ctx.bq_need_input = need_input
         ctx.bq_ref = False
         state: Tuple[object, ...] = ()
-        tensors = []
+        tensors: List[torch.Tensor] = []
         if need_input:
-            if is_resident(x):
-                ctx.bq_ref = True
-                tensors.append(x)
-            else:
-                state = (compress_shared(x, _no_proj(config)),)
+            tensors, state = _keep_input(ctx, x, _no_proj(config))
             tensors.extend((mean, rstd))
         tensors.append(weight if weight is not None else x.new_empty(0))
         tensors.append(bias if bias is not None else x.new_empty(0))
@@ -669,7 +653,7 @@ class _LayerNorm(torch.autograd.Function):
             k = len(ctx.bq_shape_norm)
             dims = list(range(grad_out.dim() - k))
             return None, None, None, grad_out.sum(dims) if (need_b and has_b) else None, None, None
-        x = saved.pop(0) if ctx.bq_ref else ctx.bq_state[0].dequantize()
+        x = _load_input(ctx, saved, ctx.bq_state)
         mean, rstd, weight, bias = saved
         if grad_out.numel() == 0:  # the ATen kernel divides by the row count
             return (torch.zeros_like(grad_out) if need_x else None, None,
@@ -720,7 +704,8 @@ class _Smooth(torch.autograd.Function):
         ctx.bq_state = ()
         ctx.bq_ref = False
         if ctx.needs_input_grad[0]:
-            ctx.bq_state = _SavedInput.save(ctx, x, _no_proj(config))
+            refs, ctx.bq_state = _keep_input(ctx, x, _no_proj(config))
+            ctx.save_for_backward(*refs)
             if kind == "elu" and not ctx.bq_ref:
                 ctx.bq_state = ctx.bq_state + (BitMask.pack(x > 0),)
         return out
@@ -729,7 +714,7 @@ class _Smooth(torch.autograd.Function):
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        x = _SavedInput.load(ctx, ctx.bq_state).to(grad_out.dtype)
+        x = _load_input(ctx, list(ctx.saved_tensors), ctx.bq_state).to(grad_out.dtype)
         if ctx.bq_kind == "elu":
             if not ctx.bq_ref:  # the exact sign decides the branch; x_hat only feeds exp()
                 positive = ctx.bq_state[1].unpack()
