@@ -135,9 +135,26 @@ class _Float64Packed:
         return self.inner.projection(dtype)
 
 
+def _compress(x: torch.Tensor, config: QuantConfig):
+    if x.dtype in SUPPORTED_DTYPES:
+        return quantize(x.detach(), config)
+    if x.dtype == torch.float64:
+        return _Float64Packed(quantize(x.detach().to(torch.float32), config))
+    raise TypeError(f"cannot compress a tensor of dtype {x.dtype}; expected a floating dtype")
+
+
 def compress_shared(x: torch.Tensor, config: QuantConfig):
     """Compress ``x`` with ``config``, reusing an earlier result for the same tensor
-    object, unchanged (same ``_version``) and the same config."""
+    object, unchanged (same ``_version``) and the same config.
+
+    Only intermediates (tensors with a ``grad_fn``) are shared: they are rebuilt
+    every step, so a shared result never outlives the graph it serves. A
+    long-lived tensor without ``grad_fn`` that is not resident is compressed
+    afresh each time; reusing it would repeat the same rounding noise in every
+    step, and its gradient error would never average out.
+    """
+    if x.grad_fn is None:
+        return _compress(x, config)
     key = (x._version, config)
     per_tensor = _SHARED.get(x)
     if per_tensor is not None:
@@ -147,12 +164,7 @@ def compress_shared(x: torch.Tensor, config: QuantConfig):
     else:
         per_tensor = {}
         _SHARED[x] = per_tensor
-    if x.dtype in SUPPORTED_DTYPES:
-        packed = quantize(x.detach(), config)
-    elif x.dtype == torch.float64:
-        packed = _Float64Packed(quantize(x.detach().to(torch.float32), config))
-    else:
-        raise TypeError(f"cannot compress a tensor of dtype {x.dtype}; expected a floating dtype")
+    packed = _compress(x, config)
     # entries for older versions can never hit again
     for stale in [k for k in per_tensor if k[0] != x._version]:
         del per_tensor[stale]

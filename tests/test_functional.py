@@ -371,6 +371,21 @@ def test_shared_input_compressed_once():
     assert y5.grad_fn.bq_state[0] is not p1
 
 
+def test_long_lived_input_gets_fresh_rounding_every_step():
+    """A tensor that outlives the step (not resident, no grad_fn) must not reuse one
+    compressed copy: the same rounding noise every step would never average out."""
+    x = torch.randn(300, 32)  # e.g. features the caller did not declare resident
+    W = torch.nn.Parameter(torch.randn(8, 32))
+    cfg = QuantConfig(bits=2, block_size=64)
+    grads = []
+    for _ in range(2):
+        BF.linear(x, W, None, cfg).sum().backward()
+        grads.append(W.grad.clone())
+        W.grad = None
+    assert not torch.equal(grads[0], grads[1])
+    assert x not in BF._SHARED
+
+
 def test_sharing_cache_does_not_outlive_the_tensor():
     gc.collect()
     before = len(BF._SHARED)
