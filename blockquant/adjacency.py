@@ -62,6 +62,10 @@ class Adjacency:
         _check_weight(edge_weight, self.num_edges)
         return Adjacency(self.src, self.dst, self.num_src, self.num_dst, edge_weight)
 
+    def tensors(self):
+        """The tensors this adjacency keeps alive (for memory accounting)."""
+        return tuple(t for t in (self.src, self.dst, self.edge_weight) if t is not None)
+
     def in_degree(self, dtype=torch.float32) -> torch.Tensor:
         """Incoming edge count of every target node (``[num_dst]``)."""
         return torch.bincount(self.dst, minlength=self.num_dst).to(dtype)

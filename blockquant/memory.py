@@ -101,6 +101,21 @@ def _held(obj: Any, kind: str, out: List[Tuple[torch.Tensor, str]], depth: int =
     elif hasattr(obj, "storages") and callable(obj.storages):
         for t in obj.storages():
             _held(t, COMPRESSED, out, depth + 1)
+    elif hasattr(obj, "tensors") and callable(obj.tensors):  # e.g. an Adjacency kept by aggregation
+        for t in obj.tensors():
+            _held(t, kind, out, depth + 1)
+
+
+def _module_state_tensors(model: torch.nn.Module, out: List[torch.Tensor]) -> None:
+    """Tensors modules keep as plain attributes (e.g. GCNConv's ``_cached_edge_index``):
+    model state that outlives the step, like parameters and buffers, not activations."""
+    for m in model.modules():
+        for k, v in vars(m).items():
+            if k in ("_parameters", "_buffers", "_modules") or k.startswith("__"):
+                continue
+            if isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and any(
+                    isinstance(i, torch.Tensor) for i in v)) or hasattr(v, "tensors"):
+                _flatten_tensors(v.tensors() if hasattr(v, "tensors") and callable(v.tensors) else v, out)
 
 
 _RAW_SLOTS: Dict[type, Tuple[str, ...]] = {}
@@ -356,6 +371,7 @@ class track_saved:
         if self.model is not None:
             ex.extend(self.model.parameters())
             ex.extend(self.model.buffers())
+            _module_state_tensors(self.model, ex)
         _flatten_tensors(self.exclude, ex)
         ex.extend(leaf_vars)
         for t in ex:

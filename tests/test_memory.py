@@ -271,3 +271,29 @@ def test_arxiv_sage_fp32_and_compressed_match_profiler(arxiv_like):
     fp32 = bench.measure(bench.cases()[0], x, edge_index)
     # full precision keeps ~5.6 KB/node (ALGORITHM.md: "on the order of 4.9 KB")
     assert 4000 < fp32["bytes_per_node"] < 7000
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["uncached", "cached"])
+@pytest.mark.parametrize("config", [None, QuantConfig(bits=2)], ids=["fp32", "int2"])
+def test_gcn_adjacency_counted_when_built_per_step_and_excluded_when_cached(cached, config):
+    """GCN normalises the adjacency (self-loops, weights) each forward unless cached: the
+    per-step copy is held by the graph and must be counted (also inside blockquant's
+    aggregation); the cached copy is module state, like a buffer, and must not be."""
+    from torch_geometric.nn import GCNConv
+
+    torch.manual_seed(0)
+    x_leaf = torch.randn(600, 32, requires_grad=True)
+    ei = torch.randint(0, 600, (2, 3000))
+    conv = GCNConv(32, 16, cached=cached)
+    if config is not None:
+        conv = blockquant.convert(conv, config)
+    x = torch.relu(x_leaf * 1.0)
+    conv(x, ei)  # fills the cache when cached
+    with track_saved(conv, exclude=(x_leaf, x, ei)) as mem:
+        out = conv(x, ei)
+    del out
+    out, net = profiler_net_bytes(lambda: conv(x, ei))
+    net -= storage_bytes(out)
+    # x is excluded (and resident for the converted root): what remains is the adjacency
+    assert (mem.total_bytes == 0) if cached else (mem.total_bytes > 0)
+    assert close(mem.total_bytes, net), (mem.total_bytes, net)
