@@ -25,15 +25,7 @@ RECORD_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def torch_backend_one_thread(monkeypatch):
-    # the Triton interpreter is correct but far too slow for training loops
-    monkeypatch.setenv("BLOCKQUANT_BACKEND", "torch")
-    # graphs here are tiny: one intra-op thread is as fast and does not suffer on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")
 
 
 def _env():

@@ -26,20 +26,7 @@ INT8 = QuantConfig(bits=8, block_size=256)
 INT2 = QuantConfig(bits=2, block_size=256)
 
 
-@pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    # many quantize calls per test: the Triton interpreter would dominate the runtime
-    monkeypatch.setenv("BLOCKQUANT_BACKEND", "torch")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On this CPU build, scatter_add_ with an expanded index and >= 16 columns pays ~0.1 s of
-    # thread wake-up per call when more than one thread is allowed; the tensors here are tiny.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")
 
 
 def _graph(seed=0, n=N, e=E, f=F_IN):

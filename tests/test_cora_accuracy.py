@@ -21,15 +21,7 @@ EVAL_EVERY = 5  # model selection on validation accuracy, every few epochs in th
 
 
 
-@pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    # the Triton interpreter is far too slow for training loops on CPU
-    monkeypatch.setenv("BLOCKQUANT_BACKEND", "torch")
-    # Cora is small: one thread is as fast, and ten times faster on a loaded machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")
 
 
 @pytest.fixture(scope="module")

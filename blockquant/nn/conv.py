@@ -464,16 +464,7 @@ class QGATConv(_QConv, GATConv):
                 edge_index, edge_attr = _gat_self_loops(self, edge_index, edge_attr, num_nodes)
             alpha = self.edge_updater(edge_index, alpha=(alpha_src, alpha_dst), edge_attr=edge_attr, size=size)
         out = _attention_aggregate(self, x_src, alpha, edge_index, _num_dst(x_src, x_dst, edge_index, size))
-
-        if self.concat:
-            out = out.reshape(-1, H * C)
-        else:
-            out = out.mean(dim=1)
-        if res is not None:
-            out = out + res
-        if self.bias is not None:
-            out = out + self.bias
-        return _with_attention(out, edge_index, alpha, return_attention_weights)
+        return _finish_attention(self, out, res, edge_index, alpha, return_attention_weights)
 
 
     def edge_update(self, alpha_j: Tensor, alpha_i: Optional[Tensor], edge_attr: Optional[Tensor],
@@ -495,6 +486,17 @@ class QGATConv(_QConv, GATConv):
         alpha = softmax(alpha, index, ptr, dim_size)
         alpha = torch.nn.functional.dropout(alpha, p=self.dropout, training=self.training)
         return alpha
+
+
+def _finish_attention(self, out: Tensor, res: Optional[Tensor], edge_index, alpha: Tensor,
+                      return_attention_weights):
+    """GAT/GATv2 after aggregation: merge heads, add the residual and bias, attach weights."""
+    out = out.reshape(-1, self.heads * self.out_channels) if self.concat else out.mean(dim=1)
+    if res is not None:
+        out = out + res
+    if self.bias is not None:
+        out = out + self.bias
+    return _with_attention(out, edge_index, alpha, return_attention_weights)
 
 
 def _with_attention(out, edge_index, alpha, return_attention_weights):
@@ -559,16 +561,7 @@ class QGATv2Conv(_QConv, GATv2Conv):
                 edge_index, edge_attr = _gat_self_loops(self, edge_index, edge_attr, num_nodes)
             alpha = self.edge_updater(edge_index, x=(x_l, x_r), edge_attr=edge_attr)
         out = _attention_aggregate(self, x_l, alpha, edge_index, _num_dst(x_l, x_r, edge_index, None))
-
-        if self.concat:
-            out = out.reshape(-1, H * C)
-        else:
-            out = out.mean(dim=1)
-        if res is not None:
-            out = out + res
-        if self.bias is not None:
-            out = out + self.bias
-        return _with_attention(out, edge_index, alpha, return_attention_weights)
+        return _finish_attention(self, out, res, edge_index, alpha, return_attention_weights)
 
     def edge_update(self, x_j: Tensor, x_i: Tensor, edge_attr: Optional[Tensor], index: Tensor,
                     ptr: Optional[Tensor], dim_size: Optional[int]) -> Tensor:
