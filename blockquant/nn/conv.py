@@ -161,6 +161,15 @@ class _QConv(CompressedModule):
             n_dst = size[1] if size[1] is not None else n_dst
         return as_adjacency(edge_index, num_nodes=(n_src, n_dst), edge_weight=edge_weight)
 
+    def _aggregate_pairs(self, x, edge_index, size, **adjacency_options):
+        """SAGE/GraphConv/GIN: aggregate source features over the adjacency (keeps nothing
+        of ``x``); returns the aggregate and the target features (``x`` may be a pair)."""
+        self._bq_check_runtime()
+        x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
+        self._check_2d(x_src, type(self).__name__)
+        adj = self._adjacency(edge_index, x_src, x_dst, size, **adjacency_options)
+        return BF.aggregate(x_src, adj, self.bq_reduce, self.bq_config), x_dst
+
     @staticmethod
     def _check_2d(x: Tensor, who: str) -> None:
         if not isinstance(x, Tensor):
@@ -250,13 +259,7 @@ class QSAGEConv(_QConv, SAGEConv):
     def forward(self, x, edge_index, size=None) -> Tensor:
         if not self.compressing():
             return SAGEConv.forward(self, x, edge_index, size)
-        self._bq_check_runtime()
-        if isinstance(x, Tensor):
-            x = (x, x)
-        x_src, x_dst = x
-        self._check_2d(x_src, "QSAGEConv")
-        adj = self._adjacency(edge_index, x_src, x_dst, size, use_sparse_values=False)
-        out = BF.aggregate(x_src, adj, self.bq_reduce, self.bq_config)
+        out, x_dst = self._aggregate_pairs(x, edge_index, size, use_sparse_values=False)
         out = self._linear(out, self.lin_l)
         if self.root_weight and x_dst is not None:
             out = out + self._linear(x_dst, self.lin_r, bias=False)
@@ -282,13 +285,7 @@ class QGraphConv(_QConv, GraphConv):
     def forward(self, x, edge_index, edge_weight: Optional[Tensor] = None, size=None) -> Tensor:
         if not self.compressing():
             return GraphConv.forward(self, x, edge_index, edge_weight, size)
-        self._bq_check_runtime()
-        if isinstance(x, Tensor):
-            x = (x, x)
-        x_src, x_dst = x
-        self._check_2d(x_src, "QGraphConv")
-        adj = self._adjacency(edge_index, x_src, x_dst, size, edge_weight=edge_weight)
-        out = BF.aggregate(x_src, adj, self.bq_reduce, self.bq_config)
+        out, x_dst = self._aggregate_pairs(x, edge_index, size, edge_weight=edge_weight)
         out = self._linear(out, self.lin_rel)
         if x_dst is not None:
             out = out + self._linear(x_dst, self.lin_root, bias=False)
@@ -314,13 +311,7 @@ class QGINConv(_QConv, GINConv):
     def forward(self, x, edge_index, size=None) -> Tensor:
         if not self.compressing():
             return GINConv.forward(self, x, edge_index, size)
-        self._bq_check_runtime()
-        if isinstance(x, Tensor):
-            x = (x, x)
-        x_src, x_dst = x
-        self._check_2d(x_src, "QGINConv")
-        adj = self._adjacency(edge_index, x_src, x_dst, size, use_sparse_values=False)
-        out = BF.aggregate(x_src, adj, self.bq_reduce, self.bq_config)
+        out, x_dst = self._aggregate_pairs(x, edge_index, size, use_sparse_values=False)
         if x_dst is not None:
             if self.eps.requires_grad:
                 with compress_saved_tensors(self.bq_config):
