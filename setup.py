@@ -11,6 +11,8 @@ setup(
     # kernels/ lives at the top of the repository but installs as blockquant.kernels:
     # a PyPI package called ``kernels`` already exists and would collide.
     package_dir={"blockquant": "blockquant", "blockquant.kernels": "kernels"},
+    # the CPU codec's C source, compiled with the system's C compiler at first use
+    package_data={"blockquant.kernels": ["*.c"]},
     install_requires=[
         "torch>=2.1",
         "torch-geometric>=2.4",

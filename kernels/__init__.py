@@ -1,6 +1,7 @@
-"""Codec kernels (installed as ``blockquant.kernels``): a PyTorch reference and
-fused Triton kernels for the same block-wise layout, chosen by a registry."""
-from . import blockwise, registry
+"""Codec kernels (installed as ``blockquant.kernels``): a PyTorch reference, a
+compiled CPU codec and fused Triton kernels for the same block-wise layout,
+chosen by a registry."""
+from . import blockwise, native, registry
 from .registry import Backend, available_backends, get_backend, register_backend
 
 register_backend(Backend(
@@ -8,6 +9,16 @@ register_backend(Backend(
     quantize=blockwise.quantize_torch,
     dequantize=blockwise.dequantize_torch,
     supports=lambda device: True,
+    priority=0,
+))
+
+# compiled at first use with the system C compiler; unsupported (so never picked) where that fails
+register_backend(Backend(
+    name="native",
+    quantize=native.quantize_native,
+    dequantize=native.dequantize_native,
+    supports=native.supports,
+    priority=10,
 ))
 
 if getattr(blockwise, "HAS_TRITON", False):  # Triton is optional; the PyTorch backend works everywhere
@@ -16,6 +27,9 @@ if getattr(blockwise, "HAS_TRITON", False):  # Triton is optional; the PyTorch b
         quantize=blockwise.quantize_triton,
         dequantize=blockwise.dequantize_triton,
         supports=blockwise.triton_supports,
+        priority=20,
+        # on CPU the interpreter is a correctness tool, far slower than the other backends
+        chosen_by_default=lambda device: device.type == "cuda" or registry.interpreting(),
     ))
 
-__all__ = ["Backend", "available_backends", "get_backend", "register_backend", "blockwise"]
+__all__ = ["Backend", "available_backends", "get_backend", "register_backend", "blockwise", "native"]

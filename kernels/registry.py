@@ -6,8 +6,11 @@ block, bits, levels, out_dtype) -> flat``; both produce the layout documented
 in :mod:`blockquant.kernels.blockwise`.
 
 Selection, first match wins: an explicit ``backend=`` name; the environment
-variable ``BLOCKQUANT_BACKEND``; ``triton`` for CUDA tensors and, when
-``TRITON_INTERPRET=1``, for CPU tensors; otherwise ``torch``.
+variable ``BLOCKQUANT_BACKEND``; otherwise the backend of highest priority
+that supports the device and is chosen by default for it: ``triton`` for CUDA
+tensors (and for CPU tensors when ``TRITON_INTERPRET=1``, as in the tests),
+then ``native`` (the compiled CPU codec, where a C compiler built it), then
+``torch``, which works everywhere.
 """
 from __future__ import annotations
 
@@ -20,10 +23,16 @@ import torch
 
 @dataclass(frozen=True)
 class Backend:
+    """A codec implementation. ``supports(device)``: can it run there at all;
+    ``chosen_by_default(device)`` (default: always): should it be picked when
+    nobody asked for a backend; among those, the highest ``priority`` wins."""
+
     name: str
     quantize: Callable
     dequantize: Callable
     supports: Callable[[torch.device], bool]
+    priority: int = 0
+    chosen_by_default: Optional[Callable[[torch.device], bool]] = None
 
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -38,7 +47,7 @@ def available_backends(device: Optional[torch.device] = None):
     return tuple(name for name, b in _BACKENDS.items() if b.supports(dev))
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -54,7 +63,7 @@ def get_backend(device: torch.device, name: Optional[str] = None) -> Backend:
             hint = " (set TRITON_INTERPRET=1 before importing triton to run it on CPU)" if name == "triton" else ""
             raise ValueError(f"blockquant backend {name!r} cannot handle tensors on {device}{hint}")
         return b
-    triton_b = _BACKENDS.get("triton")
-    if triton_b is not None and triton_b.supports(device) and (device.type == "cuda" or _interpreting()):
-        return triton_b
+    for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+        if (b.chosen_by_default is None or b.chosen_by_default(device)) and b.supports(device):
+            return b
     return _BACKENDS["torch"]

@@ -4,18 +4,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blockquant.kernels import available_backends
+from blockquant.kernels import available_backends, native
 from blockquant.levels import optimal_levels, uniform_levels
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "native", "triton"]
+_WHY_NOT = {
+    "triton": "triton not installed or TRITON_INTERPRET unset",
+    "native": "the compiled CPU codec is unavailable",
+}
 
 
 def backend_param(name: str):
     """A pytest param for ``name`` that skips, with the reason, where that backend cannot run."""
     marks = []
     if name not in available_backends(torch.device("cpu")):
-        marks.append(pytest.mark.skip(reason=f"backend {name!r} cannot run on CPU here "
-                                             "(triton not installed or TRITON_INTERPRET unset)"))
+        why = native.unavailable_reason() if name == "native" else _WHY_NOT.get(name, "")
+        marks.append(pytest.mark.skip(reason=f"backend {name!r} cannot run on CPU here ({why})"))
     return pytest.param(name, id=name, marks=marks)
 
 

@@ -1,7 +1,8 @@
 """The block-wise codec: unbiasedness, variance, round trips, sizes, errors.
 
 Every property is checked on each backend that can run here (the PyTorch
-reference always; Triton on CPU tensors through its interpreter).
+reference always; the compiled CPU codec where a C compiler built it; Triton
+on CPU tensors through its interpreter).
 """
 import math
 

@@ -1,0 +1,382 @@
+/* Block-wise low-bit codec for CPU tensors: one fused pass per block.
+ *
+ * The layout and the float32 arithmetic are those of the PyTorch reference in
+ * blockwise.py (read its module docstring first); under nearest rounding the
+ * payload, the metadata and the decoded values are bit-identical to it.
+ * Build flags matter for that: no -ffast-math, and -ffp-contract=off so that
+ * "lo + step * l" stays a multiply followed by an add, as in the reference.
+ *
+ * Each call handles blocks [blk_begin, blk_end), so the Python side can split
+ * a tensor between threads (ctypes releases the GIL during the call). A block
+ * is small (<= 256 KiB of fp32), so its second sweep reads from cache.
+ *
+ * Stochastic rounding noise is a counter-based hash of (seed, element index):
+ * no state, any block range reproduces the same draws, and the inner loop
+ * stays vectorisable (32-bit multiplies and shifts only).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#define KIND_F32 0
+#define KIND_F16 1
+#define KIND_BF16 2
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+INLINE uint32_t bits_from_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+INLINE float bf16_to_f32(uint16_t h) { return f32_from_bits((uint32_t)h << 16); }
+
+/* float32 -> bfloat16, round to nearest even (PyTorch's c10::round_to_nearest_even) */
+INLINE uint16_t f32_to_bf16(float f) {
+    uint32_t u = bits_from_f32(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+INLINE float f16_to_f32(uint16_t h) { _Float16 v; memcpy(&v, &h, 2); return (float)v; }
+INLINE uint16_t f32_to_f16(float f) { _Float16 v = (_Float16)f; uint16_t h; memcpy(&h, &v, 2); return h; }
+
+INLINE float load_as_f32(const void *p, int64_t i, int kind) {
+    if (kind == KIND_F32) return ((const float *)p)[i];
+    if (kind == KIND_F16) return f16_to_f32(((const uint16_t *)p)[i]);
+    return bf16_to_f32(((const uint16_t *)p)[i]);
+}
+
+INLINE void store_from_f32(void *p, int64_t i, float v, int kind) {
+    if (kind == KIND_F32) ((float *)p)[i] = v;
+    else if (kind == KIND_F16) ((uint16_t *)p)[i] = f32_to_f16(v);
+    else ((uint16_t *)p)[i] = f32_to_bf16(v);
+}
+
+/* round_meta of the reference: v rounded to the metadata dtype toward +inf (up)
+ * or -inf; non-finite values pass through. Returns the rounded value as float32
+ * and stores it at meta[i]. */
+static float round_and_store_meta(float v, int up, void *meta, int64_t i, int kind) {
+    if (kind == KIND_F32) { ((float *)meta)[i] = v; return v; }
+    uint16_t r = kind == KIND_F16 ? f32_to_f16(v) : f32_to_bf16(v);
+    float back = kind == KIND_F16 ? f16_to_f32(r) : bf16_to_f32(r);
+    int wrong = up ? back < v : back > v;
+    int finite = kind == KIND_F16 ? (r & 0x7fff) < 0x7c00 : (r & 0x7fff) < 0x7f80;
+    if (wrong && finite) {
+        if (back == 0.0f) r = up ? 0x0001 : 0x8001;  /* the smallest subnormal of the right sign */
+        else r = (uint16_t)((up ? back > 0.0f : back < 0.0f) ? r + 1 : r - 1);
+        back = kind == KIND_F16 ? f16_to_f32(r) : bf16_to_f32(r);
+    }
+    ((uint16_t *)meta)[i] = r;
+    return back;
+}
+
+/* a 32-bit integer hash with full avalanche (Wellons' "lowbias32") */
+INLINE uint32_t mix32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352du;
+    x ^= x >> 15; x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+/* interval index k in [0, L-2] with levels[k] <= t (levels sorted, levels[0] = 0 <= t) */
+INLINE int level_interval(float t, const float *levels, int bits) {
+    const int top = (1 << bits) - 1;
+    int k = 0;
+    if (bits <= 4) {
+        for (int i = 1; i < top; i++) k += levels[i] <= t;
+    } else {
+        for (int i = bits - 1; i >= 0; i--) {
+            int cand = k + (1 << i);
+            if (cand <= top - 1 && levels[cand] <= t) k = cand;
+        }
+    }
+    return k;
+}
+
+/* min and max of a block; NaN is detected separately (NaN makes both NaN), so
+ * the compiler may use vector min/max here */
+__attribute__((optimize("finite-math-only", "no-signed-zeros")))
+static void block_min_max(const float *restrict v, int64_t len, float *mn_out, float *mx_out) {
+    float mn = v[0], mx = v[0];
+    for (int64_t j = 1; j < len; j++) {
+        mn = v[j] < mn ? v[j] : mn;
+        mx = v[j] > mx ? v[j] : mx;
+    }
+    *mn_out = mn;
+    *mx_out = mx;
+}
+
+static int has_nan(const float *restrict v, int64_t len) {
+    const uint32_t *restrict u = (const uint32_t *)v;
+    uint32_t m = 0;
+    for (int64_t j = 0; j < len; j++) {
+        uint32_t a = u[j] & 0x7fffffffu;
+        m = a > m ? a : m;
+    }
+    return m > 0x7f800000u;
+}
+
+/* the block as float32: read in place when possible, else converted into buf (zero-padded to ncodes) */
+static const float *block_as_f32(const void *x, int x_kind, int64_t start, int64_t len, int64_t ncodes,
+                                 float *restrict buf) {
+    if (x_kind == KIND_F32 && len == ncodes) return (const float *)x + start;
+    if (x_kind == KIND_F32) {
+        memcpy(buf, (const float *)x + start, (size_t)len * sizeof(float));
+    } else if (x_kind == KIND_F16) {
+        const uint16_t *restrict h = (const uint16_t *)x + start;
+        for (int64_t j = 0; j < len; j++) buf[j] = f16_to_f32(h[j]);
+    } else {
+        const uint16_t *restrict h = (const uint16_t *)x + start;
+        for (int64_t j = 0; j < len; j++) buf[j] = bf16_to_f32(h[j]);
+    }
+    for (int64_t j = len; j < ncodes; j++) buf[j] = 0.0f;
+    return buf;
+}
+
+/* Scratch space of one call (one thread). */
+typedef struct {
+    float *xbuf;     /* G + 8 floats: a converted or padded block */
+    float *t;        /* G + 8 floats: normalised values */
+    uint8_t *codes;  /* G + 8 codes */
+    uint32_t *mixed; /* G + 8 words: first hash round of each in-block index (shared by all blocks) */
+} scratch_t;
+
+/* Encode one block: elements [0, G) of it, x = 0 past the tensor's end (the
+ * reference's padded layout), codes past G are 0; then pack the codes. */
+INLINE void quantize_block(const void *x, int x_kind, int64_t start, int64_t len, int64_t G, int bits,
+                           int meta_kind, const float *restrict levels, int optimal, int stochastic,
+                           uint32_t block_key, uint8_t *restrict out, void *meta, int64_t nb, int64_t b,
+                           scratch_t *s) {
+    const int per = 8 / bits;
+    const int top = (1 << bits) - 1;
+    const float ftop = (float)top;
+    const int64_t nbytes = (len * bits + 7) / 8;  /* bytes stored for this block */
+    const int64_t ncodes = nbytes * per;          /* codes those bytes hold */
+    const int64_t nenc = ncodes < G ? ncodes : G; /* codes that encode a value (the rest are 0) */
+    const float *restrict v = block_as_f32(x, x_kind, start, len, ncodes, s->xbuf);
+
+    /* metadata, rounded outward so that the stored range covers the block */
+    float mn, mx;
+    block_min_max(v, len, &mn, &mx);
+    if (has_nan(v, len)) { mn = NAN; mx = NAN; }
+    const float lo = round_and_store_meta(mn, 0, meta, b, meta_kind);
+    const float step = round_and_store_meta((mx - lo) / ftop, 1, meta, nb + b, meta_kind);
+
+    float *restrict t = s->t;
+    if (step > 0.0f) {
+        for (int64_t j = 0; j < nenc; j++) {
+            float u = (v[j] - lo) / step;
+            u = u < 0.0f ? 0.0f : u;
+            t[j] = u > ftop ? ftop : u;
+        }
+    } else {
+        for (int64_t j = 0; j < nenc; j++) t[j] = 0.0f;
+    }
+    if (optimal) {
+        for (int64_t j = 0; j < nenc; j++) {
+            int k = level_interval(t[j], levels, bits);
+            float lk = levels[k];
+            t[j] = (float)k + (t[j] - lk) / (levels[k + 1] - lk);
+        }
+    }
+    /* q = floor(t + r) clamped to [0, top]; t + r >= 0, so truncation is floor */
+    uint8_t *restrict codes = s->codes;
+    if (stochastic) {
+        const uint32_t *restrict mixed = s->mixed;
+        for (int64_t j = 0; j < nenc; j++) {
+            float r = (float)(mix32(mixed[j] ^ block_key) >> 8) * 0x1p-24f;
+            int q = (int)(t[j] + r);
+            codes[j] = (uint8_t)(q > top ? top : q);
+        }
+    } else {
+        for (int64_t j = 0; j < nenc; j++) {
+            int q = (int)(t[j] + 0.5f);
+            codes[j] = (uint8_t)(q > top ? top : q);
+        }
+    }
+    for (int64_t j = nenc; j < ncodes; j++) codes[j] = 0;
+
+    /* pack: code j of a byte sits at bits [j*bits, (j+1)*bits) */
+    if (bits == 8) {
+        memcpy(out, codes, (size_t)nbytes);
+    } else {
+        for (int64_t i = 0; i < nbytes; i++) {
+            uint32_t byte = 0;
+            for (int j = 0; j < per; j++) byte |= (uint32_t)codes[i * per + j] << (j * bits);
+            out[i] = (uint8_t)byte;
+        }
+    }
+}
+
+/* The per-block key of the noise: a 64-bit mix of (seed key, block index). */
+INLINE uint32_t block_key_of(uint64_t seed_key, int64_t b) {
+    uint64_t z = seed_key ^ ((uint64_t)b * 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return (uint32_t)(z ^ (z >> 31));
+}
+
+INLINE void quantize_range(const void *x, int x_kind, int64_t n, int64_t G, int bits, int meta_kind,
+                           const float *levels, int optimal, int stochastic, uint64_t seed_key,
+                           uint8_t *payload, void *meta, int64_t nb, int64_t blk_begin, int64_t blk_end,
+                           scratch_t *s) {
+    const int64_t bpb = (G * bits + 7) / 8;
+    for (int64_t b = blk_begin; b < blk_end; b++) {
+        int64_t start = b * G;
+        int64_t len = n - start < G ? n - start : G;
+        quantize_block(x, x_kind, start, len, G, bits, meta_kind, levels, optimal, stochastic,
+                       block_key_of(seed_key, b), payload + b * bpb, meta, nb, b, s);
+    }
+}
+
+/* constant-folded variants: the compiler vectorises each inner loop for one bits/mode */
+#define QUANTIZE_VARIANT(BITS, OPT, STO)                                                                     \
+    static void quantize_##BITS##_##OPT##_##STO(const void *x, int x_kind, int64_t n, int64_t G,              \
+            int meta_kind, const float *levels, uint64_t seed_key, uint8_t *payload, void *meta, int64_t nb,  \
+            int64_t b0, int64_t b1, scratch_t *s) {                                                           \
+        quantize_range(x, x_kind, n, G, BITS, meta_kind, levels, OPT, STO, seed_key, payload, meta, nb, b0,   \
+                       b1, s);                                                                                \
+    }
+#define QUANTIZE_BITS(OPT, STO) \
+    QUANTIZE_VARIANT(1, OPT, STO) QUANTIZE_VARIANT(2, OPT, STO) \
+    QUANTIZE_VARIANT(4, OPT, STO) QUANTIZE_VARIANT(8, OPT, STO)
+QUANTIZE_BITS(0, 0)
+QUANTIZE_BITS(0, 1)
+QUANTIZE_BITS(1, 0)
+QUANTIZE_BITS(1, 1)
+
+typedef void (*quantize_fn)(const void *, int, int64_t, int64_t, int, const float *, uint64_t, uint8_t *, void *,
+                            int64_t, int64_t, int64_t, scratch_t *);
+#define ENTRY(OPT, STO) \
+    {quantize_1_##OPT##_##STO, quantize_2_##OPT##_##STO, quantize_4_##OPT##_##STO, quantize_8_##OPT##_##STO}
+static const quantize_fn QUANTIZE_TABLE[2][2][4] = {
+    {ENTRY(0, 0), ENTRY(0, 1)},
+    {ENTRY(1, 0), ENTRY(1, 1)},
+};
+
+static int bits_index(int bits) { return bits == 1 ? 0 : bits == 2 ? 1 : bits == 4 ? 2 : bits == 8 ? 3 : -1; }
+
+/* splitmix64: nearby seeds give unrelated keys */
+static uint64_t seed_key_of(uint64_t seed) {
+    uint64_t z = seed + 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* Returns 0, -1 for arguments this build does not handle (the caller validated them), -2 out of memory.
+ * Noise of element j of block b: mix32(mix32(j + k1) ^ block_key(seed, b)) -- stateless, so any split of
+ * the blocks between calls draws the same values. */
+int bq_quantize(const void *x, int x_kind, int64_t n, int64_t G, int bits, int meta_kind, const float *levels,
+                int stochastic, uint64_t seed, uint8_t *payload, void *meta, int64_t nb, int64_t blk_begin,
+                int64_t blk_end) {
+    int bi = bits_index(bits);
+    if (bi < 0 || x_kind < 0 || x_kind > 2 || meta_kind < 0 || meta_kind > 2 || G < 1) return -1;
+    size_t cap = (size_t)G + 8;
+    scratch_t s;
+    s.xbuf = (float *)malloc(cap * sizeof(float));
+    s.t = (float *)malloc(cap * sizeof(float));
+    s.codes = (uint8_t *)malloc(cap);
+    s.mixed = stochastic ? (uint32_t *)malloc(cap * sizeof(uint32_t)) : NULL;
+    int status = 0;
+    if (!s.xbuf || !s.t || !s.codes || (stochastic && !s.mixed)) {
+        status = -2;
+    } else {
+        uint64_t key = seed_key_of(seed);
+        if (stochastic)
+            for (size_t j = 0; j < cap; j++) s.mixed[j] = mix32((uint32_t)j + (uint32_t)(key >> 32));
+        QUANTIZE_TABLE[levels != NULL][stochastic != 0][bi](x, x_kind, n, G, meta_kind, levels, key, payload, meta,
+                                                            nb, blk_begin, blk_end, &s);
+    }
+    free(s.xbuf);
+    free(s.t);
+    free(s.codes);
+    free(s.mixed);
+    return status;
+}
+
+/* ---------------------------------------------------------------- decoding */
+
+/* x_hat = lo + step * l_q in float32 (a multiply, then an add), cast to the output dtype */
+INLINE void dequantize_range(const uint8_t *restrict payload, const void *meta, int meta_kind,
+                             const float *levels, int64_t n, int64_t G, int bits, int optimal, int out_kind,
+                             void *out, int64_t nb, int64_t blk_begin, int64_t blk_end, float *restrict vals) {
+    const int per = 8 / bits;
+    const uint32_t mask = (1u << bits) - 1u;
+    const int64_t bpb = (G * bits + 7) / 8;
+    float table[256];
+    for (uint32_t q = 0; q <= mask; q++) table[q] = optimal ? levels[q] : (float)q;
+    for (int64_t b = blk_begin; b < blk_end; b++) {
+        const int64_t start = b * G;
+        const int64_t len = n - start < G ? n - start : G;
+        const uint8_t *restrict src = payload + b * bpb;
+        const float lo = load_as_f32(meta, b, meta_kind);
+        const float step = load_as_f32(meta, nb + b, meta_kind);
+        const int64_t nbytes = (len * bits + 7) / 8;
+        for (int64_t i = 0; i < nbytes; i++) {
+            const uint32_t byte = src[i];
+            for (int j = 0; j < per; j++) {
+                const uint32_t q = (byte >> (j * bits)) & mask;
+                vals[i * per + j] = optimal ? table[q] : (float)q;
+            }
+        }
+        if (out_kind == KIND_F32) {
+            float *restrict o = (float *)out + start;
+            for (int64_t j = 0; j < len; j++) o[j] = lo + step * vals[j];
+        } else if (out_kind == KIND_F16) {
+            uint16_t *restrict o = (uint16_t *)out + start;
+            for (int64_t j = 0; j < len; j++) o[j] = f32_to_f16(lo + step * vals[j]);
+        } else {
+            uint16_t *restrict o = (uint16_t *)out + start;
+            for (int64_t j = 0; j < len; j++) o[j] = f32_to_bf16(lo + step * vals[j]);
+        }
+    }
+}
+
+#define DEQUANTIZE_VARIANT(BITS, OPT)                                                                        \
+    static void dequantize_##BITS##_##OPT(const uint8_t *payload, const void *meta, int meta_kind,            \
+            const float *levels, int64_t n, int64_t G, int out_kind, void *out, int64_t nb, int64_t b0,        \
+            int64_t b1, float *vals) {                                                                         \
+        dequantize_range(payload, meta, meta_kind, levels, n, G, BITS, OPT, out_kind, out, nb, b0, b1, vals);  \
+    }
+DEQUANTIZE_VARIANT(1, 0) DEQUANTIZE_VARIANT(2, 0) DEQUANTIZE_VARIANT(4, 0) DEQUANTIZE_VARIANT(8, 0)
+DEQUANTIZE_VARIANT(1, 1) DEQUANTIZE_VARIANT(2, 1) DEQUANTIZE_VARIANT(4, 1) DEQUANTIZE_VARIANT(8, 1)
+
+typedef void (*dequantize_fn)(const uint8_t *, const void *, int, const float *, int64_t, int64_t, int, void *,
+                              int64_t, int64_t, int64_t, float *);
+static const dequantize_fn DEQUANTIZE_TABLE[2][4] = {
+    {dequantize_1_0, dequantize_2_0, dequantize_4_0, dequantize_8_0},
+    {dequantize_1_1, dequantize_2_1, dequantize_4_1, dequantize_8_1},
+};
+
+int bq_dequantize(const uint8_t *payload, const void *meta, int meta_kind, const float *levels, int64_t n, int64_t G,
+                  int bits, int out_kind, void *out, int64_t nb, int64_t blk_begin, int64_t blk_end) {
+    int bi = bits_index(bits);
+    if (bi < 0 || out_kind < 0 || out_kind > 2 || meta_kind < 0 || meta_kind > 2 || G < 1) return -1;
+    float *vals = (float *)malloc(((size_t)G + 8) * sizeof(float));
+    if (!vals) return -2;
+    DEQUANTIZE_TABLE[levels != NULL][bi](payload, meta, meta_kind, levels, n, G, out_kind, out, nb, blk_begin,
+                                         blk_end, vals);
+    free(vals);
+    return 0;
+}
+
+/* Ask for 2 MiB pages for a large output that has not been touched yet: a fresh
+ * torch.empty is faulted in page by page as it is written, and with 4 KiB pages
+ * those faults cost more than decoding. A hint only; results never depend on it. */
+int bq_advise_huge_pages(void *p, int64_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)1 << 21;
+    uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+    uintptr_t e = ((uintptr_t)p + (uintptr_t)nbytes) & ~(huge - 1);
+    if (e > a) return madvise((void *)a, e - a, MADV_HUGEPAGE);
+#else
+    (void)p; (void)nbytes;
+#endif
+    return 0;
+}
+
+/* lets the loader check that it talks to the build it expects */
+int bq_abi_version(void) { return 1; }
