@@ -6,11 +6,12 @@ projection) and decompressed on demand in backward.
 """
 from .config import ROW, QuantConfig
 from .levels import optimal_levels
-from .packed import PackedTensor, dequantize, quantize
+from .packed import PackedTensor, defer_finite_check, dequantize, quantize
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantConfig", "ROW", "PackedTensor", "quantize", "dequantize", "optimal_levels", "__version__"]
+__all__ = ["QuantConfig", "ROW", "PackedTensor", "quantize", "dequantize", "defer_finite_check", "optimal_levels",
+           "__version__"]
 from .convert import convert, summary  # noqa: E402
 from .memory import track_saved  # noqa: E402
 

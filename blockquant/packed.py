@@ -1,7 +1,9 @@
 """The public codec: :func:`quantize` and the :class:`PackedTensor` it returns."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+import contextvars
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -144,6 +146,86 @@ def _raise_non_finite(x: torch.Tensor, meta_dtype: torch.dtype) -> None:
         f"{meta_dtype} block metadata; use QuantConfig(meta_dtype=torch.bfloat16) or torch.float32")
 
 
+class FiniteCheck:
+    """Deferred finiteness check of the tensors quantized inside :func:`defer_finite_check`.
+
+    Each ``quantize`` call records, on the tensor's device, whether all of its
+    block metadata is finite (a NaN or Inf input, or a range the metadata
+    dtype cannot hold, makes it non-finite); :meth:`check` reads all those
+    flags with one device synchronisation and raises if any is false.
+    """
+
+    def __init__(self) -> None:
+        self._flags: List[torch.Tensor] = []
+        self._shapes: List[Tuple[int, ...]] = []
+        self._meta_dtypes: List[torch.dtype] = []
+
+    def record(self, meta: torch.Tensor, shape, meta_dtype: torch.dtype) -> None:
+        self._flags.append(torch.isfinite(meta).all())  # stays on the device: no synchronisation
+        self._shapes.append(tuple(shape))
+        self._meta_dtypes.append(meta_dtype)
+
+    def __len__(self) -> int:
+        return len(self._flags)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` if any recorded tensor was not finite; forget the recorded flags."""
+        flags, shapes, metas = self._flags, self._shapes, self._meta_dtypes
+        self._flags, self._shapes, self._meta_dtypes = [], [], []
+        if not flags:
+            return
+        by_device = {}
+        for i, f in enumerate(flags):
+            by_device.setdefault(f.device, []).append(i)
+        bad: List[int] = []
+        for idx in by_device.values():
+            ok = torch.stack([flags[i] for i in idx]).cpu()  # the one synchronisation per device
+            bad += [i for i, good in zip(idx, ok.tolist()) if not good]
+        if bad:
+            first = min(bad)
+            raise ValueError(
+                f"blockquant.quantize (deferred check): {len(bad)} of {len(flags)} tensors quantized since the "
+                f"last check had non-finite values (NaN or Inf) or a range their block metadata cannot hold; "
+                f"the first was call {first + 1}, shape {shapes[first]}, metadata {metas[first]} "
+                "(check the learning rate or the input data, or use meta_dtype=torch.bfloat16 or float32)")
+
+
+_ACTIVE_CHECK: "contextvars.ContextVar[Optional[FiniteCheck]]" = contextvars.ContextVar(
+    "blockquant_finite_check", default=None)
+
+
+@contextlib.contextmanager
+def defer_finite_check() -> Iterator[FiniteCheck]:
+    """Check the finiteness of quantized tensors once, at the end of the block, not per call.
+
+    By default every :func:`quantize` call checks its metadata at once, which
+    on a GPU is one host-device synchronisation per call. Inside this context
+    the checks are recorded on the device instead and read together when the
+    block exits normally (or when you call ``check()`` on the returned object):
+    a non-finite input still raises ``ValueError``, only later -- wrap the
+    forward pass, so that the error comes before ``backward()`` and the
+    optimizer step. Until then the offending tensor's codes decode to NaN.
+    Nested contexts share the outermost check.
+
+    Example::
+
+        with blockquant.defer_finite_check():
+            loss = model(x, adj).sum()
+        loss.backward()
+    """
+    outer = _ACTIVE_CHECK.get()
+    if outer is not None:
+        yield outer
+        return
+    check = FiniteCheck()
+    token = _ACTIVE_CHECK.set(check)
+    try:
+        yield check
+    finally:
+        _ACTIVE_CHECK.reset(token)
+    check.check()  # not reached when the block raised: that error is the one to see
+
+
 def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None, seed: Optional[int] = None, *,
              backend: Optional[str] = None) -> PackedTensor:
     """Compress ``x`` block-wise to ``config.bits`` bits per element.
@@ -157,7 +239,8 @@ def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None, seed: Option
 
     Raises:
         TypeError: wrong input or config type or dtype.
-        ValueError: non-finite values, or a range the metadata dtype cannot hold.
+        ValueError: non-finite values, or a range the metadata dtype cannot hold
+            (at once; inside :func:`defer_finite_check`, when that block ends).
     """
     config = QuantConfig() if config is None else config
     _check_input(x, config)
@@ -189,7 +272,10 @@ def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None, seed: Option
     else:
         payload, meta = chosen.quantize(flat, block, config.bits, config.meta_dtype, _levels_for(config, block),
                                         config.rounding == "stochastic", seed)
-        if not bool(torch.isfinite(meta).all()):
+        deferred = _ACTIVE_CHECK.get()
+        if deferred is not None:
+            deferred.record(meta, shape, config.meta_dtype)
+        elif not bool(torch.isfinite(meta).all()):
             _raise_non_finite(x if not bool(torch.isfinite(x).all()) else data, config.meta_dtype)
         assert payload.numel() == payload_bytes(n, block, config.bits), "backend returned a malformed payload"
     return PackedTensor(payload, meta, shape, x.dtype, config, block, seed, proj_seed, proj_dims,
