@@ -7,9 +7,11 @@ with the per-element variance ``(x - a)(b - x)`` of rounding between the two
 neighbouring levels ``a <= x <= b``.
 
 On CPU the kernels run in Triton's interpreter (the root conftest sets
-TRITON_INTERPRET=1); the CUDA variants run the compiled kernels.
+TRITON_INTERPRET=1 where there is no CUDA device); the CUDA variants run the
+compiled kernels, and fail if they would run through the interpreter.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -32,6 +34,24 @@ CPU = pytest.param("cpu", id="cpu", marks=[pytest.mark.skipif(
     not bw.triton_supports("cpu"), reason="TRITON_INTERPRET=1 was not set before triton was imported")])
 
 DTYPE_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _assert_compiled_kernels():
+    """The Triton kernels are JIT-compiled for the GPU, not wrapped by the CPU interpreter."""
+    from triton.runtime.jit import JITFunction
+
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1" and not bw._INTERPRET_AT_IMPORT, (
+        "TRITON_INTERPRET=1 is set on a machine with a CUDA device: the CUDA tests would run the interpreter; "
+        "unset it (the root conftest.py only sets it where there is no GPU)")
+    for kernel in (bw._quantize_kernel, bw._dequantize_kernel):
+        assert type(kernel) is JITFunction, f"{type(kernel).__name__} is not a compiled triton.jit kernel"
+
+
+@pytest.fixture(autouse=True)
+def _cuda_cases_run_compiled(request):
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("device") == "cuda":
+        _assert_compiled_kernels()
 
 # (n, G, chunk override): chunk=None uses the launcher's default tiling
 SIZES = [
@@ -135,6 +155,36 @@ def test_nearest_bit_identical_cuda_large(bits, levels, device):
             for meta_dtype in (torch.float16, torch.bfloat16):
                 x = _test_input(n, x_dtype, device)
                 _check_nearest_identical(x, block, bits, _levels(levels, bits, block), meta_dtype)
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_cuda_kernels_are_compiled_and_cached(device):
+    _assert_compiled_kernels()
+    x = _test_input(10_000, torch.float32, device)
+    payload, meta = bw.quantize_triton(x, 1024, 2, torch.bfloat16, None, False, 0)
+    bw.dequantize_triton(payload, meta, x.numel(), 1024, 2, None, torch.float32)
+    torch.cuda.synchronize()
+    for kernel in (bw._quantize_kernel, bw._dequantize_kernel):
+        caches = getattr(kernel, "device_caches", None)  # triton >= 3.0; older versions: the type check above
+        if caches is not None:
+            assert len(caches[torch.cuda.current_device()][0]) >= 1, "the launch did not compile a GPU binary"
+
+
+@pytest.mark.parametrize("device", [CUDA])
+@pytest.mark.parametrize("levels", ["uniform", "optimal"])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8], ids=lambda b: f"int{b}")
+def test_cuda_codes_match_the_cpu_reference(bits, levels, device):
+    """GPU codes and metadata equal the CPU reference's (and so the compiled CPU codec's), bit for bit."""
+    for n, block in ((100_003, 1024), (30_001, 16), (7_001, 5)):
+        for x_dtype, meta_dtype in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                    (torch.float16, torch.float32)):
+            x = _test_input(n, x_dtype, "cpu")
+            lv = _levels(levels, bits, block)
+            ref_p, ref_m = bw.quantize_torch(x, block, bits, meta_dtype, lv, False, 0)
+            gpu_p, gpu_m = bw.quantize_triton(x.to(device), block, bits, meta_dtype, lv, False, 0)
+            assert _bits_equal(gpu_p.cpu(), ref_p) and _bits_equal(gpu_m.cpu(), ref_m)
+            gpu_d = bw.dequantize_triton(gpu_p, gpu_m, n, block, bits, lv, x_dtype)
+            assert _bits_equal(gpu_d.cpu(), bw.dequantize_torch(ref_p, ref_m, n, block, bits, lv, x_dtype))
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
@@ -323,3 +373,33 @@ def test_tiling_covers_any_block_size(block, bits):
         else:
             assert bb == 1 and cb * per < block
     assert math.isclose(bw._split_seed((1 << 62) - 1)[0], 0x7FFFFFFF)
+
+
+def test_compiled_check_rejects_the_interpreter():
+    """The assertion the CUDA cases run first: it fails whenever the kernels are interpreted."""
+    if bw._INTERPRET_AT_IMPORT:
+        with pytest.raises(AssertionError, match="TRITON_INTERPRET=1"):
+            _assert_compiled_kernels()
+    else:
+        _assert_compiled_kernels()
+
+
+@pytest.mark.parametrize("cuda,env,expect", [
+    (False, {}, "1"),                                          # CPU-only machine: interpreter on
+    (True, {}, None),                                          # GPU machine: compiled kernels
+    (True, {"BLOCKQUANT_TEST_INTERPRET": "1"}, "1"),           # forced on
+    (False, {"BLOCKQUANT_TEST_INTERPRET": "0"}, None),         # forced off
+    (True, {"TRITON_INTERPRET": "0"}, "0"),                    # an explicit setting is kept
+], ids=["cpu", "gpu", "forced-on", "forced-off", "explicit"])
+def test_root_conftest_switches_the_interpreter_on_only_without_cuda(cuda, env, expect, monkeypatch):
+    import importlib.util
+
+    for name in ("TRITON_INTERPRET", "BLOCKQUANT_TEST_INTERPRET"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conftest.py")
+    spec = importlib.util.spec_from_file_location("root_conftest_under_test", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert os.environ.get("TRITON_INTERPRET") == expect
