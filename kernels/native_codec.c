@@ -87,9 +87,10 @@ INLINE int level_interval(float t, const float *levels, int bits) {
     if (bits <= 4) {
         for (int i = 1; i < top; i++) k += levels[i] <= t;
     } else {
+        /* branch-free binary search; cand <= top always, so levels[cand] is in bounds */
         for (int i = bits - 1; i >= 0; i--) {
             int cand = k + (1 << i);
-            if (cand <= top - 1 && levels[cand] <= t) k = cand;
+            k = ((cand <= top - 1) & (levels[cand] <= t)) ? cand : k;
         }
     }
     return k;
@@ -139,7 +140,7 @@ static const float *block_as_f32(const void *x, int x_kind, int64_t start, int64
 typedef struct {
     float *xbuf;     /* G + 8 floats: a converted or padded block */
     float *t;        /* G + 8 floats: normalised values */
-    uint8_t *codes;  /* G + 8 codes */
+    uint32_t *codes; /* G + 8 codes (32-bit lanes: the encode loop vectorises over 16, not 64, elements) */
     uint32_t *mixed; /* G + 8 words: first hash round of each in-block index (shared by all blocks) */
 } scratch_t;
 
@@ -182,31 +183,27 @@ INLINE void quantize_block(const void *x, int x_kind, int64_t start, int64_t len
         }
     }
     /* q = floor(t + r) clamped to [0, top]; t + r >= 0, so truncation is floor */
-    uint8_t *restrict codes = s->codes;
+    uint32_t *restrict codes = s->codes;
     if (stochastic) {
         const uint32_t *restrict mixed = s->mixed;
         for (int64_t j = 0; j < nenc; j++) {
             float r = (float)(mix32(mixed[j] ^ block_key) >> 8) * 0x1p-24f;
             int q = (int)(t[j] + r);
-            codes[j] = (uint8_t)(q > top ? top : q);
+            codes[j] = (uint32_t)(q > top ? top : q);
         }
     } else {
         for (int64_t j = 0; j < nenc; j++) {
             int q = (int)(t[j] + 0.5f);
-            codes[j] = (uint8_t)(q > top ? top : q);
+            codes[j] = (uint32_t)(q > top ? top : q);
         }
     }
     for (int64_t j = nenc; j < ncodes; j++) codes[j] = 0;
 
     /* pack: code j of a byte sits at bits [j*bits, (j+1)*bits) */
-    if (bits == 8) {
-        memcpy(out, codes, (size_t)nbytes);
-    } else {
-        for (int64_t i = 0; i < nbytes; i++) {
-            uint32_t byte = 0;
-            for (int j = 0; j < per; j++) byte |= (uint32_t)codes[i * per + j] << (j * bits);
-            out[i] = (uint8_t)byte;
-        }
+    for (int64_t i = 0; i < nbytes; i++) {
+        uint32_t byte = 0;
+        for (int j = 0; j < per; j++) byte |= codes[i * per + j] << (j * bits);
+        out[i] = (uint8_t)byte;
     }
 }
 
@@ -278,7 +275,7 @@ int bq_quantize(const void *x, int x_kind, int64_t n, int64_t G, int bits, int m
     scratch_t s;
     s.xbuf = (float *)malloc(cap * sizeof(float));
     s.t = (float *)malloc(cap * sizeof(float));
-    s.codes = (uint8_t *)malloc(cap);
+    s.codes = (uint32_t *)malloc(cap * sizeof(uint32_t));
     s.mixed = stochastic ? (uint32_t *)malloc(cap * sizeof(uint32_t)) : NULL;
     int status = 0;
     if (!s.xbuf || !s.t || !s.codes || (stochastic && !s.mixed)) {
