@@ -23,7 +23,7 @@ from typing import List, Optional
 import pytest
 import torch
 
-from blockquant.kernels import available_backends, get_backend
+from blockquant.kernels import available_backends, get_backend, native
 from blockquant.kernels.blockwise import payload_bytes
 from blockquant.levels import optimal_levels
 
@@ -78,7 +78,7 @@ def _cases() -> List[CodecCase]:
     shapes = [(2, 1024, "uniform"), (2, 1024, "optimal"), (2, 16, "uniform"), (8, 256, "uniform")]
     return [CodecCase(op, backend, n, bits, block, levels)
             for op in ("quantize", "dequantize")
-            for backend in ("torch", "triton")
+            for backend in ("torch", "native", "triton")
             for n in sizes
             for bits, block, levels in shapes]
 
@@ -89,8 +89,10 @@ _RESULTS: List[CaseResult] = []
 
 def _skip_reason(case: CodecCase) -> Optional[str]:
     if case.backend not in available_backends(DEVICE):
-        return (f"backend {case.backend!r} cannot run on {DEVICE.type} here "
-                "(triton missing, or TRITON_INTERPRET unset for CPU)")
+        why = ("the compiled CPU codec runs on CPU tensors only" if DEVICE.type != "cpu"
+               else f"the compiled CPU codec is unavailable: {native.unavailable_reason()}")
+        return (f"backend {case.backend!r} cannot run on {DEVICE.type} here ("
+                + (why if case.backend == "native" else "triton missing, or TRITON_INTERPRET unset for CPU") + ")")
     if case.backend == "triton" and DEVICE.type == "cuda" and INTERPRETED:
         return "TRITON_INTERPRET=1 would time the interpreter, not the GPU kernels; rerun with TRITON_INTERPRET=0"
     if case.backend == "triton" and DEVICE.type == "cpu" and case.n > INTERPRETER_MAX_N:

@@ -55,6 +55,7 @@ HUGE_PAGE_MIN_BYTES = 8 << 20
 _lock = threading.Lock()
 _state = {"lib": None, "reason": None, "tried": False}
 _pool: Optional[ThreadPoolExecutor] = None
+_pool_pid: Optional[int] = None
 
 
 def _compiler() -> Optional[str]:
@@ -215,15 +216,22 @@ def _ranges(nb: int, n: int, threads: Optional[int]):
     return [(edges[i], edges[i + 1]) for i in range(t) if edges[i] < edges[i + 1]]
 
 
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """The codec's worker threads; a forked child (e.g. a DataLoader worker) gets its own,
+    since the parent's threads do not exist there and work sent to them would never run."""
+    global _pool, _pool_pid
+    if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < workers:
+        _pool = ThreadPoolExecutor(max_workers=max(workers, os.cpu_count() or 1),
+                                   thread_name_prefix="blockquant-codec")
+        _pool_pid = os.getpid()
+    return _pool
+
+
 def _run(call, ranges) -> None:
-    global _pool
     if len(ranges) == 1:
         codes = [call(*ranges[0])]
     else:
-        if _pool is None or _pool._max_workers < len(ranges):
-            _pool = ThreadPoolExecutor(max_workers=max(len(ranges), os.cpu_count() or 1),
-                                       thread_name_prefix="blockquant-codec")
-        codes = list(_pool.map(lambda r: call(*r), ranges))
+        codes = list(_thread_pool(len(ranges)).map(lambda r: call(*r), ranges))
     if any(c != 0 for c in codes):
         raise RuntimeError(f"the compiled blockquant codec failed (status {codes}); "
                            f"set {DISABLE_ENV}=0 to use the PyTorch backend and please report this")

@@ -238,3 +238,36 @@ def test_a_second_process_loads_the_cached_build_without_compiling(monkeypatch):
     finally:
         monkeypatch.undo()
         native._reset_for_tests()
+
+
+@needs_native
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_its_own_threads(monkeypatch):
+    """Work sent to the parent's pool from a forked child would never run (a hang): the child builds its own."""
+    import os
+
+    monkeypatch.setattr(native, "MIN_ELEMENTS_PER_THREAD", 1000)
+    x = _test_input(20_000, torch.float32)
+    lib = native._library()
+    expect = native._quantize(lib, x, 64, 2, torch.float32, None, True, 1, threads=2)  # creates the pool
+    pid = os.fork()
+    if pid == 0:  # child: exit status 0 only if the threaded call finishes with the same codes
+        ok = False
+        try:
+            got = native._quantize(lib, x, 64, 2, torch.float32, None, True, 1, threads=2)
+            ok = torch.equal(got[0], expect[0])
+        finally:
+            os._exit(0 if ok else 1)
+    deadline_s = 60
+    import time
+
+    start = time.monotonic()
+    while time.monotonic() - start < deadline_s:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's codec call hung")
