@@ -175,7 +175,19 @@ INLINE void quantize_block(const void *x, int x_kind, int64_t start, int64_t len
     } else {
         for (int64_t j = 0; j < nenc; j++) t[j] = 0.0f;
     }
-    if (optimal) {
+    if (optimal && bits == 2) {
+        /* INT2 (i-Exact's setting): the interval by two compares and selects, which vectorise;
+         * the same k, levels[k], levels[k+1] as level_interval (the levels increase strictly) */
+        const float l0 = levels[0], l1 = levels[1], l2 = levels[2], l3 = levels[3];
+        for (int64_t j = 0; j < nenc; j++) {
+            const float u = t[j];
+            const int a1 = l1 <= u, a2 = l2 <= u;
+            const float k = a2 ? 2.0f : (a1 ? 1.0f : 0.0f);
+            const float lk = a2 ? l2 : (a1 ? l1 : l0);
+            const float lk1 = a2 ? l3 : (a1 ? l2 : l1);
+            t[j] = k + (u - lk) / (lk1 - lk);
+        }
+    } else if (optimal) {
         for (int64_t j = 0; j < nenc; j++) {
             int k = level_interval(t[j], levels, bits);
             float lk = levels[k];
@@ -316,7 +328,10 @@ INLINE void dequantize_range(const uint8_t *restrict payload, const void *meta, 
             const uint32_t byte = src[i];
             for (int j = 0; j < per; j++) {
                 const uint32_t q = (byte >> (j * bits)) & mask;
-                vals[i * per + j] = optimal ? table[q] : (float)q;
+                if (optimal && bits == 2)  /* selects instead of a table lookup: they vectorise */
+                    vals[i * per + j] = q == 0 ? table[0] : q == 1 ? table[1] : q == 2 ? table[2] : table[3];
+                else
+                    vals[i * per + j] = optimal ? table[q] : (float)q;
             }
         }
         if (out_kind == KIND_F32) {
