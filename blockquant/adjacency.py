@@ -378,7 +378,8 @@ def _from_torch_sparse(adj: torch.Tensor, num_nodes: NumNodes) -> Adjacency:
                          f"got shape {tuple(adj.shape)}")
     num_dst, num_src = (int(s) for s in adj.shape)
     if num_nodes is not None:
-        want_src, want_dst = _sizes(num_nodes, adj.new_zeros(0, dtype=torch.long), adj.new_zeros(0, dtype=torch.long))
+        none = torch.empty(0, dtype=torch.long)
+        want_src, want_dst = _sizes(num_nodes, none, none)
         if (want_src, want_dst) != (num_src, num_dst):
             raise ValueError(f"the sparse adjacency is [{num_dst}, {num_src}] ([num_dst, num_src], adj_t layout) "
                              f"but {want_dst} targets and {want_src} sources were expected; transpose it or fix "

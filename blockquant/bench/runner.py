@@ -150,8 +150,24 @@ def _fd2_silenced():
         os.close(fd)
 
 
-def _cpu_allocation_trace(fn) -> Tuple[Any, int, int]:
-    """Run ``fn()`` under the profiler; return (result, net bytes still allocated, peak bytes above start)."""
+@dataclasses.dataclass(frozen=True)
+class AllocationTrace:
+    """CPU allocations of one call, from ``torch.profiler``'s memory trace (bytes)."""
+
+    net: int  #: still allocated when the call returned
+    peak: int  #: highest level above the start
+    largest: int  #: the largest single allocation
+
+
+def cpu_allocation_trace(fn) -> Tuple[Any, AllocationTrace]:
+    """Run ``fn()`` under the profiler; return (result, :class:`AllocationTrace`)."""
+    result, net, peak, largest = _cpu_allocation_trace(fn)
+    return result, AllocationTrace(net, peak, largest)
+
+
+def _cpu_allocation_trace(fn) -> Tuple[Any, int, int, int]:
+    """Run ``fn()`` under the profiler; return (result, net bytes still allocated, peak bytes above start,
+    largest single allocation)."""
     from torch.profiler import ProfilerActivity, profile
 
     with _fd2_silenced():
@@ -164,11 +180,13 @@ def _cpu_allocation_trace(fn) -> Tuple[Any, int, int]:
                 events = json.load(f).get("traceEvents", [])
     mem = sorted((e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0),
                  key=lambda e: e["ts"])
-    cur = peak = 0
+    cur = peak = largest = 0
     for e in mem:
-        cur += int(e["args"].get("Bytes", 0))
+        b = int(e["args"].get("Bytes", 0))
+        cur += b
         peak = max(peak, cur)
-    return result, cur, peak
+        largest = max(largest, b)
+    return result, cur, peak, largest
 
 
 def _sync(device: torch.device) -> None:
@@ -272,7 +290,7 @@ class Trainer:
             delta = torch.cuda.memory_allocated(self.device) - before
             method = "torch.cuda.memory_allocated delta"
         else:
-            out, delta, _ = _cpu_allocation_trace(lambda: model(x, ei))
+            out, delta, _, _ = _cpu_allocation_trace(lambda: model(x, ei))
             method = "torch.profiler CPU allocation delta"
         delta -= _storage_bytes(out)
         del out
@@ -300,7 +318,7 @@ class Trainer:
             peak = torch.cuda.max_memory_allocated(self.device) - base
             method = "torch.cuda.max_memory_allocated"
         else:
-            _, _, peak = _cpu_allocation_trace(step)
+            _, _, peak, _ = _cpu_allocation_trace(step)
             method = "torch.profiler CPU allocation peak"
         model.zero_grad(set_to_none=True)
         return {"peak_step_bytes": int(peak), "peak_method": method}
