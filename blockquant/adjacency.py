@@ -16,6 +16,7 @@ user passed, and rebuilt when that tensor is modified in place).
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -124,11 +125,19 @@ def _csr_from_edges(rows: torch.Tensor, cols: torch.Tensor, num_rows: int, num_c
 class _Structure:
     """A graph's CSR (rows are targets) and, built on first use, its transpose (rows are sources)."""
 
-    __slots__ = ("fwd", "_bwd", "__weakref__")
+    __slots__ = ("fwd", "_bwd", "owner", "__weakref__")
 
     def __init__(self, fwd: _CSR, bwd: Optional[_CSR] = None):
         self.fwd = fwd
         self._bwd = bwd
+        self.owner = None  # weak reference to the graph object it is cached on
+
+    def owned_by_a_live_graph(self) -> bool:
+        return self.owner is not None and self.owner() is not None
+
+    def tensors(self):
+        parts = [self.fwd] + ([self._bwd] if self._bwd is not None else [])
+        return tuple(t for c in parts for t in (c.rowptr, c.col, c.perm, *c._units.values()) if t is not None)
 
     @property
     def bwd(self) -> _CSR:
@@ -162,7 +171,7 @@ class Adjacency:
         src, dst = src.long(), dst.long()
         _check_range(src, dst, int(num_src), int(num_dst))
         structure = _Structure(_csr_from_edges(dst, src, int(num_dst), int(num_src)))
-        self._init(structure, num_src, num_dst, edge_weight, (src, dst))
+        self._init(structure, num_src, num_dst, edge_weight, None)
 
     @classmethod
     def _of(cls, structure: _Structure, num_src: int, num_dst: int, edge_weight: Optional[torch.Tensor],
@@ -228,10 +237,16 @@ class Adjacency:
         return Adjacency._of(self._structure, self.num_src, self.num_dst, edge_weight, self._edges)
 
     def tensors(self):
-        """The per-step tensors this adjacency keeps alive (for memory accounting): the edge
-        weights. The CSR itself is graph state cached for the graph's lifetime
-        (:meth:`cache_nbytes`), like the ``edge_index`` it comes from."""
-        return tuple(t for t in (self.edge_weight,) if t is not None)
+        """The tensors this adjacency keeps alive for a step (for memory accounting): the edge
+        weights, and the CSR when nothing else holds it. The CSR of a graph the caller keeps
+        (``data.edge_index``) is graph state cached for that graph's lifetime
+        (:meth:`cache_nbytes`), like the ``edge_index`` itself; the CSR of a graph built inside
+        the step (GCN's normalised graph without ``cached=True``) lives only as long as the
+        autograd graph does, and is counted."""
+        held = tuple(t for t in (self.edge_weight,) if t is not None)
+        if self._structure.owned_by_a_live_graph():
+            return held
+        return held + self._structure.tensors()
 
     def cache_nbytes(self) -> int:
         """Bytes of the cached CSR (both directions once the transpose was built)."""
@@ -298,6 +313,7 @@ def _cached(key_obj, sizes: Tuple[int, int], build) -> _Structure:
         per_obj = {}
         _STRUCTURES[key_obj] = per_obj
     structure = build()
+    structure.owner = weakref.ref(key_obj)
     for stale in [k for k, v in per_obj.items() if v[0] != version]:
         del per_obj[stale]
     per_obj[sizes] = (version, structure)
@@ -322,7 +338,7 @@ def _from_edge_index(ei: torch.Tensor, num_nodes: NumNodes, key_obj=None) -> Adj
         return _Structure(_csr_from_edges(dst, src, num_dst, num_src))
 
     structure = _cached(ei if key_obj is None else key_obj, (num_src, num_dst), build)
-    return Adjacency._of(structure, num_src, num_dst, None, (src, dst))
+    return Adjacency._of(structure, num_src, num_dst, None)
 
 
 def _from_pyg_edge_index(ei, num_nodes: NumNodes) -> Adjacency:
@@ -346,7 +362,7 @@ def _from_pyg_edge_index(ei, num_nodes: NumNodes) -> Adjacency:
         return _Structure(fwd, bwd)
 
     structure = _cached(ei, (num_src, num_dst), build)
-    return Adjacency._of(structure, num_src, num_dst, None, (src, dst))
+    return Adjacency._of(structure, num_src, num_dst, None)
 
 
 def _fit_ptr(ptr: torch.Tensor, num_rows: int) -> torch.Tensor:

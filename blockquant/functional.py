@@ -32,6 +32,7 @@ from blockquant.kernels.bitmask import BitMask
 from .adjacency import _CSR, Adjacency, as_adjacency
 from .config import QuantConfig
 from .packed import SUPPORTED_DTYPES, PackedTensor, draw_seed, quantize
+from .projection import projected_dim
 
 __all__ = [
     "linear", "aggregate", "relu", "leaky_relu", "dropout", "batch_norm", "layer_norm", "elu", "gelu",
@@ -41,6 +42,11 @@ __all__ = [
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
+
+#: Largest number of elements of one transient in chunked loops: the ``[chunk, F]`` gathers of
+#: max aggregation and edge-weight gradients, and the row blocks compressed (and decoded for
+#: weight gradients) at once. 1M elements, 4 MiB in float32, whatever the graph's size.
+CHUNK_ELEMENTS = 1 << 20
 
 # tensor -> {(version, config): PackedTensor}. Weak on the tensor: an entry goes
 # away with its tensor, so nothing here outlives the activation it describes.
@@ -135,12 +141,95 @@ class _Float64Packed:
         return self.inner.projection(dtype)
 
 
-def _compress(x: torch.Tensor, config: QuantConfig):
+class _RowChunks:
+    """A 2-D tensor compressed as consecutive row blocks, each an independent packed tensor
+    (own rounding seed, own projection seed), so that neither compressing nor decoding ever
+    needs more than one block's transients. Row blocks hold a whole number of codec blocks,
+    so payload and metadata take exactly the bytes of a single packed tensor.
+
+    :meth:`dequantize` decodes everything (elementwise users need the whole input);
+    :meth:`chunks` lets linear users (weight gradients) decode one block at a time.
+    """
+
+    __slots__ = ("parts", "bounds", "shape", "dtype", "device")
+
+    def __init__(self, parts, bounds, shape, dtype, device):
+        self.parts = parts
+        self.bounds = bounds
+        self.shape = shape
+        self.dtype = dtype
+        self.device = device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def storages(self):
+        return tuple(t for p in self.parts for t in p.storages())
+
+    @property
+    def proj_dims(self):
+        return self.parts[0].proj_dims
+
+    def chunks(self):
+        """``(row_start, row_stop, part)`` for every row block."""
+        return ((a, b, p) for (a, b), p in zip(self.bounds, self.parts))
+
+    def dequantize(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        for a, b, p in self.chunks():
+            out[a:b] = p.dequantize().view(b - a, *self.shape[1:])
+        return out
+
+
+def _compress_whole(x: torch.Tensor, config: QuantConfig):
     if x.dtype in SUPPORTED_DTYPES:
         return quantize(x.detach(), config)
     if x.dtype == torch.float64:
         return _Float64Packed(quantize(x.detach().to(torch.float32), config))
     raise TypeError(f"cannot compress a tensor of dtype {x.dtype}; expected a floating dtype")
+
+
+def _rows_per_chunk(width: int, config: QuantConfig) -> int:
+    """Rows of a 2-D tensor of ``width`` columns compressed at once: about
+    :data:`CHUNK_ELEMENTS` elements, and a whole number of codec blocks."""
+    stored = width
+    if config.rp_ratio > 1 and width > 1:
+        r = projected_dim(width, config.rp_ratio)
+        stored = r if r < width else width
+    block = config.block_size_for(stored)
+    unit = block // math.gcd(block, stored)  # rows holding a whole number of blocks
+    return max(unit, (CHUNK_ELEMENTS // max(width, 1)) // unit * unit)
+
+
+def _compress(x: torch.Tensor, config: QuantConfig):
+    """Compress ``x``; a large 2-D tensor is compressed in row blocks (:class:`_RowChunks`) so the
+    codec's transients stay at :data:`CHUNK_ELEMENTS` elements whatever the graph's size."""
+    if x.dim() != 2 or x.numel() <= CHUNK_ELEMENTS or x.dtype not in SUPPORTED_DTYPES + (torch.float64,):
+        return _compress_whole(x, config)
+    rows = _rows_per_chunk(x.shape[1], config)
+    if rows >= x.shape[0]:
+        return _compress_whole(x, config)
+    x = x.detach()
+    bounds = [(a, min(a + rows, x.shape[0])) for a in range(0, x.shape[0], rows)]
+    parts = [_compress_whole(x[a:b], config) for a, b in bounds]
+    return _RowChunks(parts, bounds, x.shape, x.dtype, x.device)
+
+
+def _linear_weight_grad(packed, g2: torch.Tensor, in_dim: int) -> torch.Tensor:
+    """``g^T x_hat`` from a compressed ``x``, one row block at a time when it was compressed in
+    blocks (never a whole decoded ``x``); with projection ``(g^T Hp_hat) P^T`` per block."""
+    parts = packed.chunks() if isinstance(packed, _RowChunks) else [(0, g2.shape[0], packed)]
+    grad_w = None
+    for a, b, part in parts:
+        g = g2[a:b]
+        if part.proj_dims is not None:
+            hp = part.dequantize_stored().reshape(-1, part.proj_dims[1]).to(g.dtype)
+            term = g.t().mm(hp).mm(part.projection(g.dtype).t())
+        else:
+            term = g.t().mm(part.dequantize().reshape(-1, in_dim).to(g.dtype))
+        grad_w = term if grad_w is None else grad_w.add_(term)
+    return grad_w
 
 
 def compress_shared(x: torch.Tensor, config: QuantConfig):
@@ -239,12 +328,7 @@ class _Linear(torch.autograd.Function):
                 x = saved.pop(0)
                 grad_w = g2.t().mm(x.reshape(-1, ctx.bq_in_dim).to(g2.dtype))
             else:
-                packed = ctx.bq_state[0]
-                if packed.proj_dims is not None:
-                    hp = packed.dequantize_stored().reshape(-1, packed.proj_dims[1]).to(g2.dtype)
-                    grad_w = g2.t().mm(hp).mm(packed.projection(g2.dtype).t())
-                else:
-                    grad_w = g2.t().mm(packed.dequantize().reshape(-1, ctx.bq_in_dim).to(g2.dtype))
+                grad_w = _linear_weight_grad(ctx.bq_state[0], g2, ctx.bq_in_dim)
         if need_x:
             weight = saved.pop(0)
             grad_x = grad_out.matmul(weight.to(grad_out.dtype)).reshape(ctx.bq_x_shape)
@@ -280,10 +364,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
 _REDUCES = ("sum", "add", "mean", "max")
 
-#: Largest number of elements of one transient in edge- or row-chunked loops (the
-#: ``[chunk, F]`` gathers of max aggregation and of edge-weight gradients): 4M
-#: elements, 16 MiB in float32, whatever the graph's size.
-CHUNK_ELEMENTS = 1 << 22
 
 
 def _trailing(shape) -> int:
