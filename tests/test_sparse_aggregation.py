@@ -307,10 +307,13 @@ def test_bipartite_size_mismatch_is_refused():
 
 
 # ------------------------------------------------------------------ peak of a training step
-def test_step_peak_below_half_of_plain_pyg_with_sparse_adj_t():
+def test_step_peak_below_half_of_plain_pyg_with_sparse_adj_t(monkeypatch):
     """Mid-sized graph (4,000 nodes, 80,000 edges, 64 features), GraphSAGE 3x64 + BatchNorm, ReLU,
-    dropout: the converted model's step peak (edge_index) stays below 0.9x plain PyG's with
-    a torch.sparse CSR adj_t, PyG's documented memory-efficient form."""
+    dropout, iexact preset: the converted model's step peak (edge_index) stays below half of plain
+    PyG's with a torch.sparse CSR adj_t, PyG's documented memory-efficient form (measured: 0.27x).
+    The chunk is scaled down with the graph (1/16 of an [N, F] tensor, as 1M elements is of
+    arxiv's), so the chunked regime of large graphs is what is tested."""
+    monkeypatch.setattr(BF, "CHUNK_ELEMENTS", 1 << 14)
     from blockquant.bench.models import build_model
 
     n, e, f = 4_000, 80_000, 64
@@ -338,7 +341,7 @@ def test_step_peak_below_half_of_plain_pyg_with_sparse_adj_t():
         converted = blockquant.convert(build_model("sage", f, 64, 10, num_layers=3), QuantConfig.preset("iexact"))
     fp32_sparse = peak(plain, adj_t)
     ours = peak(converted, ei)
-    assert ours < 0.9 * fp32_sparse, f"converted peak {ours} B vs fp32-sparse {fp32_sparse} B"
+    assert ours < 0.5 * fp32_sparse, f"converted peak {ours} B vs fp32-sparse {fp32_sparse} B"
 
 
 # ------------------------------------------------------------------ row-chunked compression
