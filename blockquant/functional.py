@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from blockquant.kernels.bitmask import BitMask
 
-from .adjacency import _CSR, Adjacency, as_adjacency
+from .adjacency import _CSR, Adjacency, _is_edge_index_type, as_adjacency
 from .config import QuantConfig
 from .packed import SUPPORTED_DTYPES, PackedTensor, draw_seed, quantize
 from .projection import projected_dim
@@ -570,6 +570,15 @@ class _Aggregate(torch.autograd.Function):
         return grad_x, grad_w, None, None, None
 
 
+def _sizes_unknown(adj) -> bool:
+    """A plain ``edge_index`` (or an ``EdgeIndex`` without ``sparse_size``): sizes come from ``x``."""
+    if isinstance(adj, torch.Tensor) and adj.layout != torch.strided:
+        return False  # a sparse matrix has its shape
+    if _is_edge_index_type(adj):
+        return any(s is None for s in adj.sparse_size())
+    return isinstance(adj, torch.Tensor)
+
+
 def aggregate(x: torch.Tensor, adj, reduce: str = "sum", config: Optional[QuantConfig] = None, *,
               num_nodes=None) -> torch.Tensor:
     """Neighbourhood aggregation ``out[j] = reduce over edges i -> j of w_ij * x[i]``.
@@ -589,7 +598,8 @@ def aggregate(x: torch.Tensor, adj, reduce: str = "sum", config: Optional[QuantC
         config: used only when edge weights require grad (``x`` is then
             compressed for the weight gradient).
         num_nodes: passed to :func:`as_adjacency` for ``edge_index`` input;
-            defaults to ``(x.size(0), x.size(0))``.
+            defaults to ``(x.size(0), x.size(0))`` (an ``EdgeIndex`` with a
+            ``sparse_size`` and a sparse matrix carry their own sizes).
 
     Returns: ``[num_dst, ...]``.
     """
@@ -601,7 +611,7 @@ def aggregate(x: torch.Tensor, adj, reduce: str = "sum", config: Optional[QuantC
     if x.dim() < 1:
         raise ValueError("blockquant.functional.aggregate expects x of shape [num_nodes, ...]; got a scalar")
     if not isinstance(adj, Adjacency):
-        if num_nodes is None and not (isinstance(adj, torch.Tensor) and adj.layout != torch.strided):
+        if num_nodes is None and _sizes_unknown(adj):
             num_nodes = x.size(0)
         adj = as_adjacency(adj, num_nodes=num_nodes)
     if adj.num_src != x.size(0):

@@ -298,6 +298,16 @@ def test_bipartite_forms_give_the_original_shape_and_values(name, form, lossless
     assert _rel(got, want) < 1e-5
 
 
+def test_functional_aggregate_takes_the_sizes_an_adjacency_carries():
+    ei = torch.tensor([[0, 1, 2, 3, 3], [0, 1, 1, 0, 1]])
+    x = torch.randn(4, 3)
+    want = scatter(x[ei[0]], ei[1], 0, 2, reduce="sum")
+    for adj in (EdgeIndex(ei, sparse_size=(4, 2)), _form(ei, "csr", 4, 2), as_adjacency(ei, (4, 2))):
+        torch.testing.assert_close(BF.aggregate(x, adj), want)
+    assert BF.aggregate(x, ei).shape == (4, 3)  # a plain edge_index: square, from x
+    assert BF.aggregate(x, ei, num_nodes=(4, 2)).shape == (2, 3)
+
+
 def test_bipartite_size_mismatch_is_refused():
     conv = SAGEConv(F, 8)
     wrapped = WRAPPERS[SAGEConv].from_module(conv, EXACT)

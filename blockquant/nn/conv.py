@@ -4,16 +4,17 @@ Each wrapper subclasses the PyG layer it replaces and is built with
 ``from_module`` around the very same Parameter objects. Its behaviour:
 
 * ``eval()`` or gradients disabled: the original ``forward`` runs unchanged.
-* training: the output is computed by the same sequence of floating-point
-  operations as the original (bit-identical for ``edge_index`` input, and up
-  to summation order for sparse matrices), but what autograd keeps for
+* training: the output equals the original's up to floating-point summation
+  order (aggregation is a sparse-dense product where PyG scatters messages;
+  no ``[E, F]`` message tensor is ever built), and what autograd keeps for
   backward is compressed:
 
   - inputs of the linear maps go through :func:`blockquant.functional.linear`
     (block-wise low-bit codes, random projection when the config asks for it;
     a leaf input such as ``data.x`` is kept by reference);
   - aggregation over a constant adjacency goes through
-    :func:`blockquant.functional.aggregate` and keeps nothing of ``x``;
+    :func:`blockquant.functional.aggregate` (``A x`` forward, ``A^T g``
+    backward over the graph's cached CSR) and keeps nothing of ``x``;
   - attention (GAT, GATv2) runs PyG's own attention code under
     :func:`blockquant.saved_hooks.compress_saved_tensors`, so the tensors the
     attention-parameter gradients need are kept compressed (dropout masks at
