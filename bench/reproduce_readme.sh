@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Reproduce the README's benchmark tables.
 #
-#   bench/reproduce_readme.sh [quick|cora|arxiv-like|all]     (default: all)
+#   bench/reproduce_readme.sh [quick|cora|arxiv-like|arxiv-peak|all]     (default: all)
+#
+#   arxiv-peak: peak step memory and step time of SAGE and GAT (3 layers, hidden 128; GAT as
+#   8 heads x 16) on the arxiv-like graph for fp32, fp32-sparse, checkpoint, exact, iexact,
+#   default (2 epochs, 1 seed: a memory run). MODELS_PEAK overrides the model list.
 #
 # Environment:
 #   DEVICE      cpu (default), cuda, cuda:N or auto
@@ -53,10 +57,20 @@ run_arxiv_like() {
     --out "$OUT/bench_arxiv-like_$TAG"
 }
 
+run_arxiv_peak() {
+  local model
+  for model in ${MODELS_PEAK:-sage gat}; do
+    $BQ bench --dataset synthetic:arxiv-like --model "$model" --hidden 128 --layers 3 \
+      --configs fp32,fp32-sparse,checkpoint,exact,iexact,default \
+      --epochs 2 --seeds 1 --device "$DEVICE" --quiet --out "$OUT/bench_arxiv-like_peak_${model}_$TAG"
+  done
+}
+
 case "$WHAT" in
   quick) run_quick ;;
   cora) run_cora ;;
   arxiv-like) run_arxiv_like ;;
+  arxiv-peak) run_arxiv_peak ;;
   all) run_quick; run_cora; run_arxiv_like ;;
-  *) echo "usage: $0 [quick|cora|arxiv-like|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [quick|cora|arxiv-like|arxiv-peak|all]" >&2; exit 2 ;;
 esac

@@ -33,13 +33,15 @@ datasets (--dataset):
   Nothing is ever downloaded. Default ROOT: $BLOCKQUANT_DATA, else ./data.
 
 configs (--configs, comma-separated):
-  fp32        no compression          checkpoint  torch.utils.checkpoint (non-reentrant) per layer
+  fp32        no compression, edge_index        checkpoint  torch.utils.checkpoint (non-reentrant) per layer
+  fp32-sparse no compression, the graph as a torch.sparse CSR adj_t (PyG's memory-efficient form)
   int1 int2 int4 int8 exact iexact default      blockquant.QuantConfig presets, applied with
                                                 blockquant.convert(model, config)
   PATH.json   a QuantConfig as JSON, e.g. {"bits": 2, "block_size": 256, "rp_ratio": 8}
 
-Each row: activation memory held for backward after forward (MiB, bytes/node, ratio to fp32),
-peak memory of one forward+backward, median training-step time (and ratio to fp32),
+Each row: peak memory of one training step (forward+loss+backward, above the memory in use at its
+start; ratio to fp32), activation memory held for backward after forward (MiB, bytes/node, ratio to
+fp32), median training-step time (and ratio to fp32),
 validation/test metric (test at best validation, mean ± std over seeds), and the relative error
 of the first step's weight gradients against fp32 (same initial weights, dropout off).
 

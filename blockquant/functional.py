@@ -29,9 +29,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from blockquant.kernels.bitmask import BitMask
 
-from .adjacency import Adjacency, as_adjacency
+from .adjacency import _CSR, Adjacency, _is_edge_index_type, as_adjacency
 from .config import QuantConfig
 from .packed import SUPPORTED_DTYPES, PackedTensor, draw_seed, quantize
+from .projection import projected_dim
 
 __all__ = [
     "linear", "aggregate", "relu", "leaky_relu", "dropout", "batch_norm", "layer_norm", "elu", "gelu",
@@ -41,6 +42,11 @@ __all__ = [
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
+
+#: Largest number of elements of one transient in chunked loops: the ``[chunk, F]`` gathers of
+#: max aggregation and edge-weight gradients, and the row blocks compressed (and decoded for
+#: weight gradients) at once. 1M elements, 4 MiB in float32, whatever the graph's size.
+CHUNK_ELEMENTS = 1 << 20
 
 # tensor -> {(version, config): PackedTensor}. Weak on the tensor: an entry goes
 # away with its tensor, so nothing here outlives the activation it describes.
@@ -135,12 +141,95 @@ class _Float64Packed:
         return self.inner.projection(dtype)
 
 
-def _compress(x: torch.Tensor, config: QuantConfig):
+class _RowChunks:
+    """A 2-D tensor compressed as consecutive row blocks, each an independent packed tensor
+    (own rounding seed, own projection seed), so that neither compressing nor decoding ever
+    needs more than one block's transients. Row blocks hold a whole number of codec blocks,
+    so payload and metadata take exactly the bytes of a single packed tensor.
+
+    :meth:`dequantize` decodes everything (elementwise users need the whole input);
+    :meth:`chunks` lets linear users (weight gradients) decode one block at a time.
+    """
+
+    __slots__ = ("parts", "bounds", "shape", "dtype", "device")
+
+    def __init__(self, parts, bounds, shape, dtype, device):
+        self.parts = parts
+        self.bounds = bounds
+        self.shape = shape
+        self.dtype = dtype
+        self.device = device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def storages(self):
+        return tuple(t for p in self.parts for t in p.storages())
+
+    @property
+    def proj_dims(self):
+        return self.parts[0].proj_dims
+
+    def chunks(self):
+        """``(row_start, row_stop, part)`` for every row block."""
+        return ((a, b, p) for (a, b), p in zip(self.bounds, self.parts))
+
+    def dequantize(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        for a, b, p in self.chunks():
+            out[a:b] = p.dequantize().view(b - a, *self.shape[1:])
+        return out
+
+
+def _compress_whole(x: torch.Tensor, config: QuantConfig):
     if x.dtype in SUPPORTED_DTYPES:
         return quantize(x.detach(), config)
     if x.dtype == torch.float64:
         return _Float64Packed(quantize(x.detach().to(torch.float32), config))
     raise TypeError(f"cannot compress a tensor of dtype {x.dtype}; expected a floating dtype")
+
+
+def _rows_per_chunk(width: int, config: QuantConfig) -> int:
+    """Rows of a 2-D tensor of ``width`` columns compressed at once: about
+    :data:`CHUNK_ELEMENTS` elements, and a whole number of codec blocks."""
+    stored = width
+    if config.rp_ratio > 1 and width > 1:
+        r = projected_dim(width, config.rp_ratio)
+        stored = r if r < width else width
+    block = config.block_size_for(stored)
+    unit = block // math.gcd(block, stored)  # rows holding a whole number of blocks
+    return max(unit, (CHUNK_ELEMENTS // max(width, 1)) // unit * unit)
+
+
+def _compress(x: torch.Tensor, config: QuantConfig):
+    """Compress ``x``; a large 2-D tensor is compressed in row blocks (:class:`_RowChunks`) so the
+    codec's transients stay at :data:`CHUNK_ELEMENTS` elements whatever the graph's size."""
+    if x.dim() != 2 or x.numel() <= CHUNK_ELEMENTS or x.dtype not in SUPPORTED_DTYPES + (torch.float64,):
+        return _compress_whole(x, config)
+    rows = _rows_per_chunk(x.shape[1], config)
+    if rows >= x.shape[0]:
+        return _compress_whole(x, config)
+    x = x.detach()
+    bounds = [(a, min(a + rows, x.shape[0])) for a in range(0, x.shape[0], rows)]
+    parts = [_compress_whole(x[a:b], config) for a, b in bounds]
+    return _RowChunks(parts, bounds, x.shape, x.dtype, x.device)
+
+
+def _linear_weight_grad(packed, g2: torch.Tensor, in_dim: int) -> torch.Tensor:
+    """``g^T x_hat`` from a compressed ``x``, one row block at a time when it was compressed in
+    blocks (never a whole decoded ``x``); with projection ``(g^T Hp_hat) P^T`` per block."""
+    parts = packed.chunks() if isinstance(packed, _RowChunks) else [(0, g2.shape[0], packed)]
+    grad_w = None
+    for a, b, part in parts:
+        g = g2[a:b]
+        if part.proj_dims is not None:
+            hp = part.dequantize_stored().reshape(-1, part.proj_dims[1]).to(g.dtype)
+            term = g.t().mm(hp).mm(part.projection(g.dtype).t())
+        else:
+            term = g.t().mm(part.dequantize().reshape(-1, in_dim).to(g.dtype))
+        grad_w = term if grad_w is None else grad_w.add_(term)
+    return grad_w
 
 
 def compress_shared(x: torch.Tensor, config: QuantConfig):
@@ -239,12 +328,7 @@ class _Linear(torch.autograd.Function):
                 x = saved.pop(0)
                 grad_w = g2.t().mm(x.reshape(-1, ctx.bq_in_dim).to(g2.dtype))
             else:
-                packed = ctx.bq_state[0]
-                if packed.proj_dims is not None:
-                    hp = packed.dequantize_stored().reshape(-1, packed.proj_dims[1]).to(g2.dtype)
-                    grad_w = g2.t().mm(hp).mm(packed.projection(g2.dtype).t())
-                else:
-                    grad_w = g2.t().mm(packed.dequantize().reshape(-1, ctx.bq_in_dim).to(g2.dtype))
+                grad_w = _linear_weight_grad(ctx.bq_state[0], g2, ctx.bq_in_dim)
         if need_x:
             weight = saved.pop(0)
             grad_x = grad_out.matmul(weight.to(grad_out.dtype)).reshape(ctx.bq_x_shape)
@@ -281,74 +365,162 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 _REDUCES = ("sum", "add", "mean", "max")
 
 
-class _NoCtx:
-    """Stand-in ctx for running a Function's forward without recording a graph."""
-
-    def __init__(self, needs_input_grad):
-        self.needs_input_grad = needs_input_grad
-
-    def save_for_backward(self, *tensors) -> None:
-        if tensors:
-            raise AssertionError("nothing should be saved when no gradient is needed")
-
 
 def _trailing(shape) -> int:
     return math.prod(shape[1:])
 
 
-def _gather_scatter_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    # index_add_ gives the same sums as PyG's scatter_add_ with an expanded index,
-    # and is several times faster on multi-threaded CPUs
-    out = values.new_zeros((size, values.shape[1]))
-    return out.index_add_(0, index, values)
+def _chunks(total: int, width: int):
+    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    for start in range(0, total, step):
+        yield start, min(start + step, total)
+
+
+def _spmm(csr: _CSR, values: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """``csr(values) @ x2`` as one sparse-dense product (``[R, F]``; no per-edge tensor)."""
+    if x2.shape[1] == 0 or csr.num_edges == 0:
+        return x2.new_zeros((csr.num_rows, x2.shape[1]))
+    a = csr.matrix(values)
+    x2 = x2.contiguous()
+    if x2.device.type == "cpu":
+        return torch.sparse.mm(a, x2, "sum")  # ATen's CPU CSR kernel: parallel, every float dtype
+    try:
+        return torch.sparse.mm(a, x2)  # cuSPARSE
+    except (NotImplementedError, RuntimeError) as e:  # a dtype the device library lacks
+        if "not implemented" not in str(e) and "not supported" not in str(e):
+            raise
+        return _chunked_sum(csr, values, x2)
+
+
+def _chunked_sum(csr: _CSR, values: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    out = x2.new_zeros((csr.num_rows, x2.shape[1]))
+    for a, b in _chunks(csr.num_edges, x2.shape[1]):
+        msg = x2.index_select(0, csr.col[a:b]) * values[a:b].view(-1, 1)
+        out.index_add_(0, csr.rows_of(a, b), msg)
+    return out
+
+
+def _max_forward(csr: _CSR, values: Optional[torch.Tensor], x2: torch.Tensor, need_winner: bool):
+    """Segment max over the CSR rows, edge-chunked; returns ``(out, winner)``. ``winner[j, f]``
+    is the CSR position of the first entry reaching the maximum (``E`` for empty rows)."""
+    num_e, width = csr.num_edges, x2.shape[1]
+    deg = csr.rowptr.diff()
+    if x2.device.type == "cpu" and num_e and width:
+        v = values if values is not None else csr.values(None, x2.dtype)
+        out = torch.sparse.mm(csr.matrix(v), x2.contiguous(), "amax")  # empty rows give 0
+    else:
+        out = x2.new_full((csr.num_rows, width), -math.inf)
+        for a, b in _chunks(num_e, width):
+            msg = x2.index_select(0, csr.col[a:b])
+            if values is not None:
+                msg = msg * values[a:b].view(-1, 1)
+            rows = csr.rows_of(a, b).view(-1, 1).expand(-1, width)
+            out.scatter_reduce_(0, rows, msg, reduce="amax", include_self=True)
+        out.masked_fill_((deg == 0).view(-1, 1), 0)
+    if not need_winner:
+        return out, None
+    winner = torch.full((csr.num_rows, width), num_e, dtype=torch.int64, device=x2.device)
+    for a, b in _chunks(num_e, width):
+        rows = csr.rows_of(a, b)
+        msg = x2.index_select(0, csr.col[a:b])
+        if values is not None:
+            msg = msg * values[a:b].view(-1, 1)
+        is_win = msg == out.index_select(0, rows)
+        pos = torch.arange(a, b, device=x2.device).view(-1, 1)
+        cand = torch.where(is_win, pos, num_e)
+        winner.scatter_reduce_(0, rows.view(-1, 1).expand(-1, width), cand, reduce="amin", include_self=True)
+    return out, (winner.to(torch.int32) if num_e < 2 ** 31 - 1 else winner)
+
+
+def _max_backward(csr: _CSR, values, winner, g: torch.Tensor, x2, n_src: int, need_x: bool, need_w: bool):
+    """Gradients of segment max, row-chunked: ``g[j, f]`` goes to the winning edge's source
+    (times its weight) and, for ``grad_w``, ``g[j, f] * x[src, f]`` to the winning edge."""
+    num_dst, width = g.shape
+    num_e = csr.num_edges
+    grad_x = g.new_zeros((n_src, width)) if need_x else None
+    grad_v = g.new_zeros(num_e) if need_w else None
+    if num_e == 0 or width == 0:
+        return grad_x, grad_v
+    col = csr.col.long()
+    feat = torch.arange(width, device=g.device)
+    for a, b in _chunks(num_dst, width):
+        win = winner[a:b].long()
+        valid = win < num_e
+        win = win.clamp_(max=num_e - 1)
+        src = col.index_select(0, win.view(-1)).view_as(win)
+        gv = g[a:b] * valid.to(g.dtype)
+        if need_w:
+            xv = x2.reshape(-1).index_select(0, (src * width + feat).view(-1)).view_as(gv)
+            grad_v.index_add_(0, win.view(-1), (gv * xv.to(gv.dtype)).view(-1))
+        if need_x:
+            if values is not None:
+                gv = gv * values.index_select(0, win.view(-1)).view_as(gv)
+            grad_x.view(-1).index_add_(0, (src * width + feat).view(-1), gv.reshape(-1))
+    return grad_x, grad_v
+
+
+def _weight_grad(csr: _CSR, g: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """``grad_v[k] = <g[row_k], x[col_k]>`` for every stored entry, edge-chunked (CSR order)."""
+    grad_v = g.new_empty(csr.num_edges)
+    for a, b in _chunks(csr.num_edges, g.shape[1]):
+        gr = g.index_select(0, csr.rows_of(a, b))
+        gr.mul_(x2.index_select(0, csr.col[a:b]).to(gr.dtype))
+        torch.sum(gr, dim=1, out=grad_v[a:b])
+    return grad_v
+
+
+def _to_edge_order(csr: _CSR, grad_v: torch.Tensor) -> torch.Tensor:
+    if csr.perm is None:
+        return grad_v
+    out = torch.empty_like(grad_v)
+    for a, b in _chunks(csr.num_edges, 1):
+        out.index_copy_(0, csr.perm[a:b].long(), grad_v[a:b])
+    return out
+
+
+def _aggregate_forward(x2: torch.Tensor, weight: Optional[torch.Tensor], adj: Adjacency, reduce: str,
+                       need_winner: bool):
+    fwd = adj._structure.fwd
+    values = None if weight is None else fwd.values(weight, x2.dtype)
+    if reduce == "max":
+        return _max_forward(fwd, values, x2, need_winner)
+    out = _spmm(fwd, values if values is not None else fwd.values(None, x2.dtype), x2)
+    if reduce == "mean":
+        out = out.div_(adj.in_degree(out.dtype).clamp_(min=1).view(-1, 1))
+    return out, None
 
 
 class _Aggregate(torch.autograd.Function):
     """``out[j] = reduce_{e: dst_e = j} w_e * x[src_e]`` for sum / mean / max (exact forward,
-    matching ``torch_geometric.utils.scatter``; targets without edges get 0).
+    equal to ``torch_geometric.utils.scatter`` up to summation order; targets without edges
+    get 0). Sum and mean are sparse-dense products ``A x`` over the graph's cached CSR;
+    max is an edge-chunked segment reduction. No step allocates an ``[E, F]`` tensor:
+    per-edge work runs in chunks of at most :data:`CHUNK_ELEMENTS` elements.
 
     Saves:
-      * sum / mean with constant weights: nothing of ``x``; backward is
-        ``A^T g``, using the adjacency the caller holds (degrees for ``mean``
-        are recounted from it).
+      * sum / mean with constant weights: nothing of ``x``; backward is the
+        product ``A^T g`` with the cached transposed CSR (``mean`` divides ``g``
+        by the in-degree first).
       * learnable edge weights (``w.requires_grad``): ``x`` compressed with the
-        config (or by reference when resident), only for ``grad_w``.
+        config without projection (or by reference when resident), used only
+        linearly in ``grad_w[e] = <g[dst_e], x[src_e]>``, computed edge-chunked.
+      * edge weights (``[E]``, by reference) when a gradient needs them.
       * max: the winning edge of every output element as an int32 tensor
         ``[num_dst, F]`` (int64 beyond 2^31 edges; integers, not compressed);
-        ties go to the lowest edge id.
+        ties go to the first edge in CSR order (the lowest edge id for ``edge_index``).
     """
 
     @staticmethod
     def forward(ctx, x, weight, adj: Adjacency, reduce: str, config: QuantConfig):
         need_x, need_w = ctx.needs_input_grad[:2]
         x2 = x.reshape(x.shape[0], _trailing(x.shape))
-        src, dst = adj.src, adj.dst
-        msg = x2.index_select(0, src)
-        if weight is not None:
-            msg = msg * weight.view(-1, 1).to(msg.dtype)
-        if reduce == "max":
-            out = msg.new_zeros((adj.num_dst, msg.shape[1]))
-            index = dst.view(-1, 1).expand_as(msg)
-            out.scatter_reduce_(0, index, msg, reduce="amax", include_self=False)
-        else:
-            out = _gather_scatter_sum(msg, dst, adj.num_dst)
-            if reduce == "mean":
-                count = adj.in_degree(out.dtype).clamp_(min=1)
-                out = out / count.view(-1, 1)
+        out, winner = _aggregate_forward(x2, weight, adj, reduce, need_x or need_w)
         ctx.bq_adj = adj
         ctx.bq_reduce = reduce
         ctx.bq_x_shape = x.shape
         ctx.bq_has_weight = weight is not None
         to_save = []
-        state = []
-        if reduce == "max" and (need_x or need_w):
-            num_e = msg.shape[0]
-            is_win = msg == out.index_select(0, dst)
-            edge_ids = torch.arange(num_e, device=msg.device).view(-1, 1).expand_as(msg)
-            cand = torch.where(is_win, edge_ids, torch.full_like(edge_ids, num_e))
-            winner = torch.full_like(out, num_e, dtype=torch.int64)
-            winner.scatter_reduce_(0, index, cand, reduce="amin", include_self=True)
-            state.append(winner.to(torch.int32) if num_e < 2 ** 31 - 1 else winner)
+        state = [] if winner is None else [winner]
         if weight is not None and (need_x or need_w):
             to_save.append(weight)  # resident-sized ([E]) and needed for A^T g
         ctx.bq_ref = False
@@ -373,31 +545,48 @@ class _Aggregate(torch.autograd.Function):
         weight = saved.pop(0) if ctx.bq_has_weight else None
         n_src = ctx.bq_x_shape[0]
         g = grad_out.reshape(adj.num_dst, _trailing(grad_out.shape))
+        fwd = adj._structure.fwd
+        winner = state.pop(0) if reduce == "max" else None
+        x2 = None
+        if need_w:  # decoded once, only now, and only for the linear use in grad_w
+            x = x_ref if x_ref is not None else state.pop(0).dequantize()
+            x2 = x.reshape(n_src, _trailing(x.shape))
+        grad_x = grad_w = None
         if reduce == "max":
-            winner = state.pop(0).long()
-            num_e = adj.num_edges
-            grad_msg = g.new_zeros((num_e + 1, g.shape[1]))
-            grad_msg.scatter_(0, winner, g)
-            grad_msg = grad_msg[:num_e]
+            values = None if weight is None else fwd.values(weight, g.dtype)
+            grad_x, grad_v = _max_backward(fwd, values, winner, g, x2, n_src, need_x, need_w)
         else:
             if reduce == "mean":
                 g = g / adj.in_degree(g.dtype).clamp_(min=1).view(-1, 1)
-            grad_msg = g.index_select(0, adj.dst)
-        grad_x = grad_w = None
-        if need_w:
-            x = x_ref if x_ref is not None else state.pop(0).dequantize()
-            x2 = x.reshape(n_src, _trailing(x.shape)).to(grad_msg.dtype)
-            grad_w = (grad_msg * x2.index_select(0, adj.src)).sum(1).to(weight.dtype)
+            grad_v = _weight_grad(fwd, g, x2) if need_w else None
+            del x2
+            if need_x:
+                bwd = adj._structure.bwd
+                grad_x = _spmm(bwd, bwd.values(weight, g.dtype), g)
         if need_x:
-            if weight is not None:
-                grad_msg = grad_msg * weight.view(-1, 1).to(grad_msg.dtype)
-            grad_x = _gather_scatter_sum(grad_msg, adj.src, n_src).view(ctx.bq_x_shape)
+            grad_x = grad_x.view(ctx.bq_x_shape)
+        if need_w:
+            grad_w = _to_edge_order(fwd, grad_v).to(weight.dtype)
         return grad_x, grad_w, None, None, None
+
+
+def _sizes_unknown(adj) -> bool:
+    """A plain ``edge_index`` (or an ``EdgeIndex`` without ``sparse_size``): sizes come from ``x``."""
+    if isinstance(adj, torch.Tensor) and adj.layout != torch.strided:
+        return False  # a sparse matrix has its shape
+    if _is_edge_index_type(adj):
+        return any(s is None for s in adj.sparse_size())
+    return isinstance(adj, torch.Tensor)
 
 
 def aggregate(x: torch.Tensor, adj, reduce: str = "sum", config: Optional[QuantConfig] = None, *,
               num_nodes=None) -> torch.Tensor:
     """Neighbourhood aggregation ``out[j] = reduce over edges i -> j of w_ij * x[i]``.
+
+    Sum and mean run as sparse-dense matrix products over the graph's CSR, which
+    :func:`~blockquant.adjacency.as_adjacency` builds once per graph and caches;
+    max runs edge-chunked. Memory is ``O(N x F)``: no ``[E, F]`` message tensor
+    exists in forward or backward.
 
     Args:
         x: source-node features ``[num_src, ...]``.
@@ -409,7 +598,8 @@ def aggregate(x: torch.Tensor, adj, reduce: str = "sum", config: Optional[QuantC
         config: used only when edge weights require grad (``x`` is then
             compressed for the weight gradient).
         num_nodes: passed to :func:`as_adjacency` for ``edge_index`` input;
-            defaults to ``(x.size(0), x.size(0))``.
+            defaults to ``(x.size(0), x.size(0))`` (an ``EdgeIndex`` with a
+            ``sparse_size`` and a sparse matrix carry their own sizes).
 
     Returns: ``[num_dst, ...]``.
     """
@@ -421,13 +611,20 @@ def aggregate(x: torch.Tensor, adj, reduce: str = "sum", config: Optional[QuantC
     if x.dim() < 1:
         raise ValueError("blockquant.functional.aggregate expects x of shape [num_nodes, ...]; got a scalar")
     if not isinstance(adj, Adjacency):
-        adj = as_adjacency(adj, num_nodes=x.size(0) if num_nodes is None else num_nodes)
+        if num_nodes is None and _sizes_unknown(adj):
+            num_nodes = x.size(0)
+        adj = as_adjacency(adj, num_nodes=num_nodes)
     if adj.num_src != x.size(0):
         raise ValueError(f"blockquant.functional.aggregate: the adjacency has {adj.num_src} source nodes but x "
                          f"has {x.size(0)} rows")
+    if adj.device != x.device:
+        raise ValueError(f"blockquant.functional.aggregate: the adjacency is on {adj.device} but x is on "
+                         f"{x.device}; move both to one device")
     if _untracked(x, adj.edge_weight):
         with torch.no_grad():
-            return _Aggregate.forward(_NoCtx((False, False)), x, adj.edge_weight, adj, reduce, config)
+            x2 = x.reshape(x.shape[0], _trailing(x.shape))
+            out, _ = _aggregate_forward(x2, adj.edge_weight, adj, reduce, False)
+            return out.view(adj.num_dst, *x.shape[1:])
     return _Aggregate.apply(x, adj.edge_weight, adj, reduce, config)
 
 

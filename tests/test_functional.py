@@ -102,12 +102,20 @@ def _pyg_scatter(x, ei, ew, reduce):
 OP_NAMES = sorted(_ops())
 
 
+def _same_as_reference(name):
+    """Bit-identical, except sum/mean aggregation: a sparse-dense product sums in another order
+    than PyG's scatter (and fuses the weight multiply), so equal up to float32 rounding."""
+    if name.startswith("aggregate") and "max" not in name:
+        return lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    return torch.equal
+
+
 @pytest.mark.parametrize("name", OP_NAMES)
 def test_forward_bit_identical_and_gradients_close(name):
     ours, ref, params = _ops()[name]
     leaf, x = _activation()
     y, y_ref = ours(x, FINE), ref(x)
-    assert torch.equal(y, y_ref), f"{name}: forward differs from the torch op"
+    assert _same_as_reference(name)(y, y_ref), f"{name}: forward differs from the torch op"
     g = torch.randn_like(y_ref)
     inputs = (leaf, *params)
     got = _grad(y, inputs, g)
@@ -402,12 +410,13 @@ def test_sharing_cache_does_not_outlive_the_tensor():
 def test_no_grad_runs_the_plain_op_and_saves_nothing(name):
     ours, ref, _ = _ops()[name]
     _, x = _activation()
+    same = _same_as_reference(name)
     with torch.no_grad():
         y = ours(x, FINE)
-        assert y.grad_fn is None and torch.equal(y, ref(x))
+        assert y.grad_fn is None and same(y, ref(x))
     n = len(BF._SHARED)
     y = ours(x.detach(), FINE)  # nothing requires grad
-    assert torch.equal(y, ref(x.detach()))
+    assert same(y, ref(x.detach()))
     assert len(BF._SHARED) == n
 
 
@@ -528,9 +537,10 @@ def test_every_adjacency_form_gives_identical_results(reduce):
         outs[name] = y
         grads[name] = _grad(y, leaf, torch.ones_like(y))[0]
     ref = _pyg_scatter(x, ei, w, reduce)
+    same = _same_as_reference(f"aggregate_{reduce}")
     for name in outs:
-        assert torch.equal(outs[name], ref), f"{name} differs"
-        assert torch.equal(grads[name], grads["edge_index"]), f"{name} gradient differs"
+        assert same(outs[name], ref), f"{name} differs"
+        assert same(grads[name], grads["edge_index"]), f"{name} gradient differs"
     # sparse matrix product convention: out = adj_t @ x
     coo = torch.sparse_coo_tensor(torch.stack([ei[1], ei[0]]), w, (n, n))
     if reduce == "sum":

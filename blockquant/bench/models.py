@@ -85,8 +85,11 @@ class GNN(nn.Module):
 
 
 def build_model(name: str, in_dim: int, hidden: int, out_dim: int, num_layers: int = 3,
-                dropout: float = 0.5, heads: int = 4) -> GNN:
-    """Build ``name`` (one of :data:`MODEL_NAMES`) with ``num_layers`` message-passing layers."""
+                dropout: float = 0.5, heads: int = 8) -> GNN:
+    """Build ``name`` (one of :data:`MODEL_NAMES`) with ``num_layers`` message-passing layers.
+
+    GAT's hidden layers split ``hidden`` over ``heads`` heads (OGB's arxiv GAT: 128 = 8 x 16);
+    its last layer has one head."""
     import torch_geometric.nn as pyg
 
     name = name.strip().lower()

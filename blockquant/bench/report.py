@@ -10,10 +10,10 @@ from typing import Any, Dict, List, Optional
 
 # flat columns of results.csv (and the order of the JSON record's headline fields)
 CSV_FIELDS = (
-    "config", "config_kind", "config_quant_short", "dataset", "model", "device",
+    "config", "config_kind", "config_quant_short", "config_adjacency", "dataset", "model", "device",
+    "peak_step_bytes", "peak_step_mib", "peak_ratio_fp32", "peak_method",
     "activation_bytes", "activation_mib", "bytes_per_node", "memory_ratio_fp32", "activation_source",
     "track_saved_bytes", "alloc_delta_bytes", "alloc_delta_method",
-    "peak_step_bytes", "peak_step_mib", "peak_method",
     "epoch_time_median_s", "time_ratio_fp32",
     "metric", "val_mean", "val_std", "test_mean", "test_std", "grad_rel_error",
     "epochs", "seeds",
@@ -31,16 +31,17 @@ def format_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     metric = meta.get("metric", "acc")
     scale = 100.0 if metric == "acc" else 1.0
     mfmt = ".2f" if metric == "acc" else ".4f"
-    head = ["config", "act MiB", "B/node", "x fp32", "peak MiB", "epoch ms", "x fp32",
+    head = ["config", "peak MiB", "x fp32", "act MiB", "B/node", "x fp32", "epoch ms", "x fp32",
             f"val {metric}", f"test {metric}", "grad err"]
     rows = []
     for r in records:
         rows.append([
             r["config"] + ("" if not r.get("config_quant_short") else f" ({r['config_quant_short']})"),
+            _fmt(r["peak_step_mib"], ".1f"),
+            _fmt(r.get("peak_ratio_fp32"), ".3f"),
             _fmt(r["activation_mib"], ".2f"),
             _fmt(r["bytes_per_node"], ".1f"),
             _fmt(r.get("memory_ratio_fp32"), ".3f"),
-            _fmt(r["peak_step_mib"], ".1f"),
             _fmt(r["epoch_time_median_s"] * 1e3, ".1f"),
             _fmt(r.get("time_ratio_fp32"), ".2f"),
             f"{_fmt(r['val_mean'] * scale, mfmt)} ± {_fmt(r['val_std'] * scale, mfmt)}",
@@ -63,8 +64,9 @@ def format_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     ]
     out += [line(row) for row in rows]
     out.append(
-        f"act = bytes held for backward after forward (excl. data/model/output; source: "
-        f"{first.get('activation_source', '?')}); peak = one forward+backward ({first.get('peak_method', '?')}); "
+        f"peak = highest memory of one forward+loss+backward above the memory in use at its start "
+        f"({first.get('peak_method', '?')}); act = bytes held for backward after forward (excl. data/model/output; "
+        f"source: {first.get('activation_source', '?')}); fp32-sparse = plain PyG given a torch.sparse CSR adj_t; "
         f"epoch = median training step; {metric} = best-validation epoch, mean ± std over seeds (x100 for acc); "
         f"grad err = relative L2 error of the first step's weight gradients vs fp32."
     )

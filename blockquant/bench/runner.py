@@ -41,8 +41,8 @@ from .datasets import GraphDataset
 from .errors import BenchError
 from .models import GNN, build_model
 
-BASELINES = ("fp32", "checkpoint")
-DEFAULT_CONFIGS = ("fp32", "checkpoint", "exact", "iexact", "default")
+BASELINES = ("fp32", "fp32-sparse", "checkpoint")
+DEFAULT_CONFIGS = ("fp32", "fp32-sparse", "checkpoint", "exact", "iexact", "default")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +53,8 @@ class BenchConfig:
     quant: Optional[blockquant.QuantConfig] = None
     checkpoint: bool = False
     source: str = "builtin"
+    #: give the model a torch.sparse CSR ``adj_t`` (PyG's memory-efficient form) instead of ``edge_index``
+    sparse_adj: bool = False
 
     def describe(self) -> Dict[str, Any]:
         return {
@@ -61,6 +63,7 @@ class BenchConfig:
             "quant": self.quant.to_dict() if self.quant is not None else None,
             "quant_short": self.quant.short() if self.quant is not None else None,
             "source": self.source,
+            "adjacency": "torch.sparse CSR adj_t" if self.sparse_adj else "edge_index",
         }
 
 
@@ -73,6 +76,8 @@ def resolve_config(spec: str) -> BenchConfig:
     spec = spec.strip()
     if spec == "fp32":
         return BenchConfig("fp32")
+    if spec == "fp32-sparse":
+        return BenchConfig("fp32-sparse", sparse_adj=True)
     if spec == "checkpoint":
         return BenchConfig("checkpoint", checkpoint=True)
     if spec in blockquant.QuantConfig.preset_names():
@@ -150,8 +155,24 @@ def _fd2_silenced():
         os.close(fd)
 
 
-def _cpu_allocation_trace(fn) -> Tuple[Any, int, int]:
-    """Run ``fn()`` under the profiler; return (result, net bytes still allocated, peak bytes above start)."""
+@dataclasses.dataclass(frozen=True)
+class AllocationTrace:
+    """CPU allocations of one call, from ``torch.profiler``'s memory trace (bytes)."""
+
+    net: int  #: still allocated when the call returned
+    peak: int  #: highest level above the start
+    largest: int  #: the largest single allocation
+
+
+def cpu_allocation_trace(fn) -> Tuple[Any, AllocationTrace]:
+    """Run ``fn()`` under the profiler; return (result, :class:`AllocationTrace`)."""
+    result, net, peak, largest = _cpu_allocation_trace(fn)
+    return result, AllocationTrace(net, peak, largest)
+
+
+def _cpu_allocation_trace(fn) -> Tuple[Any, int, int, int]:
+    """Run ``fn()`` under the profiler; return (result, net bytes still allocated, peak bytes above start,
+    largest single allocation)."""
     from torch.profiler import ProfilerActivity, profile
 
     with _fd2_silenced():
@@ -164,11 +185,13 @@ def _cpu_allocation_trace(fn) -> Tuple[Any, int, int]:
                 events = json.load(f).get("traceEvents", [])
     mem = sorted((e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0),
                  key=lambda e: e["ts"])
-    cur = peak = 0
+    cur = peak = largest = 0
     for e in mem:
-        cur += int(e["args"].get("Bytes", 0))
+        b = int(e["args"].get("Bytes", 0))
+        cur += b
         peak = max(peak, cur)
-    return result, cur, peak
+        largest = max(largest, b)
+    return result, cur, peak, largest
 
 
 def _sync(device: torch.device) -> None:
@@ -195,10 +218,20 @@ class Trainer:
         self.opts = opts
         self.device = device
         self.train_idx = data.split["train"]
+        self._adj_t: Optional[torch.Tensor] = None
         if data.task == "multilabel":
             self.criterion = nn.BCEWithLogitsLoss()
         else:
             self.criterion = nn.CrossEntropyLoss()
+
+    def sparse_adj_t(self) -> torch.Tensor:
+        """The graph as a torch.sparse CSR ``adj_t`` (rows are targets), built once."""
+        if self._adj_t is None:
+            from torch_geometric.utils import to_torch_csc_tensor
+
+            n = self.data.num_nodes
+            self._adj_t = to_torch_csc_tensor(self.data.edge_index, size=(n, n)).t()
+        return self._adj_t
 
     def build(self, cfg: BenchConfig, seed: int) -> GNN:
         torch.manual_seed(seed)
@@ -211,10 +244,11 @@ class Trainer:
                                  f"run only --configs fp32,checkpoint or update blockquant")
             model = convert(model, cfg.quant)
         model.checkpoint_layers = cfg.checkpoint
+        model.bench_graph = self.sparse_adj_t() if cfg.sparse_adj else self.data.edge_index
         # a first forward fills caches (GCN normalisation) so later measurements see steady state
         model.eval()
         with torch.no_grad():
-            model(self.data.x, self.data.edge_index)
+            model(self.data.x, model.bench_graph)
         return model
 
     def loss(self, out: torch.Tensor) -> torch.Tensor:
@@ -228,14 +262,14 @@ class Trainer:
             if isinstance(m, nn.Dropout):
                 m.eval()
         model.zero_grad(set_to_none=True)
-        self.loss(model(self.data.x, self.data.edge_index)).backward()
+        self.loss(model(self.data.x, model.bench_graph)).backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
         model.train()
         return grads
 
     def activation_memory(self, model: GNN) -> Dict[str, Any]:
-        x, ei = self.data.x, self.data.edge_index
+        x, ei = self.data.x, model.bench_graph
         exclude = (x, ei, self.data.y)
         model.train()
         res: Dict[str, Any] = {}
@@ -272,7 +306,7 @@ class Trainer:
             delta = torch.cuda.memory_allocated(self.device) - before
             method = "torch.cuda.memory_allocated delta"
         else:
-            out, delta, _ = _cpu_allocation_trace(lambda: model(x, ei))
+            out, delta, _, _ = _cpu_allocation_trace(lambda: model(x, ei))
             method = "torch.profiler CPU allocation delta"
         delta -= _storage_bytes(out)
         del out
@@ -289,7 +323,7 @@ class Trainer:
         model.zero_grad(set_to_none=True)
 
         def step():
-            self.loss(model(self.data.x, self.data.edge_index)).backward()
+            self.loss(model(self.data.x, model.bench_graph)).backward()
 
         if self.device.type == "cuda":
             _sync(self.device)
@@ -300,7 +334,7 @@ class Trainer:
             peak = torch.cuda.max_memory_allocated(self.device) - base
             method = "torch.cuda.max_memory_allocated"
         else:
-            _, _, peak = _cpu_allocation_trace(step)
+            _, _, peak, _ = _cpu_allocation_trace(step)
             method = "torch.profiler CPU allocation peak"
         model.zero_grad(set_to_none=True)
         return {"peak_step_bytes": int(peak), "peak_method": method}
@@ -309,7 +343,7 @@ class Trainer:
     def train(self, model: GNN, seed: int, epochs: int, bar=None) -> Dict[str, Any]:
         torch.manual_seed(seed)
         opt = torch.optim.Adam(model.parameters(), lr=self.opts.lr)
-        x, ei = self.data.x, self.data.edge_index
+        x, ei = self.data.x, model.bench_graph
         times, losses, val_curve, test_curve = [], [], [], []
         best_val, test_at_best, best_epoch = -math.inf, float("nan"), -1
         for epoch in range(epochs):
@@ -450,6 +484,8 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
     for r in records:
         r["memory_ratio_fp32"] = (r["activation_bytes"] / base["activation_bytes"]
                                   if base and base["activation_bytes"] > 0 else None)
+        r["peak_ratio_fp32"] = (r["peak_step_bytes"] / base["peak_step_bytes"]
+                                if base and base["peak_step_bytes"] > 0 else None)
         r["time_ratio_fp32"] = (r["epoch_time_median_s"] / base["epoch_time_median_s"]
                                 if base and base["epoch_time_median_s"] > 0 else None)
     return records

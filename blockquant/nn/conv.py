@@ -4,16 +4,17 @@ Each wrapper subclasses the PyG layer it replaces and is built with
 ``from_module`` around the very same Parameter objects. Its behaviour:
 
 * ``eval()`` or gradients disabled: the original ``forward`` runs unchanged.
-* training: the output is computed by the same sequence of floating-point
-  operations as the original (bit-identical for ``edge_index`` input, and up
-  to summation order for sparse matrices), but what autograd keeps for
+* training: the output equals the original's up to floating-point summation
+  order (aggregation is a sparse-dense product where PyG scatters messages;
+  no ``[E, F]`` message tensor is ever built), and what autograd keeps for
   backward is compressed:
 
   - inputs of the linear maps go through :func:`blockquant.functional.linear`
     (block-wise low-bit codes, random projection when the config asks for it;
     a leaf input such as ``data.x`` is kept by reference);
   - aggregation over a constant adjacency goes through
-    :func:`blockquant.functional.aggregate` and keeps nothing of ``x``;
+    :func:`blockquant.functional.aggregate` (``A x`` forward, ``A^T g``
+    backward over the graph's cached CSR) and keeps nothing of ``x``;
   - attention (GAT, GATv2) runs PyG's own attention code under
     :func:`blockquant.saved_hooks.compress_saved_tensors`, so the tensors the
     attention-parameter gradients need are kept compressed (dropout masks at
@@ -38,7 +39,7 @@ from torch_geometric.typing import SparseTensor
 from torch_geometric.utils import add_self_loops, remove_self_loops, softmax
 
 from .. import functional as BF
-from ..adjacency import as_adjacency
+from ..adjacency import _is_edge_index_type, as_adjacency
 from ..saved_hooks import compress_saved_tensors
 from .registry import CompressedModule, register_wrapper
 
@@ -147,18 +148,32 @@ class _QConv(CompressedModule):
 
     def _adjacency(self, edge_index, x_src: Tensor, x_dst: Optional[Tensor], size=None,
                    edge_weight: Optional[Tensor] = None, use_sparse_values: bool = True):
-        """An :class:`~blockquant.adjacency.Adjacency` matching how PyG's propagate reads ``edge_index``."""
+        """An :class:`~blockquant.adjacency.Adjacency` sized as PyG's ``propagate`` sizes the graph.
+
+        A sparse matrix (``[num_dst, num_src]``) and an ``EdgeIndex`` with a ``sparse_size``
+        fix both sizes themselves (PyG ignores ``size`` for them); for ``edge_index``,
+        ``size`` wins, then the feature counts, and the target count defaults to the source count.
+        """
         if _is_torch_sparse_tensor_type(edge_index):
             adj = as_adjacency(edge_index)
             return adj if use_sparse_values else adj.with_weight(None)
         if isinstance(edge_index, Tensor) and edge_index.layout != torch.strided:
             # PyG's spmm multiplies by a torch.sparse matrix's values and ignores edge_weight
             return as_adjacency(edge_index)
-        n_src = x_src.size(0)
-        n_dst = x_dst.size(0) if x_dst is not None else n_src
-        if size is not None:
-            n_src = size[0] if size[0] is not None else n_src
-            n_dst = size[1] if size[1] is not None else n_dst
+        if _is_edge_index_type(edge_index):
+            size = edge_index.sparse_size()
+        sizes = [None, None] if size is None else list(size)
+        for dim, feats in ((0, x_src), (1, x_dst)):
+            if feats is None:
+                continue
+            if sizes[dim] is None:
+                sizes[dim] = feats.size(0)
+            elif sizes[dim] != feats.size(0):
+                side = "source" if dim == 0 else "target"
+                raise ValueError(f"{type(self).__name__}: the graph has {sizes[dim]} {side} nodes but the {side} "
+                                 f"features have {feats.size(0)} rows; pass matching size/features")
+        n_src = sizes[0]
+        n_dst = sizes[1] if sizes[1] is not None else n_src
         return as_adjacency(edge_index, num_nodes=(n_src, n_dst), edge_weight=edge_weight)
 
     def _aggregate_pairs(self, x, edge_index, size, **adjacency_options):
