@@ -46,9 +46,11 @@ from .packed import draw_seed
 
 __all__ = ["AttentionGraph", "attention_graph", "gat_attention", "gatv2_attention", "CHUNK_ELEMENTS"]
 
-#: Elements of one per-edge transient (``chunk_edges * heads * channels``): 1 Mi
-#: elements is 4 MiB in fp32, small next to any ``[N, F]`` tensor of a real graph.
+#: Most elements of one per-edge transient (``chunk_edges * heads * channels``): 1 Mi
+#: elements, 4 MiB in fp32. A chunk also stays within ``max(N * F, 64 Ki)`` elements,
+#: so on small graphs it is never larger than a node-feature tensor.
 CHUNK_ELEMENTS = 1 << 20
+_MIN_CHUNK_ELEMENTS = 1 << 16
 
 
 def _index_dtype(*sizes: int) -> torch.dtype:
@@ -163,9 +165,11 @@ def attention_graph(adjacency, num_src: int, num_dst: int, *, key=None, variant=
 # per-edge building blocks (no autograd; all per-edge tensors are [E, H])
 # ----------------------------------------------------------------------------
 
-def _chunk_edges(width: int) -> int:
+def _chunk_edges(graph: AttentionGraph, width: int) -> int:
+    width = max(width, 1)
+    budget = min(CHUNK_ELEMENTS, max(max(graph.num_src, graph.num_dst) * width, _MIN_CHUNK_ELEMENTS))
     # a multiple of 8, so chunked 1-bit masks start on byte boundaries
-    return max(8, (CHUNK_ELEMENTS // max(width, 1)) // 8 * 8)
+    return max(8, (budget // width) // 8 * 8)
 
 
 def _edge_softmax(graph: AttentionGraph, scores: Tensor) -> Tensor:
@@ -217,7 +221,7 @@ def _sampled_dot(graph: AttentionGraph, g: Tensor, x: Tensor) -> Tensor:
     """``out[e, h] = <g[dst_e, h, :], x[src_e, h, :]>`` over chunks of edges (``[E, H]``)."""
     num_e = graph.num_edges
     out = g.new_empty((num_e, g.size(1)))
-    step = _chunk_edges(g[0].numel() if g.size(0) else 1)
+    step = _chunk_edges(graph, math.prod(g.shape[1:]))
     for a in range(0, num_e, step):
         b = min(a + step, num_e)
         gd = g.index_select(0, graph.dst[a:b])
@@ -461,7 +465,7 @@ class _GATv2Attention(torch.autograd.Function):
         scores = x_l.new_empty((num_e, heads))
         mask = torch.empty(math.ceil(num_e * width / 8) if need_scores else 0, dtype=torch.uint8,
                            device=x_l.device)
-        step = _chunk_edges(width)
+        step = _chunk_edges(graph, width)
         for a in range(0, num_e, step):
             b = min(a + step, num_e)
             z = _gatv2_z(graph, x_l, x_r, edge_attr, w_edge, a, b)
@@ -537,7 +541,7 @@ class _GATv2Attention(torch.autograd.Function):
         grad_ea = torch.zeros_like(edge_attr, dtype=g.dtype) if need_ea else None
         mask: BitMask = ctx.bq_state[0]
         slope = ctx.bq_slope
-        step = _chunk_edges(width)
+        step = _chunk_edges(graph, width)
         for a in range(0, graph.num_edges, step):
             b = min(a + step, graph.num_edges)
             byte0 = a * width // 8

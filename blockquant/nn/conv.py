@@ -387,6 +387,11 @@ def _attention_adjacency(self, edge_index, edge_attr, num_src: int, num_dst: int
     if not (isinstance(edge_index, Tensor) or _is_torch_sparse_tensor_type(edge_index)):
         raise TypeError(f"{type(self).__name__} expects edge_index as a LongTensor [2, E], a torch.sparse "
                         f"matrix or an EdgeIndex; got {type(edge_index).__name__}")
+    if edge_attr is not None:
+        given = edge_index.size(-1) if isinstance(edge_index, Tensor) and edge_index.layout == torch.strided \
+            else as_adjacency(edge_index, num_nodes=(num_src, num_dst)).num_edges
+        if edge_attr.size(0) != given:
+            raise ValueError(f"{type(self).__name__}: edge_attr has {edge_attr.size(0)} rows for {given} edges")
     if self.add_self_loops:
         if edge_attr is not None:
             looped, edge_attr = _gat_self_loops(self, edge_index, edge_attr, loop_nodes)
@@ -397,12 +402,8 @@ def _attention_adjacency(self, edge_index, edge_attr, num_src: int, num_dst: int
         graph = attention_graph(form, num_src, num_dst, key=edge_index, variant=("self_loops", loop_nodes))
     else:
         graph = attention_graph(edge_index, num_src, num_dst)
-    if edge_attr is not None:
-        if edge_attr.dim() == 1:
-            edge_attr = edge_attr.view(-1, 1)
-        if edge_attr.size(0) != graph.num_edges:
-            raise ValueError(f"{type(self).__name__}: edge_attr has {edge_attr.size(0)} rows for "
-                             f"{graph.num_edges} edges")
+    if edge_attr is not None and edge_attr.dim() == 1:
+        edge_attr = edge_attr.view(-1, 1)
     return graph, edge_attr
 
 
