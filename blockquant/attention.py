@@ -73,7 +73,7 @@ class AttentionGraph:
     """
 
     __slots__ = ("num_src", "num_dst", "num_edges", "order", "crow", "src", "dst", "t_order", "t_crow",
-                 "__weakref__")
+                 "_chunks", "__weakref__")
 
     def __init__(self, src: Tensor, dst: Tensor, num_src: int, num_dst: int):
         num_edges = src.numel()
@@ -91,6 +91,26 @@ class AttentionGraph:
         self.t_order = t_order.to(idx)
         self.src, self.dst = src.to(idx), dst.to(idx)
         self.num_src, self.num_dst, self.num_edges = int(num_src), int(num_dst), int(num_edges)
+        self._chunks = {}
+
+    def target_chunks(self, edges: int):
+        """``[(a, b, da, db), ...]``: consecutive sorted-edge ranges ``[a, b)`` holding all the
+        incoming edges of targets ``[da, db)``, about ``edges`` edges each (one target with
+        more incoming edges gets a chunk of its own). Cached per size."""
+        hit = self._chunks.get(edges)
+        if hit is not None:
+            return hit
+        crow = self.crow.long()
+        chunks = []
+        da = 0
+        while da < self.num_dst:
+            a = int(crow[da])
+            db = int(torch.searchsorted(crow, torch.tensor(a + edges, dtype=crow.dtype), right=True)) - 1
+            db = min(max(db, da + 1), self.num_dst)
+            chunks.append((a, int(crow[db]), da, db))
+            da = db
+        self._chunks[edges] = chunks
+        return chunks
 
     def tensors(self) -> Tuple[Tensor, ...]:
         """The tensors this graph keeps alive (read by :func:`blockquant.track_saved`)."""
@@ -172,71 +192,76 @@ def _chunk_edges(graph: AttentionGraph, width: int) -> int:
     return max(8, (budget // width) // 8 * 8)
 
 
-def _edge_softmax(graph: AttentionGraph, scores: Tensor) -> Tensor:
-    """Softmax of ``[E, H]`` target-sorted scores over each target's incoming edges
+def _target_chunks(graph: AttentionGraph, heads: int):
+    return graph.target_chunks(_chunk_edges(graph, heads))
+
+
+def _segments(graph: AttentionGraph, a: int, da: int, db: int) -> Tuple[Tensor, Tensor]:
+    """Offsets of targets ``[da, db)`` within their edge chunk starting at ``a``, and each
+    edge's local target index."""
+    offsets = graph.crow[da:db + 1].long() - a
+    local = graph.dst[a:int(graph.crow[db])] - da
+    return offsets, local
+
+
+def _segment_sum(values: Tensor, offsets: Tensor) -> Tensor:
+    return torch.segment_reduce(values, "sum", offsets=offsets, axis=0, unsafe=True)
+
+
+def _softmax_chunk_(s: Tensor, offsets: Tensor, local: Tensor) -> Tensor:
+    """In place: softmax of a chunk's ``[c, H]`` scores over each target's incoming edges
     (as ``torch_geometric.utils.softmax``: max-shifted, ``+1e-16`` in the denominator)."""
-    offsets = graph.crow.long()
-    smax = torch.segment_reduce(scores, "max", offsets=offsets, axis=0, unsafe=True)
-    out = scores - smax.index_select(0, graph.dst)
-    out.exp_()
-    denom = torch.segment_reduce(out, "sum", offsets=offsets, axis=0, unsafe=True).add_(1e-16)
-    return out.div_(denom.index_select(0, graph.dst))
+    smax = torch.segment_reduce(s, "max", offsets=offsets, axis=0, unsafe=True)
+    s.sub_(smax.index_select(0, local)).exp_()
+    return s.div_(_segment_sum(s, offsets).add_(1e-16).index_select(0, local))
 
 
-def _edge_softmax_backward(graph: AttentionGraph, alpha: Tensor, grad_alpha: Tensor) -> Tensor:
-    """``d score = alpha * (d alpha - sum_{e' -> same target} alpha_e' d alpha_e')``; linear in ``grad_alpha``."""
+def _softmax_backward_chunk(alpha: Tensor, grad_alpha: Tensor, offsets: Tensor, local: Tensor) -> Tensor:
+    """``d s = alpha * (d alpha - sum_{e' -> same target} alpha_e' d alpha_e')``, linear in ``grad_alpha``."""
     weighted = alpha * grad_alpha
-    per_dst = torch.segment_reduce(weighted, "sum", offsets=graph.crow.long(), axis=0, unsafe=True)
-    return weighted.sub_(alpha * per_dst.index_select(0, graph.dst))
+    return weighted.sub_(alpha * _segment_sum(weighted, offsets).index_select(0, local))
 
 
-def _spmm(crow: Tensor, col: Tensor, values: Tensor, dense: Tensor, rows: int) -> Tensor:
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
-        a = torch.sparse_csr_tensor(crow, col, values, (rows, dense.size(0)), check_invariants=False)
-        return torch.sparse.mm(a, dense)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 def _aggregate_heads(graph: AttentionGraph, alpha: Tensor, x: Tensor) -> Tensor:
     """``out[j, h] = sum_{e: i -> j} alpha[e, h] * x[i, h]``: one sparse-dense product per head."""
-    heads = x.size(1)
     out = x.new_empty((graph.num_dst,) + tuple(x.shape[1:]))
-    for h in range(heads):
-        out[:, h] = _spmm(graph.crow, graph.src, alpha[:, h].contiguous(), x[:, h], graph.num_dst)
+    for h in range(x.size(1)):
+        a = _csr(graph.crow, graph.src, alpha[:, h].contiguous(), (graph.num_dst, graph.num_src))
+        out[:, h] = torch.sparse.mm(a, x[:, h])
     return out
 
 
 def _aggregate_heads_t(graph: AttentionGraph, alpha: Tensor, g: Tensor) -> Tensor:
     """The transpose: ``grad_x[i, h] = sum_{e: i -> j} alpha[e, h] * g[j, h]``."""
-    heads = g.size(1)
-    alpha_t = alpha.index_select(0, graph.t_order)
     dst_t = graph.dst.index_select(0, graph.t_order)
     out = g.new_empty((graph.num_src,) + tuple(g.shape[1:]))
-    for h in range(heads):
-        out[:, h] = _spmm(graph.t_crow, dst_t, alpha_t[:, h].contiguous(), g[:, h], graph.num_src)
+    for h in range(g.size(1)):
+        values = alpha[:, h].index_select(0, graph.t_order)
+        a = _csr(graph.t_crow, dst_t, values, (graph.num_src, graph.num_dst))
+        out[:, h] = torch.sparse.mm(a, g[:, h])
     return out
 
 
-def _sampled_dot(graph: AttentionGraph, g: Tensor, x: Tensor) -> Tensor:
-    """``out[e, h] = <g[dst_e, h, :], x[src_e, h, :]>`` over chunks of edges (``[E, H]``)."""
-    num_e = graph.num_edges
-    out = g.new_empty((num_e, g.size(1)))
-    step = _chunk_edges(graph, math.prod(g.shape[1:]))
-    for a in range(0, num_e, step):
-        b = min(a + step, num_e)
-        gd = g.index_select(0, graph.dst[a:b])
-        gd.mul_(x.index_select(0, graph.src[a:b]))
-        torch.sum(gd, dim=-1, out=out[a:b])
+def _sampled_dot(graph: AttentionGraph, g: Tensor, x: Tensor, a: int, b: int) -> Tensor:
+    """``out[e, h] = <g[dst_e, h, :], x[src_e, h, :]>`` for sorted edges ``[a, b)`` (``[b - a, H]``),
+    gathering at most :func:`_chunk_edges` edges' features at a time."""
+    heads = g.size(1)
+    width = g[0].numel() if g.size(0) else heads
+    g2, x2 = g.reshape(g.size(0), width), x.reshape(x.size(0), width)
+    out = g.new_empty((b - a, heads))
+    step = _chunk_edges(graph, width)
+    for lo in range(a, b, step):
+        hi = min(lo + step, b)
+        prod = g2.index_select(0, graph.dst[lo:hi])
+        prod.mul_(x2.index_select(0, graph.src[lo:hi]))
+        torch.sum(prod.view(hi - lo, heads, -1), dim=-1, out=out[lo - a:hi - a])
     return out
-
-
-def _scatter_src(graph: AttentionGraph, per_edge: Tensor) -> Tensor:
-    out = per_edge.new_zeros((graph.num_src,) + tuple(per_edge.shape[1:]))
-    return out.index_add_(0, graph.src, per_edge)
-
-
-def _scatter_dst(graph: AttentionGraph, per_edge: Tensor) -> Tensor:
-    return torch.segment_reduce(per_edge, "sum", offsets=graph.crow.long(), axis=0, unsafe=True)
 
 
 def _keep(x: Tensor, config: QuantConfig, independent: bool = False):
@@ -251,21 +276,26 @@ def _load(kept) -> Tensor:
     return kept if isinstance(kept, Tensor) else kept.dequantize()
 
 
-def _softmax_dropout(ctx, graph: AttentionGraph, scores: Tensor, p: float) -> Tuple[Tensor, Tensor]:
-    alpha = _edge_softmax(graph, scores)
-    ctx.bq_p = p
-    ctx.bq_seed = None
-    if p == 0.0:
-        return alpha, alpha
-    ctx.bq_seed = draw_seed()
-    return alpha, alpha * _dropout_noise(alpha, p, ctx.bq_seed)
+class _DropMask:
+    """Attention dropout: the scaled keep-mask of target chunk ``k`` regenerated from ``seed + k``."""
 
+    def __init__(self, p: float):
+        self.p = p
+        self.seed = draw_seed() if p > 0 else None
 
-def _dropped(ctx, alpha: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-    if ctx.bq_seed is None:
-        return alpha, None
-    noise = _dropout_noise(alpha, ctx.bq_p, ctx.bq_seed)
-    return alpha * noise, noise
+    def chunk(self, like: Tensor, k: int) -> Optional[Tensor]:
+        if self.seed is None:
+            return None
+        return _dropout_noise(like, self.p, self.seed + k)
+
+    def apply(self, graph: AttentionGraph, alpha: Tensor) -> Tensor:
+        """``alpha`` with dropout (``alpha`` itself when ``p == 0``)."""
+        if self.seed is None:
+            return alpha
+        out = torch.empty_like(alpha)
+        for k, (a, b, _, _) in enumerate(_target_chunks(graph, alpha.size(1))):
+            torch.mul(alpha[a:b], self.chunk(alpha[a:b], k), out=out[a:b])
+        return out
 
 
 def _outputs(ctx, graph: AttentionGraph, out: Tensor, alpha_d: Tensor, return_weights: bool):
@@ -296,29 +326,29 @@ class _GATAttention(torch.autograd.Function):
     def forward(ctx, x_src, score_src, score_dst, score_edge, graph: AttentionGraph, negative_slope: float,
                 p: float, config: QuantConfig, return_weights: bool):
         need_x, need_ss, need_sd, need_se = ctx.needs_input_grad[:4]
-        s = score_src.index_select(0, graph.src)
-        if score_dst is not None:
-            s = s.add_(score_dst.index_select(0, graph.dst))
-        if score_edge is not None:
-            s = s.add_(graph.to_sorted(score_edge))
-        need_scores = need_ss or need_sd or need_se
-        ctx.bq_state = (BitMask.pack(s > 0),) if need_scores else ()
-        s = torch.nn.functional.leaky_relu(s, negative_slope)
-        alpha, alpha_d = _softmax_dropout(ctx, graph, s, p)
-        del s
+        heads = x_src.size(1)
+        alpha = x_src.new_empty((graph.num_edges, heads))
+        for a, b, da, db in _target_chunks(graph, heads):
+            s = _gat_scores(graph, score_src, score_dst, score_edge, negative_slope, a, b)
+            _softmax_chunk_(s, *_segments(graph, a, da, db))
+            alpha[a:b] = s
+            del s
+        drop = _DropMask(p)
+        alpha_d = drop.apply(graph, alpha)
         out = _aggregate_heads(graph, alpha_d, x_src)
-        ctx.bq_graph = graph
-        ctx.bq_slope = negative_slope
-        ctx.bq_has = (score_dst is not None, score_edge is not None)
+        ctx.bq_graph, ctx.bq_slope, ctx.bq_drop = graph, negative_slope, drop
+        ctx.bq_state = ()
         ctx.bq_x = None  # x_src compressed, when not kept by reference
-        if need_scores:
+        if need_ss or need_sd or need_se:
             kept = _keep(x_src, _no_proj(config))
+            refs = []
             if isinstance(kept, Tensor):
-                ctx.save_for_backward(alpha, kept)
+                refs.append(kept)
             else:
                 ctx.bq_x = kept
-                ctx.bq_state = ctx.bq_state + (kept,)
-                ctx.save_for_backward(alpha)
+                ctx.bq_state = (kept,)
+            # the scores are kept exact: backward recomputes the LeakyReLU signs from them
+            ctx.save_for_backward(alpha, score_src, score_dst, score_edge, *refs)
         elif need_x:
             ctx.save_for_backward(alpha)
         return _outputs(ctx, graph, out, alpha_d, return_weights)
@@ -328,32 +358,55 @@ class _GATAttention(torch.autograd.Function):
     def backward(ctx, grad_out, *_grad_weights):
         need_x, need_ss, need_sd, need_se = ctx.needs_input_grad[:4]
         graph: AttentionGraph = ctx.bq_graph
+        drop: _DropMask = ctx.bq_drop
         grads = [None] * 9
-        if not (need_x or need_ss or need_sd or need_se):
-            return tuple(grads)
         saved = ctx.saved_tensors
-        alpha = saved[0]
         g = grad_out.contiguous()
-        alpha_d, noise = _dropped(ctx, alpha.to(g.dtype))
+        alpha = saved[0].to(g.dtype)
         if need_x:
-            grads[0] = _aggregate_heads_t(graph, alpha_d, g)
-        if need_ss or need_sd or need_se:
-            x = saved[1] if ctx.bq_x is None else ctx.bq_x.dequantize()
-            grad_alpha = _sampled_dot(graph, g, x.to(g.dtype))
-            del x
+            grads[0] = _aggregate_heads_t(graph, drop.apply(graph, alpha), g)
+        if not (need_ss or need_sd or need_se):
+            return tuple(grads)
+        score_src, score_dst, score_edge = saved[1:4]
+        x = (saved[4] if ctx.bq_x is None else ctx.bq_x.dequantize()).to(g.dtype)
+        heads = alpha.size(1)
+        grad_ss = g.new_zeros((graph.num_src, heads)) if need_ss else None
+        grad_sd = g.new_empty((graph.num_dst, heads)) if need_sd else None
+        grad_se = g.new_empty((graph.num_edges, heads)) if need_se else None
+        for k, (a, b, da, db) in enumerate(_target_chunks(graph, heads)):
+            offsets, local = _segments(graph, a, da, db)
+            grad_alpha = _sampled_dot(graph, g, x, a, b)  # linear in the compressed x
+            noise = drop.chunk(grad_alpha, k)
             if noise is not None:
                 grad_alpha.mul_(noise)
-            grad_s = _edge_softmax_backward(graph, alpha.to(g.dtype), grad_alpha)
+            gs = _softmax_backward_chunk(alpha[a:b], grad_alpha, offsets, local)
             del grad_alpha
-            positive = ctx.bq_state[0].unpack()
-            grad_s = torch.where(positive, grad_s, grad_s * ctx.bq_slope)
+            positive = _gat_scores(graph, score_src, score_dst, score_edge, None, a, b) > 0  # exact signs
+            gs = torch.where(positive, gs, gs * ctx.bq_slope)
             if need_ss:
-                grads[1] = _scatter_src(graph, grad_s)
+                grad_ss.index_add_(0, graph.src[a:b], gs)
             if need_sd:
-                grads[2] = _scatter_dst(graph, grad_s)
+                grad_sd[da:db] = _segment_sum(gs, offsets)
             if need_se:
-                grads[3] = graph.to_caller(grad_s)
+                grad_se[a:b] = gs
+        grads[1], grads[2] = grad_ss, grad_sd
+        grads[3] = graph.to_caller(grad_se) if need_se else None
         return tuple(grads)
+
+
+def _gat_scores(graph: AttentionGraph, score_src: Tensor, score_dst: Optional[Tensor], score_edge: Optional[Tensor],
+                negative_slope: Optional[float], a: int, b: int) -> Tensor:
+    """``leaky_relu(score_src[src] + score_dst[dst] + score_edge)`` for sorted edges ``[a, b)``
+    (before the LeakyReLU when ``negative_slope`` is None); the same operations in forward and
+    backward, so the signs backward recomputes are the forward's."""
+    s = score_src.index_select(0, graph.src[a:b])
+    if score_dst is not None:
+        s.add_(score_dst.index_select(0, graph.dst[a:b]))
+    if score_edge is not None:
+        s.add_(score_edge[a:b] if graph.order is None else score_edge.index_select(0, graph.order[a:b]))
+    if negative_slope is not None:
+        torch.nn.functional.leaky_relu(s, negative_slope, inplace=True)
+    return s
 
 
 def gat_attention(x_src: Tensor, score_src: Tensor, score_dst: Optional[Tensor], graph: AttentionGraph, *,
@@ -475,10 +528,13 @@ class _GATv2Attention(torch.autograd.Function):
             torch.nn.functional.leaky_relu(z, negative_slope, inplace=True)
             torch.sum(z.mul_(att_hc), dim=-1, out=scores[a:b])
             del z
-        alpha, alpha_d = _softmax_dropout(ctx, graph, scores, p)
-        del scores
+        alpha = scores  # softmax in place, chunk by chunk
+        for a, b, da, db in _target_chunks(graph, heads):
+            _softmax_chunk_(alpha[a:b], *_segments(graph, a, da, db))
+        drop = _DropMask(p)
+        alpha_d = drop.apply(graph, alpha)
         out = _aggregate_heads(graph, alpha_d, x_l)
-        ctx.bq_graph = graph
+        ctx.bq_graph, ctx.bq_drop = graph, drop
         ctx.bq_slope = negative_slope
         ctx.bq_shape = (heads, channels)
         ctx.bq_has = (edge_attr is not None, w_edge is not None)
@@ -511,22 +567,23 @@ class _GATv2Attention(torch.autograd.Function):
         if not (need_l or need_r or need_att or need_ea or need_we):
             return tuple(grads)
         saved = list(ctx.saved_tensors)
-        alpha = saved[0]
         g = grad_out.contiguous()
-        alpha_d, noise = _dropped(ctx, alpha.to(g.dtype))
-        grad_l = _aggregate_heads_t(graph, alpha_d, g) if need_l else None
-        del alpha_d
+        alpha = saved[0].to(g.dtype)
+        drop: _DropMask = ctx.bq_drop
+        grad_l = _aggregate_heads_t(graph, drop.apply(graph, alpha), g) if need_l else None
         att, edge_attr, w_edge = saved[1:4]
         refs = iter(saved[4:])
         kept = [next(refs) if k is None else k for k in ctx.bq_kept]
         values = _load(kept[0]).to(g.dtype)
-        grad_alpha = _sampled_dot(graph, g, values)
-        del values
-        if noise is not None:
-            grad_alpha.mul_(noise)
-        gs = _edge_softmax_backward(graph, alpha.to(g.dtype), grad_alpha)  # d score, [E, H]
-        del grad_alpha
         heads, channels = ctx.bq_shape
+        gs = torch.empty_like(alpha)  # d score, [E, H]
+        for k, (a, b, da, db) in enumerate(_target_chunks(graph, heads)):
+            grad_alpha = _sampled_dot(graph, g, values, a, b)  # linear in the compressed x_l
+            noise = drop.chunk(grad_alpha, k)
+            if noise is not None:
+                grad_alpha.mul_(noise)
+            gs[a:b] = _softmax_backward_chunk(alpha[a:b], grad_alpha, *_segments(graph, a, da, db))
+        del values, alpha
         width = heads * channels
         att_hc = att.reshape(heads, channels).to(g.dtype)
         z_l = z_r = None
