@@ -435,13 +435,15 @@ def gat_attention(x_src: Tensor, score_src: Tensor, score_dst: Optional[Tensor],
     Saves for backward (only what the requested gradients need):
       * ``alpha`` exact (``[E, H]``, 4 B per edge and head in fp32): the softmax
         backward multiplies by it, and the input gradient aggregates with it;
-      * the sign of each LeakyReLU argument, 1 bit per edge and head;
+      * ``score_src``, ``score_dst`` exact (``[N, H]``) and ``score_edge`` exact
+        (``[E, H]``, only when given): backward recomputes the LeakyReLU signs from them;
       * the dropout seed (no tensor);
       * ``x_src`` compressed (or by reference when resident) only for the score
         gradients: they use it in ``<g[dst_e], x_src[src_e]>``, linear in ``x_src``;
       * the graph (shared by every layer using it).
-    Transients are ``[E, H]`` tensors, ``[N, H, C]`` tensors and edge chunks of
-    :data:`CHUNK_ELEMENTS` elements; never ``[E, H, C]``.
+    Transients: ``[E, H]`` tensors (the coefficients with dropout, one head's
+    values at a time), ``[N, H, C]`` tensors, and chunks of edges bounded by
+    :data:`CHUNK_ELEMENTS`; never ``[E, H, C]``.
     """
     who = "blockquant.attention.gat_attention"
     for name, t in (("x_src", x_src), ("score_src", score_src)):
