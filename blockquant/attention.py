@@ -8,8 +8,10 @@ The unbiasedness rule: a stochastically rounded tensor may enter backward
 only linearly. Here that means:
 
 * kept **exact**: the attention coefficients ``alpha`` (``[E, heads]``, the
-  softmax output; the softmax backward multiplies by it), the sign of every
-  LeakyReLU argument as a 1-bit mask, and the dropout mask as one seed;
+  softmax output; the softmax backward multiplies by it), what fixes the
+  sign of every LeakyReLU argument (GAT: the per-node scores, ``[N, heads]``;
+  GATv2: a 1-bit mask per edge, head and channel), and the dropout mask as
+  one seed;
 * kept **compressed**: node features (``[N, heads * channels]``), which
   backward uses only in ``<g[dst_e], x[src_e]>`` (the score gradient) and in
   GATv2's ``sum_e gs_e * leaky_relu(z_e)`` with the sign known, both linear
@@ -18,9 +20,10 @@ only linearly. Here that means:
 
 Memory: no step allocates an ``[E, heads * channels]`` tensor. The
 aggregation runs one sparse-dense product per head (``torch.sparse`` CSR,
-values ``alpha[:, h]``); the score gradient and GATv2's per-edge scores are
-computed over chunks of edges (:data:`CHUNK_ELEMENTS` elements per
-transient tensor).
+values ``alpha[:, h]``); the softmax, its backward, the score gradient and
+GATv2's per-edge scores run over chunks of edges (whole targets per chunk for
+the softmax; at most :data:`CHUNK_ELEMENTS` elements per per-edge feature
+transient).
 
 The graph is held as an :class:`AttentionGraph` (edges sorted by target and a
 permutation sorting them by source), built once per adjacency object and
