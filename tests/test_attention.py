@@ -373,3 +373,19 @@ def test_sparse_tensor_adjacency(conv_cls, lossless):
     wrapped = WRAPPERS[conv_cls].from_module(orig, INT2)
     adj_t = SparseTensor.from_edge_index(ei, sparse_sizes=(40, 40)).t()
     torch.testing.assert_close(wrapped(x, adj_t), orig(x, adj_t), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("conv_cls", [GATConv, GATv2Conv])
+def test_empty_graph_isolated_targets_and_float64(conv_cls, lossless):
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    for ei, loops in [(torch.empty(2, 0, dtype=torch.long), False), (torch.empty(2, 0, dtype=torch.long), True),
+                      (torch.tensor([[0, 1, 4], [1, 1, 3]]), False)]:
+        torch.manual_seed(0)
+        orig = conv_cls(8, 4, heads=2, add_self_loops=loops).double()
+        wrapped = WRAPPERS[conv_cls].from_module(orig, INT4)
+        out, ref = wrapped(x * 1.0, ei), orig(x * 1.0, ei)
+        torch.testing.assert_close(out, ref)
+        go = torch.autograd.grad(out.square().sum(), [x] + list(orig.parameters()))
+        gr = torch.autograd.grad(ref.square().sum(), [x] + list(orig.parameters()))
+        for a, b in zip(go, gr):
+            torch.testing.assert_close(a, b)
