@@ -15,11 +15,11 @@ Each wrapper subclasses the PyG layer it replaces and is built with
   - aggregation over a constant adjacency goes through
     :func:`blockquant.functional.aggregate` (``A x`` forward, ``A^T g``
     backward over the graph's cached CSR) and keeps nothing of ``x``;
-  - attention (GAT, GATv2) runs PyG's own attention code under
-    :func:`blockquant.saved_hooks.compress_saved_tensors`, so the tensors the
-    attention-parameter gradients need are kept compressed (dropout masks at
-    1 bit), and GAT's weighted aggregation keeps the node features
-    (``N x H x C``) compressed instead of the edge messages (``E x H x C``).
+  - attention (GAT, GATv2) goes through :mod:`blockquant.attention`: the
+    attention coefficients (``[E, heads]``) and LeakyReLU signs are kept
+    exact (backward uses them non-linearly), only node features
+    (``N x H x C``) are compressed, and no step builds an ``E x H x C`` tensor.
+    Outputs equal the original's up to floating-point summation order.
 
 Options a wrapper cannot honour are refused, never silently ignored:
 :meth:`unsupported_reason` names the option (``convert()`` then leaves the
@@ -35,11 +35,11 @@ from torch_geometric.nn.aggr import MaxAggregation, MeanAggregation, SumAggregat
 from torch_geometric.nn.conv import (GATConv, GATv2Conv, GCN2Conv, GCNConv, GINConv, GraphConv,
                                      MessagePassing, SAGEConv)
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
-from torch_geometric.typing import SparseTensor
-from torch_geometric.utils import add_self_loops, remove_self_loops, softmax
+from torch_geometric.utils import add_self_loops, remove_self_loops
 
 from .. import functional as BF
 from ..adjacency import _is_edge_index_type, as_adjacency
+from ..attention import attention_graph, gat_attention, gatv2_attention
 from ..saved_hooks import compress_saved_tensors
 from .registry import CompressedModule, register_wrapper
 
@@ -52,8 +52,6 @@ _AGGR_NAMES = {SumAggregation: "sum", MeanAggregation: "mean", MaxAggregation: "
 _HOOK_TABLES = ("_propagate_forward_pre_hooks", "_propagate_forward_hooks", "_message_forward_pre_hooks",
                 "_message_forward_hooks", "_aggregate_forward_pre_hooks", "_aggregate_forward_hooks",
                 "_message_and_aggregate_forward_pre_hooks", "_message_and_aggregate_forward_hooks")
-# GAT/GATv2 do call PyG's ``edge_updater`` and ``propagate`` (inside the hooks
-# context), but message hooks would see per-head pieces, so refuse those too.
 
 
 def _is_torch_sparse_tensor_type(adj) -> bool:
@@ -373,10 +371,16 @@ class QGCN2Conv(_QConv, GCN2Conv):
         return out
 
 
-# ============================================================================ GAT
+# ============================================================================ GAT / GATv2
 def _gat_self_loops(self, edge_index, edge_attr, num_nodes: int):
-    """GAT/GATv2's self-loop handling, as the originals do it."""
+    """GAT/GATv2's self-loop handling, as the originals do it (a CSC matrix, which PyG's
+    loop helpers refuse, is first converted to CSR)."""
     if isinstance(edge_index, Tensor):
+        if edge_index.layout == torch.sparse_csc:
+            edge_index = edge_index.to_sparse_csr()
+        if edge_index.layout != torch.strided and edge_attr is not None:
+            raise ValueError(f"{type(self).__name__}: edge_attr with add_self_loops=True needs an edge_index "
+                             f"adjacency; got a {edge_index.layout} matrix (PyG's self-loop helpers refuse it too)")
         edge_index, edge_attr = remove_self_loops(edge_index, edge_attr)
         edge_index, edge_attr = add_self_loops(edge_index, edge_attr, fill_value=self.fill_value,
                                                num_nodes=num_nodes)
@@ -391,41 +395,83 @@ def _gat_self_loops(self, edge_index, edge_attr, num_nodes: int):
     return edge_index, edge_attr
 
 
-def _attention_aggregate(self, x_src: Tensor, alpha: Tensor, edge_index, num_dst: int) -> Tensor:
-    """``out[j, h] = sum_{i -> j} alpha[e, h] * x_src[i, h]``, one head at a time, so the attention
-    gradient keeps ``x_src`` (``N x H x C``, compressed) rather than the messages (``E x H x C``)."""
-    adj = self._adjacency(edge_index, x_src, None, size=(x_src.size(0), num_dst), use_sparse_values=False)
-    if adj.num_edges != alpha.size(0):
-        raise RuntimeError(f"{type(self).__name__}: {alpha.size(0)} attention coefficients for "
-                           f"{adj.num_edges} edges")
-    adj = adj.with_weight(None)
-    heads = [BF.aggregate(x_src[:, h], adj.with_weight(alpha[:, h]), "sum", self.bq_config)
-             for h in range(x_src.size(1))]
-    return torch.stack(heads, dim=1)
+def _attention_adjacency(self, edge_index, edge_attr, num_src: int, num_dst: int, loop_nodes: int):
+    """The graph GAT/GATv2 attend over (self loops added when the layer asks for them), cached
+    per adjacency object, and ``edge_attr`` in its edge order (``[E, edge_dim]`` or None)."""
+    if not (isinstance(edge_index, Tensor) or _is_torch_sparse_tensor_type(edge_index)):
+        raise TypeError(f"{type(self).__name__} expects edge_index as a LongTensor [2, E], a torch.sparse "
+                        f"matrix or an EdgeIndex; got {type(edge_index).__name__}")
+    if edge_attr is not None:
+        given = edge_index.size(-1) if isinstance(edge_index, Tensor) and edge_index.layout == torch.strided \
+            else as_adjacency(edge_index, num_nodes=(num_src, num_dst)).num_edges
+        if edge_attr.size(0) != given:
+            raise ValueError(f"{type(self).__name__}: edge_attr has {edge_attr.size(0)} rows for {given} edges")
+    if self.add_self_loops:
+        if edge_attr is not None:
+            looped, edge_attr = _gat_self_loops(self, edge_index, edge_attr, loop_nodes)
+            form = looped
+        else:
+            def form():
+                return _gat_self_loops(self, edge_index, None, loop_nodes)[0]
+        graph = attention_graph(form, num_src, num_dst, key=edge_index, variant=("self_loops", loop_nodes))
+    else:
+        graph = attention_graph(edge_index, num_src, num_dst)
+    if edge_attr is not None and edge_attr.dim() == 1:
+        edge_attr = edge_attr.view(-1, 1)
+    return graph, edge_attr
 
 
-def _num_dst(x_src: Tensor, x_dst: Optional[Tensor], edge_index, size) -> int:
+def _num_dst(num_src: int, x_dst: Optional[Tensor], edge_index, size) -> int:
     if isinstance(edge_index, Tensor) and edge_index.layout != torch.strided:
         return edge_index.size(0)
     if _is_torch_sparse_tensor_type(edge_index):
         return edge_index.sparse_size(0)
     if size is not None and size[1] is not None:
         return size[1]
-    return x_dst.size(0) if x_dst is not None else x_src.size(0)
+    return x_dst.size(0) if x_dst is not None else num_src
+
+
+def _att_folded(lin_weight: Tensor, att: Tensor) -> Tensor:
+    """``W_att[h] = sum_c att[h, c] W[h * C + c]`` (``[H, in]``), so that
+    ``(lin(x).view(-1, H, C) * att).sum(-1) == x @ W_att^T`` up to summation order."""
+    heads, channels = att.shape[-2:]
+    return (lin_weight.view(heads, channels, -1) * att.view(heads, channels, 1)).sum(1)
+
+
+def _check_attention_input(self, x) -> Tuple[Tensor, Optional[Tensor]]:
+    who = type(self).__name__
+    if isinstance(x, Tensor):
+        self._check_2d(x, who)
+        return x, x
+    if not isinstance(x, (tuple, list)) or len(x) != 2:
+        raise TypeError(f"{who} expects x as a Tensor [N, F] or a (x_src, x_dst) pair; got {type(x).__name__}")
+    self._check_2d(x[0], who)
+    if x[1] is not None:
+        self._check_2d(x[1], who)
+    return x[0], x[1]
 
 
 @register_wrapper(GATConv)
 class QGATConv(_QConv, GATConv):
     """:class:`~torch_geometric.nn.conv.GATConv` with compressed saved activations.
 
-    ``lin``/``lin_src``/``lin_dst``/``res`` keep their inputs compressed. The
-    attention coefficients are computed by PyG's own code with every saved
-    tensor compressed (dropout masks at 1 bit), and the attention-weighted
-    aggregation keeps the transformed features (``N x H x C``) compressed for
-    the attention gradient instead of the per-edge messages.
+    Attention runs through :func:`blockquant.attention.gat_attention`: the
+    attention coefficients (``[E, heads]``) and the LeakyReLU signs (1 bit per
+    edge and head) are kept exact, the transformed source features
+    (``N x heads x channels``) compressed, and no step builds an
+    ``[E, heads * channels]`` tensor. The node scores
+    ``(lin(x).view(-1, H, C) * att).sum(-1)`` are computed as ``x @ W_att^T``
+    with ``W_att`` folded from ``lin.weight`` and ``att`` (equal up to summation
+    order), so they reuse the compression of ``x`` that ``lin`` keeps, and
+    ``lin_edge`` is folded the same way (``edge_attr @ W_edge_att^T``, ``[E, heads]``).
+    ``lin``/``lin_src``/``lin_dst``/``res`` keep their inputs compressed.
+    Outputs equal GATConv's up to floating-point summation order; attention
+    dropout draws its mask from blockquant's seeded stream (not PyG's RNG
+    calls), and returned attention weights carry no gradient.
     Supports ``heads``, ``concat``, ``negative_slope``, ``dropout``,
     ``add_self_loops``, ``edge_dim``/``edge_attr``, ``fill_value``, ``bias``,
-    ``residual``, bipartite input, ``size`` and ``return_attention_weights``.
+    ``residual``, bipartite input, ``size``, ``return_attention_weights`` and
+    every adjacency form (``edge_index``, ``EdgeIndex``, torch.sparse COO/CSR/CSC).
     Refuses ``aggr`` other than ``"add"``/``"sum"`` and ``flow="target_to_source"``.
     """
 
@@ -437,71 +483,43 @@ class QGATConv(_QConv, GATConv):
             return GATConv.forward(self, x, edge_index, edge_attr, size, return_attention_weights)
         self._bq_check_runtime()
         H, C = self.heads, self.out_channels
-        res = None
-        if isinstance(x, Tensor):
-            self._check_2d(x, "QGATConv")
-            if self.res is not None:
-                res = self._linear(x, self.res, bias=False)
-            if self.lin is not None:
-                x_src = x_dst = self._linear(x, self.lin, bias=False).view(-1, H, C)
-            else:
-                x_src = self._linear(x, self.lin_src, bias=False).view(-1, H, C)
-                x_dst = self._linear(x, self.lin_dst, bias=False).view(-1, H, C)
-        else:
-            x_src, x_dst = x
-            self._check_2d(x_src, "QGATConv")
-            if x_dst is not None and self.res is not None:
-                res = self._linear(x_dst, self.res, bias=False)
-            lin_s = self.lin if self.lin is not None else self.lin_src
-            lin_d = self.lin if self.lin is not None else self.lin_dst
-            x_src = self._linear(x_src, lin_s, bias=False).view(-1, H, C)
-            if x_dst is not None:
-                x_dst = self._linear(x_dst, lin_d, bias=False).view(-1, H, C)
-
         cfg = self.bq_config
-        with compress_saved_tensors(cfg):
-            alpha_src = (x_src * self.att_src).sum(dim=-1)
-            alpha_dst = None if x_dst is None else (x_dst * self.att_dst).sum(-1)
-            if self.add_self_loops:
-                num_nodes = x_src.size(0)
-                if x_dst is not None:
-                    num_nodes = min(num_nodes, x_dst.size(0))
-                num_nodes = min(size) if size is not None else num_nodes
-                edge_index, edge_attr = _gat_self_loops(self, edge_index, edge_attr, num_nodes)
-            alpha = self.edge_updater(edge_index, alpha=(alpha_src, alpha_dst), edge_attr=edge_attr, size=size)
-        out = _attention_aggregate(self, x_src, alpha, edge_index, _num_dst(x_src, x_dst, edge_index, size))
-        return _finish_attention(self, out, res, edge_index, alpha, return_attention_weights)
-
-
-    def edge_update(self, alpha_j: Tensor, alpha_i: Optional[Tensor], edge_attr: Optional[Tensor],
-                    index: Tensor, ptr: Optional[Tensor], dim_size: Optional[int]) -> Tensor:
-        # Same computation as GATConv.edge_update; in compressed training the LeakyReLU keeps an
-        # exact 1-bit sign mask instead of a quantized copy of its input.
-        if not self.compressing():
-            return GATConv.edge_update(self, alpha_j, alpha_i, edge_attr, index, ptr, dim_size)
-        alpha = alpha_j if alpha_i is None else alpha_j + alpha_i
-        if index.numel() == 0:
-            return alpha
+        x_src_in, x_dst_in = _check_attention_input(self, x)
+        res = self._linear(x_dst_in, self.res, bias=False) if (self.res is not None and x_dst_in is not None) \
+            else None
+        lin_s = self.lin if self.lin is not None else self.lin_src
+        lin_d = self.lin if self.lin is not None else self.lin_dst
+        x_src = self._linear(x_src_in, lin_s, bias=False).view(-1, H, C)
+        score_src = BF.linear(x_src_in, _att_folded(lin_s.weight, self.att_src), None, cfg)
+        score_dst = None
+        if x_dst_in is not None:
+            score_dst = BF.linear(x_dst_in, _att_folded(lin_d.weight, self.att_dst), None, cfg)
+        num_src = x_src.size(0)
+        num_dst = _num_dst(num_src, x_dst_in, edge_index, size)
+        loop_nodes = num_src if x_dst_in is None else min(num_src, x_dst_in.size(0))
+        loop_nodes = min(size) if size is not None else loop_nodes
+        graph, edge_attr = _attention_adjacency(self, edge_index, edge_attr, num_src, num_dst, loop_nodes)
+        score_edge = None
         if edge_attr is not None and self.lin_edge is not None:
-            if edge_attr.dim() == 1:
-                edge_attr = edge_attr.view(-1, 1)
-            edge_attr = self.lin_edge(edge_attr)
-            edge_attr = edge_attr.view(-1, self.heads, self.out_channels)
-            alpha = alpha + (edge_attr * self.att_edge).sum(dim=-1)
-        alpha = BF.leaky_relu(alpha, self.negative_slope)
-        alpha = softmax(alpha, index, ptr, dim_size)
-        alpha = torch.nn.functional.dropout(alpha, p=self.dropout, training=self.training)
-        return alpha
+            score_edge = torch.nn.functional.linear(edge_attr, _att_folded(self.lin_edge.weight, self.att_edge))
+        result = gat_attention(x_src, score_src, score_dst, graph, score_edge=score_edge,
+                               negative_slope=self.negative_slope, dropout=self.dropout, training=self.training,
+                               config=cfg, return_weights=bool(return_attention_weights))
+        return _finish_attention(self, result, res, edge_index, loop_nodes, return_attention_weights)
 
 
-def _finish_attention(self, out: Tensor, res: Optional[Tensor], edge_index, alpha: Tensor,
-                      return_attention_weights):
+def _finish_attention(self, result, res: Optional[Tensor], edge_index, loop_nodes: int, return_attention_weights):
     """GAT/GATv2 after aggregation: merge heads, add the residual and bias, attach weights."""
+    out, alpha = result if return_attention_weights else (result, None)
     out = out.reshape(-1, self.heads * self.out_channels) if self.concat else out.mean(dim=1)
     if res is not None:
         out = out + res
     if self.bias is not None:
         out = out + self.bias
+    if not return_attention_weights:
+        return out
+    if self.add_self_loops:
+        edge_index = _gat_self_loops(self, edge_index, None, loop_nodes)[0]
     return _with_attention(out, edge_index, alpha, return_attention_weights)
 
 
@@ -518,21 +536,26 @@ def _with_attention(out, edge_index, alpha, return_attention_weights):
     return out, edge_index.set_value(alpha, layout="coo")
 
 
-# ============================================================================ GATv2
 @register_wrapper(GATv2Conv)
 class QGATv2Conv(_QConv, GATv2Conv):
     """:class:`~torch_geometric.nn.conv.GATv2Conv` with compressed saved activations.
 
-    ``lin_l``/``lin_r``/``res`` keep their inputs compressed. GATv2 scores each
-    edge from ``x_i + x_j`` through a LeakyReLU, so the attention gradient
-    needs per-edge tensors (``E x H x C``); PyG's own attention code runs with
-    every saved tensor compressed, and the weighted aggregation keeps the node
-    features (``N x H x C``) compressed rather than the messages.
+    Attention runs through :func:`blockquant.attention.gatv2_attention`: the
+    per-edge scores ``att . leaky_relu(x_l[src] + x_r[dst] (+ lin_edge(edge_attr)))``
+    are computed over chunks of edges, never as one ``[E, heads, channels]``
+    tensor; backward keeps the attention coefficients (``[E, heads]``) exact,
+    the LeakyReLU signs as a 1-bit mask per edge, head and channel, ``x_l``
+    compressed for the score gradient and an independent compression of
+    ``x_l``/``x_r`` for ``att``'s gradient.
+    ``lin_l``/``lin_r``/``res`` keep their inputs compressed.
+    Outputs equal GATv2Conv's up to floating-point summation order; attention
+    dropout draws its mask from blockquant's seeded stream, and returned
+    attention weights carry no gradient.
     Supports ``heads``, ``concat``, ``negative_slope``, ``dropout``,
     ``add_self_loops``, ``edge_dim``/``edge_attr``, ``fill_value``, ``bias``,
-    ``share_weights``, ``residual``, bipartite input and
-    ``return_attention_weights``. Refuses ``aggr`` other than
-    ``"add"``/``"sum"`` and ``flow="target_to_source"``.
+    ``share_weights``, ``residual``, bipartite input,
+    ``return_attention_weights`` and every adjacency form. Refuses ``aggr``
+    other than ``"add"``/``"sum"`` and ``flow="target_to_source"``.
     """
 
     _reduces = ("sum",)
@@ -543,48 +566,23 @@ class QGATv2Conv(_QConv, GATv2Conv):
             return GATv2Conv.forward(self, x, edge_index, edge_attr, return_attention_weights)
         self._bq_check_runtime()
         H, C = self.heads, self.out_channels
-        res = None
-        if isinstance(x, Tensor):
-            self._check_2d(x, "QGATv2Conv")
-            if self.res is not None:
-                res = self._linear(x, self.res, bias=False)
-            x_l = self._linear(x, self.lin_l).view(-1, H, C)
-            x_r = x_l if self.share_weights else self._linear(x, self.lin_r).view(-1, H, C)
-        else:
-            x_l, x_r = x[0], x[1]
-            self._check_2d(x_l, "QGATv2Conv")
-            if x_r is not None and self.res is not None:
-                res = self._linear(x_r, self.res, bias=False)
-            x_l = self._linear(x_l, self.lin_l).view(-1, H, C)
-            if x_r is not None:
-                x_r = self._linear(x_r, self.lin_r).view(-1, H, C)
-        if x_r is None:
+        x_l_in, x_r_in = _check_attention_input(self, x)
+        if x_r_in is None:
             raise ValueError("QGATv2Conv: target node features must not be None (GATv2 scores x_i + x_j)")
-
-        with compress_saved_tensors(self.bq_config):
-            if self.add_self_loops:
-                num_nodes = min(x_l.size(0), x_r.size(0))
-                edge_index, edge_attr = _gat_self_loops(self, edge_index, edge_attr, num_nodes)
-            alpha = self.edge_updater(edge_index, x=(x_l, x_r), edge_attr=edge_attr)
-        out = _attention_aggregate(self, x_l, alpha, edge_index, _num_dst(x_l, x_r, edge_index, None))
-        return _finish_attention(self, out, res, edge_index, alpha, return_attention_weights)
-
-    def edge_update(self, x_j: Tensor, x_i: Tensor, edge_attr: Optional[Tensor], index: Tensor,
-                    ptr: Optional[Tensor], dim_size: Optional[int]) -> Tensor:
-        # Same computation as GATv2Conv.edge_update; in compressed training the LeakyReLU keeps an
-        # exact 1-bit sign mask instead of a quantized copy of its E x H x C input.
-        if not self.compressing():
-            return GATv2Conv.edge_update(self, x_j, x_i, edge_attr, index, ptr, dim_size)
-        x = x_i + x_j
-        if edge_attr is not None:
-            if edge_attr.dim() == 1:
-                edge_attr = edge_attr.view(-1, 1)
-            assert self.lin_edge is not None
-            edge_attr = self.lin_edge(edge_attr)
-            edge_attr = edge_attr.view(-1, self.heads, self.out_channels)
-            x = x + edge_attr
-        x = BF.leaky_relu(x, self.negative_slope)
-        alpha = (x * self.att).sum(dim=-1)
-        alpha = softmax(alpha, index, ptr, dim_size)
-        alpha = torch.nn.functional.dropout(alpha, p=self.dropout, training=self.training)
-        return alpha
+        res = self._linear(x_r_in, self.res, bias=False) if self.res is not None else None
+        x_l = self._linear(x_l_in, self.lin_l).view(-1, H, C)
+        if isinstance(x, Tensor) and self.share_weights:
+            x_r = x_l
+        else:
+            x_r = self._linear(x_r_in, self.lin_r).view(-1, H, C)
+        if edge_attr is not None and self.lin_edge is None:
+            raise ValueError("QGATv2Conv: edge_attr was given but the layer has no edge_dim (lin_edge is None)")
+        num_src = x_l.size(0)
+        num_dst = _num_dst(num_src, x_r, edge_index, None)
+        loop_nodes = min(num_src, x_r.size(0))
+        graph, edge_attr = _attention_adjacency(self, edge_index, edge_attr, num_src, num_dst, loop_nodes)
+        lin_edge_weight = self.lin_edge.weight if edge_attr is not None else None
+        result = gatv2_attention(x_l, x_r, self.att, graph, edge_attr=edge_attr, lin_edge_weight=lin_edge_weight,
+                                 negative_slope=self.negative_slope, dropout=self.dropout, training=self.training,
+                                 config=self.bq_config, return_weights=bool(return_attention_weights))
+        return _finish_attention(self, result, res, edge_index, loop_nodes, return_attention_weights)
