@@ -32,9 +32,14 @@ exact). A tensor kept exact by one op is never also compressed for another:
 the exact copy is held anyway, so every saved reference to it, earlier or
 later, becomes that reference.
 
-On unpack the original shape and dtype come back (contiguous). A tensor
-saved by several compressing ops is compressed once (see
-:func:`blockquant.functional.compress_shared`). Backward through compressed
+On unpack the original shape and dtype come back (contiguous). Each save
+is rounded on its own, even when several ops save the same tensor: with
+independent roundings, and each saved tensor read by one backward node that
+is linear in it, every gradient is multilinear in independent unbiased
+estimates, hence unbiased. One rounding shared by two saves can meet itself
+in a product (``(x * w).sum(-1) * x``: ``grad_w`` multiplies the rounded
+``x`` of the second product into the rounded ``x`` of the first), which is
+biased. Backward through compressed
 tensors is not differentiable: unpacking one with gradients enabled
 (``create_graph=True``) raises.
 """
@@ -50,7 +55,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from blockquant.kernels.bitmask import BitMask
 
 from .config import QuantConfig
-from .functional import DOUBLE_BACKWARD_MESSAGE, compress_shared, is_resident
+from .functional import DOUBLE_BACKWARD_MESSAGE, is_resident
+from .functional import _compress as compress_independently
 
 DEFAULT_MIN_NUMEL = 1024
 
@@ -199,7 +205,7 @@ def compress_saved_tensors(config: Union[None, str, QuantConfig] = None, *, min_
         if kept_exact.get(t) == t._version:
             return t
         try:
-            obj = compress_shared(t, config)
+            obj = compress_independently(t, config)
         except ValueError:  # non-finite values: keep them exact rather than fail the forward pass
             return keep_exact(t)
         if note is not None:
