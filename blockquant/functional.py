@@ -608,28 +608,47 @@ class SquareSample:
         return out.mul_(self.numel / k).view(shape)
 
 
-def square_sample_fraction(count: int) -> float:
-    """Fraction of elements :class:`SquareSample` keeps for a normalisation over ``count``
-    elements: ``min(1/32, 8/count)``, i.e. at most 0.125 B per element, eight values per
-    channel for a BatchNorm over many nodes (about 0 B per element). The diagonal term it
-    estimates is divided by ``count``, so the variance the sample adds to an input gradient
-    element, ``(g w xn^2 / count)^2 (1 / fraction - 1)``, is at most ``(g w xn^2)^2 / (8 count)``
-    (and ``32 (g w xn^2 / count)^2`` for ``count < 256``)."""
-    return min(1.0 / 32.0, 8.0 / max(count, 1))
+SAMPLE_ABOVE = 256
+"""Normalisations over more than this many elements estimate ``xn ** 2`` with a
+:class:`SquareSample`; smaller ones with a second, independent 1-bit rounding of ``xn``."""
+
+
+def _square_estimator(xn: torch.Tensor, config: QuantConfig, count: int):
+    """An unbiased estimator of ``xn ** 2`` for the diagonal term of a normalisation over ``count``
+    elements, independent of the main rounding of ``xn``, whichever is cheaper for the same noise:
+
+    * ``count <= SAMPLE_ABOVE``: a second independent rounding of ``xn`` at 1 bit (0.125 B per
+      element plus metadata); ``xn_hat * xn_side`` is unbiased for ``xn ** 2``, with variance
+      about ``xn^2 Var(xn_side)``;
+    * larger: a :class:`SquareSample` of ``8 / count`` of the elements (eight per channel for a
+      BatchNorm: ``32 / count`` B per element, about 0 over many nodes), whose variance
+      ``xn^4 (count / 8 - 1)`` is divided by ``count^2`` in the gradient: at most
+      ``(g w xn^2)^2 / (8 count)`` per input gradient element.
+    """
+    if count <= SAMPLE_ABOVE:
+        return _compress(xn, config.replace(bits=1, levels="uniform", rp_ratio=1))
+    return SquareSample(xn, 8.0 / count)
+
+
+def _square_estimate(estimator, xn_hat: torch.Tensor) -> torch.Tensor:
+    """Evaluate what :func:`_square_estimator` kept (``xn_hat``: the main rounding of ``xn``)."""
+    if isinstance(estimator, SquareSample):
+        return estimator.estimate(xn_hat.shape, xn_hat.dtype)
+    return xn_hat * estimator.dequantize().to(xn_hat.dtype)
 
 
 def _keep_normalized(ctx, x: torch.Tensor, xn: torch.Tensor, config: QuantConfig, diagonal_count: Optional[int]):
     """How a normalisation keeps its input: ``x`` by reference when resident (backward recomputes
     ``xn`` exactly), else ``xn`` compressed and, when ``diagonal_count`` is given (the input
-    gradient in training is needed), a :class:`SquareSample` of ``xn`` for the diagonal term.
-    Returns ``(tensors to save, state)``; sets ``ctx.bq_ref``."""
+    gradient in training is needed), an independent estimator of ``xn ** 2`` for the diagonal
+    term (:func:`_square_estimator`). Returns ``(tensors to save, state)``; sets ``ctx.bq_ref``."""
     ctx.bq_ref = is_resident(x)
     if ctx.bq_ref:
         return [x], ()
     cfg = _no_proj(config)
     state = (_compress(xn, cfg),)
     if diagonal_count is not None and cfg.rounding == "stochastic":
-        state = state + (SquareSample(xn, square_sample_fraction(diagonal_count)),)
+        state = state + (_square_estimator(xn, cfg, diagonal_count),)
     return [], state
 
 
@@ -672,11 +691,12 @@ class _BatchNorm(torch.autograd.Function):
       * ``xn`` compressed with the config, no projection (``bits / 8`` B per
         element plus block metadata), if the weight gradient, or the input
         gradient in training mode, is needed;
-      * in training, for the input gradient, a :class:`SquareSample`: exact
-        ``xn`` at a seeded random fraction ``min(1/32, 8/M)`` of the elements
-        (``M`` = elements per channel; at most 0.125 B per element, about 0 for
-        a BatchNorm over many nodes; stochastic configs only), which makes the
-        quadratic term unbiased;
+      * in training, for the input gradient, an independent estimate of
+        ``xn ** 2`` (:func:`_square_estimator`; ``M`` = elements per channel:
+        a 1-bit rounding of ``xn``, 0.129 B per element, for ``M <= 256``,
+        else exact ``xn`` at a seeded ``8 / M`` of the elements, ``32 / M`` B
+        per element, about 0 over many nodes; stochastic configs only), which
+        makes the quadratic term unbiased;
       * the mean and inverse std used (``[C]`` each: the batch statistics in
         training, the running ones in eval) and the weight, by reference.
 
@@ -742,7 +762,7 @@ class _BatchNorm(torch.autograd.Function):
                 xn = (x_ref.to(acc) - mean.view(view)) * invstd.view(view)
             else:
                 xn = ctx.bq_state[0].dequantize().to(acc)
-                square = ctx.bq_state[1].estimate(xn.shape, acc) if len(ctx.bq_state) > 1 else None
+                square = _square_estimate(ctx.bq_state[1], xn) if len(ctx.bq_state) > 1 else None
         w_view = weight.to(acc).view(view) if has_w else None
         count = grad_out.numel() // max(ctx.bq_c, 1)
         grad_x = _normalization_backward(g, xn, square, w_view, invstd.view(view), dims, count, ctx.bq_training,
@@ -779,9 +799,10 @@ class _LayerNorm(torch.autograd.Function):
 
     Keeps the normalised input ``xn = (x - mean) * rstd`` exactly as
     :class:`_BatchNorm` does, with the statistics of each row: ``xn``
-    compressed (no projection) if the input or weight gradient is needed, a
-    :class:`SquareSample` of ``xn`` (fraction ``min(1/32, 8/D)`` of the
-    elements, ``D`` = elements per row; at most 0.125 B per element) if the
+    compressed (no projection) if the input or weight gradient is needed, an
+    independent estimate of ``xn ** 2`` (:func:`_square_estimator` over the
+    ``D`` elements of a row: a 1-bit rounding of ``xn``, 0.129 B per element,
+    for ``D <= 256``, else a sample costing ``32 / D`` B per element) if the
     input gradient is needed (the row-wise rank-one term of the input gradient
     is quadratic in ``xn``; see :func:`_rank_one_term`), the per-row mean and reciprocal std
     (``[..., 1]`` each) and the weight by reference. A resident ``x`` is saved
@@ -838,7 +859,7 @@ class _LayerNorm(torch.autograd.Function):
             xn = (x_ref.to(acc) - mean) * rstd
         else:
             xn = ctx.bq_state[0].dequantize().to(acc)
-            square = ctx.bq_state[1].estimate(xn.shape, acc) if len(ctx.bq_state) > 1 else None
+            square = _square_estimate(ctx.bq_state[1], xn) if len(ctx.bq_state) > 1 else None
         count = math.prod(ctx.bq_shape_norm)
         grad_x = _normalization_backward(g, xn, square, weight.to(acc) if has_w else None, rstd, rows, count, True,
                                          need_x)
