@@ -12,10 +12,10 @@ __version__ = "0.1.0"
 
 __all__ = ["QuantConfig", "ROW", "PackedTensor", "quantize", "dequantize", "defer_finite_check", "optimal_levels",
            "__version__"]
-from .convert import convert, summary  # noqa: E402
+from .convert import convert, summary, to_original  # noqa: E402
 from .memory import track_saved  # noqa: E402
 
-__all__ += ["convert", "summary", "track_saved"]
+__all__ += ["convert", "to_original", "summary", "track_saved"]
 from . import functional  # noqa: E402
 from .adjacency import Adjacency, as_adjacency  # noqa: E402
 from .saved_hooks import compress_saved_tensors  # noqa: E402

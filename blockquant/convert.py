@@ -24,9 +24,9 @@ import torch
 
 from .config import QuantConfig
 from .functional import mark_resident
-from .nn.registry import WRAPPERS, CompressedModule
+from .nn.registry import WRAPPERS, CompressedModule, lazy_reason
 
-__all__ = ["convert", "summary", "ConversionWarning", "ConversionInfo"]
+__all__ = ["convert", "to_original", "summary", "ConversionWarning", "ConversionInfo"]
 
 ConfigSpec = Union[None, str, QuantConfig, Mapping[Union[str, type], Optional[QuantConfig]]]
 FilterFn = Callable[[torch.nn.Module, str], bool]
@@ -150,6 +150,9 @@ def _looks_like_compute(module: torch.nn.Module) -> bool:
 
 
 def _why_unknown(module: torch.nn.Module) -> str:
+    lazy = lazy_reason(module)
+    if lazy is not None:
+        return lazy
     for base in type(module).__mro__[1:]:
         if base in WRAPPERS:
             return (f"subclass of {base.__name__}: wrappers match exact types only "
@@ -165,8 +168,12 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
     :data:`blockquant.nn.WRAPPERS` (``torch.nn.Linear``, ``BatchNorm1d``,
     activations, ``Dropout``, PyG convolutions, ...). Wrappers reuse the
     original Parameter and buffer objects. A wrapper's children are left to it,
-    except those it lists in ``bq_convert_children`` (GIN's ``nn`` MLP); the
-    children of everything else are visited. Tensors passed to the returned
+    except those it lists in ``bq_convert_children`` (GIN's ``nn`` MLP); a
+    module a wrapper refuses runs its original forward and stays exact as a
+    whole, children included (listed in :func:`summary` as "inside refused
+    ..."); the children of everything else are visited. Lazily initialised
+    modules (``in_channels=-1``, ``torch.nn.Lazy*``) are refused until one
+    forward pass has created their parameters. Tensors passed to the returned
     model's ``forward`` are marked resident (:func:`blockquant.functional.mark_resident`):
     they are saved by reference, not compressed.
 
@@ -214,10 +221,13 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
             cfg = chooser.choose(module, name)
             if cfg is None:
                 return module.to_original()  # the caller asked for this subtree to stay exact
-            if explicit and cfg != module.bq_config:
-                module = type(module).from_module(module.to_original(), cfg)
-            visit_children(module, name, type(module).bq_convert_children)
-            return module
+            if type(module).unsupported_reason(module.to_original()) is None:
+                if explicit and cfg != module.bq_config:
+                    module = type(module).from_module(module.to_original(), cfg)
+                visit_children(module, name, type(module).bq_convert_children)
+                return module
+            module = module.to_original()  # an option changed since the last convert: refused below
+            tname = type(module).__name__
         wrapper = WRAPPERS.get(type(module))
         if wrapper is not None:
             cfg = chooser.choose(module, name)
@@ -233,6 +243,15 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
                     return new
                 refused.append((name, tname, reason))
                 info.skipped.append((name, tname, reason))
+                # A refused layer runs its original forward, children included: they stay exact
+                # too (one rule: a refused layer is exact as a whole; wrappers converted by an
+                # earlier call are undone).
+                _restore_children(module)
+                for child_name, child in module.named_modules():
+                    if child_name and (WRAPPERS.get(type(child)) is not None or _looks_like_compute(child)):
+                        info.skipped.append((f"{name}.{child_name}" if name else child_name, type(child).__name__,
+                                             f"inside refused {tname} '{name or '<root>'}': left exact with it"))
+                return module
         elif _looks_like_compute(module):
             # do not warn about a compute module the caller excluded on purpose
             if not (filter_fn is not None and not filter_fn(module, name)) and chooser.choose(module, name):
@@ -274,6 +293,37 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
         warnings.warn("blockquant.convert left these modules at full precision (their saved tensors are not "
                       "compressed; blockquant.compress_saved_tensors can cover them): " + " | ".join(lines),
                       ConversionWarning, stacklevel=2)
+    return root
+
+
+def _restore_children(module: torch.nn.Module) -> None:
+    """Replace every compressed wrapper below ``module`` by its original, in place."""
+    for child_name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        _restore_children(child)
+        if isinstance(child, CompressedModule):
+            module._modules[child_name] = child.to_original()
+
+
+def to_original(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`convert`: every compressed wrapper in ``model`` is replaced by the module
+    it wraps, in place, sharing the same Parameters (so optimizers and checkpoints keep
+    working). Returns ``model``, or the original module when ``model`` itself is a wrapper.
+
+    Use it for what the compressed path does not support: second-order gradients,
+    ``torch.jit.script``, options changed after conversion. It also removes the
+    forward pre-hook :func:`convert` put on the root.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"blockquant.to_original expects a torch.nn.Module; got {type(model).__name__}")
+    _restore_children(model)
+    root = model.to_original() if isinstance(model, CompressedModule) else model
+    for m in {id(model): model, id(root): root}.values():
+        m.__dict__.pop(_INFO_ATTR, None)
+        handle = m.__dict__.pop(_HOOK_ATTR, None)
+        if handle is not None:  # the resident-input marker: not needed any more (and not scriptable)
+            handle.remove()
     return root
 
 

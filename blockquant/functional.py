@@ -21,6 +21,7 @@ config); see :func:`compress_shared`.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -279,6 +280,42 @@ def _load_input(ctx, saved: List[torch.Tensor], state: Tuple[object, ...]) -> to
     return saved.pop(0) if ctx.bq_ref else state[0].dequantize()
 
 
+DOUBLE_BACKWARD_MESSAGE = (
+    "blockquant: second-order gradients are not supported through compressed modules: their backward "
+    "reads tensors that were stored rounded, so it is not differentiable (create_graph=True, e.g. a "
+    "gradient penalty, would silently give wrong second derivatives). Call blockquant.to_original(model) "
+    "(or exclude these modules: blockquant.convert(model, {name: None})) for the steps that need them, "
+    "or leave that code outside blockquant.compress_saved_tensors.")
+
+
+def _first_order_only(backward):
+    """Decorate a Function's ``backward``: with ``create_graph=True`` the gradients it returns
+    carry a node that raises :data:`DOUBLE_BACKWARD_MESSAGE` if they are differentiated again
+    (first-order results are unchanged). Same mechanism as ``torch.autograd.function.once_differentiable``,
+    with an error that says what to do."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        single = not isinstance(outputs, tuple)
+        outputs = (outputs,) if single else outputs
+        tensors = [i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)]
+        if not tensors:
+            return outputs[0] if single else outputs
+        err = torch._C._functions.DelayedError(DOUBLE_BACKWARD_MESSAGE, len(tensors))
+        wrapped = err(*[outputs[i].detach().requires_grad_() for i in tensors])
+        wrapped = (wrapped,) if isinstance(wrapped, torch.Tensor) else wrapped
+        result = list(outputs)
+        for i, w in zip(tensors, wrapped):
+            result[i] = w
+        return result[0] if single else tuple(result)
+
+    return wrapper
+
+
 def _no_proj(config: QuantConfig) -> QuantConfig:
     # Random projection is only cheap-and-unbiased where the input enters backward
     # linearly through a matmul; elementwise and normalisation ops get the plain codec.
@@ -318,6 +355,7 @@ class _Linear(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         saved = list(ctx.saved_tensors)
@@ -535,6 +573,7 @@ class _Aggregate(torch.autograd.Function):
         return out.view(adj.num_dst, *x.shape[1:])
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out):
         need_x, need_w = ctx.needs_input_grad[:2]
         adj: Adjacency = ctx.bq_adj
@@ -728,15 +767,139 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Ten
 # normalisation
 # ----------------------------------------------------------------------------
 
+class SquareSample:
+    """An unbiased estimate of ``xn ** 2`` (elementwise) from a few exact values of ``xn``.
+
+    ``k`` positions are drawn uniformly with replacement from a seed (regenerated in
+    backward, not stored) and only ``xn`` at those positions is kept (float32, ``4 k``
+    bytes). The estimate is ``(n / k) * sum over draws hitting i of xn_i ** 2``: its
+    expectation is ``xn_i ** 2`` exactly, since each draw hits ``i`` with probability ``1 / n``.
+    """
+
+    __slots__ = ("values", "seed", "numel")
+
+    def __init__(self, xn: torch.Tensor, fraction: float):
+        flat = xn.detach().reshape(-1)
+        self.numel = flat.numel()
+        k = max(1, math.ceil(self.numel * fraction))
+        self.seed = draw_seed()
+        self.values = flat.index_select(0, self._positions(k, flat.device)).to(torch.float32)
+
+    def _positions(self, k: int, device) -> torch.Tensor:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(self.seed)
+        return torch.randint(0, self.numel, (k,), generator=gen, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.untyped_storage().nbytes()
+
+    def storages(self):
+        return (self.values,)
+
+    def estimate(self, shape, dtype) -> torch.Tensor:
+        k = self.values.numel()
+        idx = self._positions(k, self.values.device)
+        out = torch.zeros(self.numel, dtype=dtype, device=self.values.device)
+        out.index_add_(0, idx, self.values.to(dtype).square())
+        return out.mul_(self.numel / k).view(shape)
+
+
+SAMPLE_ABOVE = 256
+"""Normalisations over more than this many elements estimate ``xn ** 2`` with a
+:class:`SquareSample`; smaller ones with a second, independent 1-bit rounding of ``xn``."""
+
+
+def _square_estimator(xn: torch.Tensor, config: QuantConfig, count: int):
+    """An unbiased estimator of ``xn ** 2`` for the diagonal term of a normalisation over ``count``
+    elements, independent of the main rounding of ``xn``, whichever is cheaper for the same noise:
+
+    * ``count <= SAMPLE_ABOVE``: a second independent rounding of ``xn`` at 1 bit (0.125 B per
+      element plus metadata); ``xn_hat * xn_side`` is unbiased for ``xn ** 2``, with variance
+      about ``xn^2 Var(xn_side)``;
+    * larger: a :class:`SquareSample` of ``8 / count`` of the elements (eight per channel for a
+      BatchNorm: ``32 / count`` B per element, about 0 over many nodes), whose variance
+      ``xn^4 (count / 8 - 1)`` is divided by ``count^2`` in the gradient: at most
+      ``(g w xn^2)^2 / (8 count)`` per input gradient element.
+    """
+    if count <= SAMPLE_ABOVE:
+        return _compress(xn, config.replace(bits=1, levels="uniform", rp_ratio=1))
+    return SquareSample(xn, 8.0 / count)
+
+
+def _square_estimate(estimator, xn_hat: torch.Tensor) -> torch.Tensor:
+    """Evaluate what :func:`_square_estimator` kept (``xn_hat``: the main rounding of ``xn``)."""
+    if isinstance(estimator, SquareSample):
+        return estimator.estimate(xn_hat.shape, xn_hat.dtype)
+    return xn_hat * estimator.dequantize().to(xn_hat.dtype)
+
+
+def _keep_normalized(ctx, x: torch.Tensor, xn: torch.Tensor, config: QuantConfig, diagonal_count: Optional[int]):
+    """How a normalisation keeps its input: ``x`` by reference when resident (backward recomputes
+    ``xn`` exactly), else ``xn`` compressed and, when ``diagonal_count`` is given (the input
+    gradient in training is needed), an independent estimator of ``xn ** 2`` for the diagonal
+    term (:func:`_square_estimator`). Returns ``(tensors to save, state)``; sets ``ctx.bq_ref``."""
+    ctx.bq_ref = is_resident(x)
+    if ctx.bq_ref:
+        return [x], ()
+    cfg = _no_proj(config)
+    state = (_compress(xn, cfg),)
+    if diagonal_count is not None and cfg.rounding == "stochastic":
+        state = state + (_square_estimator(xn, cfg, diagonal_count),)
+    return [], state
+
+
+def _rank_one_term(gw: torch.Tensor, xn: torch.Tensor, square: Optional[torch.Tensor], dims, count: int):
+    """``xn_i * mean_j(gw_j xn_j)`` over ``dims`` (``count`` elements), unbiased when ``xn`` is a
+    stochastically rounded estimate and ``square`` an independent unbiased estimate of
+    ``xn ** 2`` (``square=None``: ``xn`` is exact, or the rounding is deterministic anyway).
+
+    The plain product has a bias ``gw_i Var(xn_i) / count`` from the ``j = i`` term, where the
+    same rounded value is multiplied by itself. Leaving that term out of the mean makes the
+    product one of independent roundings, hence unbiased; the term itself,
+    ``gw_i xn_i^2 / count``, is put back from ``square``.
+    """
+    term = xn * (gw * xn).mean(dims, keepdim=True)
+    if square is not None:
+        term = term + gw * (square - xn * xn) / count
+    return term
+
+
+def _normalization_backward(g, xn, square, weight_view, invstd_view, dims, count, training, need_x):
+    """grad_x of ``y = xn * w + b`` with ``xn = (x - mean) * invstd`` (batch statistics in training)."""
+    if not need_x:
+        return None
+    gw = g if weight_view is None else g * weight_view
+    if not training:  # running statistics are constants: grad_x = g * w * invstd
+        return gw * invstd_view
+    return invstd_view * (gw - gw.mean(dims, keepdim=True) - _rank_one_term(gw, xn, square, dims, count))
+
+
 class _BatchNorm(torch.autograd.Function):
     """Batch normalisation over dim 1 (exact forward; running statistics
     updated exactly as ``torch.nn.functional.batch_norm`` does).
 
-    Saves: the input compressed without projection (or by reference when
-    resident) if the input gradient in training mode or the weight gradient
-    is needed; the batch mean and inverse std (``[C]`` each, training mode);
-    the weight by reference if the input gradient is needed; in eval mode the
-    running statistics by reference.
+    Backward needs the normalised input ``xn = (x - mean) * invstd``: linearly
+    for the weight gradient (``sum g xn``) and, in training, for the input
+    gradient through ``xn_i * mean_j(g_j w xn_j)``, which is *quadratic* in
+    ``xn`` (see :func:`_rank_one_term`).
+
+    Saves (only what the requested gradients need):
+      * ``xn`` compressed with the config, no projection (``bits / 8`` B per
+        element plus block metadata), if the weight gradient, or the input
+        gradient in training mode, is needed;
+      * in training, for the input gradient, an independent estimate of
+        ``xn ** 2`` (:func:`_square_estimator`; ``M`` = elements per channel:
+        a 1-bit rounding of ``xn``, 0.129 B per element, for ``M <= 256``,
+        else exact ``xn`` at a seeded ``8 / M`` of the elements, ``32 / M`` B
+        per element, about 0 over many nodes; stochastic configs only), which
+        makes the quadratic term unbiased;
+      * the mean and inverse std used (``[C]`` each: the batch statistics in
+        training, the running ones in eval) and the weight, by reference.
+
+    When ``x`` is resident it is saved by reference instead and ``xn`` is
+    recomputed exactly. Every gradient is then unbiased; none is exact unless
+    ``x`` is resident.
     """
 
     @staticmethod
@@ -748,58 +911,61 @@ class _BatchNorm(torch.autograd.Function):
         else:
             out, save_mean, save_invstd = torch.native_batch_norm(
                 x, weight, bias, running_mean, running_var, training, momentum, eps)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        if not training:
+            save_mean = running_mean.to(acc)
+            save_invstd = torch.rsqrt(running_var.to(acc) + eps)
         ctx.bq_training = training
-        ctx.bq_eps = eps
         ctx.bq_has = (weight is not None, bias is not None)
-        ctx.bq_c = x.shape[1] if x.dim() > 1 else 0
-        need_input = need_w or (need_x and training)
+        ctx.bq_c = x.shape[1]
+        need_input = bool(need_w or (need_x and training))
+        ctx.bq_need_input = need_input
         ctx.bq_ref = False
         state: Tuple[object, ...] = ()
         tensors: List[torch.Tensor] = []
-        if need_input:
-            tensors, state = _keep_input(ctx, x, _no_proj(config))
-        ctx.bq_need_input = need_input
-        stats = (save_mean, save_invstd) if training else (running_mean, running_var)
-        tensors.extend(stats)
+        if need_input and x.numel() > 0:
+            view = [1] * x.dim()
+            view[1] = -1
+            xn = (x.detach().to(acc) - save_mean.view(view)) * save_invstd.view(view)
+            count = x.numel() // max(x.shape[1], 1)
+            tensors, state = _keep_normalized(ctx, x, xn, config, count if (need_x and training) else None)
+        tensors.extend((save_mean.to(acc), save_invstd.to(acc)))
         tensors.append(weight if weight is not None else x.new_empty(0))
         ctx.save_for_backward(*tensors)
         ctx.bq_state = state
-        ctx.bq_shape = x.shape
         return out
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        saved = list(ctx.saved_tensors)
-        x = None
-        if ctx.bq_need_input:
-            x = _load_input(ctx, saved, ctx.bq_state)
-        stat_a, stat_b, weight = saved
         has_w, has_b = ctx.bq_has
-        weight = weight if has_w else None
-        if x is None:  # eval-mode input gradient only: g * w / sqrt(running_var + eps)
-            scale = torch.rsqrt(stat_b.to(grad_out.dtype) + ctx.bq_eps)
-            if weight is not None:
-                scale = scale * weight.to(grad_out.dtype)
-            view = [1] * grad_out.dim()
-            view[1] = -1
-            grad_x = grad_out * scale.view(view) if need_x else None
-            dims = [d for d in range(grad_out.dim()) if d != 1]
-            grad_b = grad_out.sum(dims) if (need_b and has_b) else None
-            return grad_x, None, grad_b, None, None, None, None, None, None
-        x = x.to(grad_out.dtype)
+        saved = list(ctx.saved_tensors)
+        x_ref = saved.pop(0) if ctx.bq_ref else None
+        mean, invstd, weight = saved
+        dims = [d for d in range(grad_out.dim()) if d != 1]
+        grad_b = grad_out.sum(dims) if (need_b and has_b) else None
         if grad_out.numel() == 0:
             return (torch.zeros_like(grad_out) if need_x else None,
                     torch.zeros_like(weight) if (need_w and has_w) else None,
-                    grad_out.new_zeros(ctx.bq_c) if (need_b and has_b) else None,
-                    None, None, None, None, None, None)
-        if ctx.bq_training:
-            mean, invstd, rm, rv = stat_a, stat_b, None, None
-        else:
-            mean, invstd, rm, rv = None, None, stat_a, stat_b
-        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_out.contiguous(), x, weight, rm, rv, mean, invstd, ctx.bq_training, ctx.bq_eps,
-            [bool(need_x), bool(need_w and has_w), bool(need_b and has_b)])
+                    grad_b, None, None, None, None, None, None)
+        acc = mean.dtype
+        view = [1] * grad_out.dim()
+        view[1] = -1
+        g = grad_out.to(acc)
+        xn = square = None
+        if ctx.bq_need_input:
+            if x_ref is not None:
+                xn = (x_ref.to(acc) - mean.view(view)) * invstd.view(view)
+            else:
+                xn = ctx.bq_state[0].dequantize().to(acc)
+                square = _square_estimate(ctx.bq_state[1], xn) if len(ctx.bq_state) > 1 else None
+        w_view = weight.to(acc).view(view) if has_w else None
+        count = grad_out.numel() // max(ctx.bq_c, 1)
+        grad_x = _normalization_backward(g, xn, square, w_view, invstd.view(view), dims, count, ctx.bq_training,
+                                         need_x)
+        grad_w = (g * xn).sum(dims).to(weight.dtype) if (need_w and has_w) else None
+        grad_x = grad_x.to(grad_out.dtype) if grad_x is not None else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
@@ -828,9 +994,16 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
 class _LayerNorm(torch.autograd.Function):
     """Layer normalisation over the trailing ``normalized_shape`` dims (exact forward).
 
-    Saves: the input compressed without projection (or by reference when
-    resident) if the input or weight gradient is needed; the per-row mean and
-    reciprocal std (``[..., 1]`` each); the weight by reference.
+    Keeps the normalised input ``xn = (x - mean) * rstd`` exactly as
+    :class:`_BatchNorm` does, with the statistics of each row: ``xn``
+    compressed (no projection) if the input or weight gradient is needed, an
+    independent estimate of ``xn ** 2`` (:func:`_square_estimator` over the
+    ``D`` elements of a row: a 1-bit rounding of ``xn``, 0.129 B per element,
+    for ``D <= 256``, else a sample costing ``32 / D`` B per element) if the
+    input gradient is needed (the row-wise rank-one term of the input gradient
+    is quadratic in ``xn``; see :func:`_rank_one_term`), the per-row mean and reciprocal std
+    (``[..., 1]`` each) and the weight by reference. A resident ``x`` is saved
+    by reference instead. Every gradient is unbiased.
     """
 
     @staticmethod
@@ -839,13 +1012,18 @@ class _LayerNorm(torch.autograd.Function):
         out, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
         ctx.bq_shape_norm = normalized_shape
         ctx.bq_has = (weight is not None, bias is not None)
-        need_input = need_x or need_w
+        need_input = bool(need_x or need_w)
         ctx.bq_need_input = need_input
         ctx.bq_ref = False
         state: Tuple[object, ...] = ()
         tensors: List[torch.Tensor] = []
         if need_input:
-            tensors, state = _keep_input(ctx, x, _no_proj(config))
+            acc = torch.promote_types(x.dtype, torch.float32)
+            mean, rstd = mean.to(acc), rstd.to(acc)
+            if x.numel() > 0:
+                xn = (x.detach().to(acc) - mean) * rstd
+                count = math.prod(normalized_shape)
+                tensors, state = _keep_normalized(ctx, x, xn, config, count if need_x else None)
             tensors.extend((mean, rstd))
         tensors.append(weight if weight is not None else x.new_empty(0))
         tensors.append(bias if bias is not None else x.new_empty(0))
@@ -854,24 +1032,36 @@ class _LayerNorm(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out):
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         has_w, has_b = ctx.bq_has
         saved = list(ctx.saved_tensors)
+        k = len(ctx.bq_shape_norm)
+        lead = list(range(grad_out.dim() - k))
+        rows = list(range(grad_out.dim() - k, grad_out.dim()))
+        grad_b = grad_out.sum(lead) if (need_b and has_b) else None
         if not ctx.bq_need_input:  # only the bias gradient
-            k = len(ctx.bq_shape_norm)
-            dims = list(range(grad_out.dim() - k))
-            return None, None, None, grad_out.sum(dims) if (need_b and has_b) else None, None, None
-        x = _load_input(ctx, saved, ctx.bq_state)
+            return None, None, None, grad_b, None, None
+        x_ref = saved.pop(0) if ctx.bq_ref else None
         mean, rstd, weight, bias = saved
-        if grad_out.numel() == 0:  # the ATen kernel divides by the row count
+        if grad_out.numel() == 0:
             return (torch.zeros_like(grad_out) if need_x else None, None,
                     torch.zeros_like(weight) if (need_w and has_w) else None,
                     torch.zeros_like(bias) if (need_b and has_b) else None, None, None)
-        grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
-            grad_out.contiguous(), x.to(grad_out.dtype), ctx.bq_shape_norm, mean, rstd,
-            weight if has_w else None, bias if has_b else None,
-            [bool(need_x), bool(need_w and has_w), bool(need_b and has_b)])
+        acc = mean.dtype
+        g = grad_out.to(acc)
+        square = None
+        if x_ref is not None:
+            xn = (x_ref.to(acc) - mean) * rstd
+        else:
+            xn = ctx.bq_state[0].dequantize().to(acc)
+            square = _square_estimate(ctx.bq_state[1], xn) if len(ctx.bq_state) > 1 else None
+        count = math.prod(ctx.bq_shape_norm)
+        grad_x = _normalization_backward(g, xn, square, weight.to(acc) if has_w else None, rstd, rows, count, True,
+                                         need_x)
+        grad_w = (g * xn).sum(lead).to(weight.dtype) if (need_w and has_w) else None
+        grad_x = grad_x.to(grad_out.dtype) if grad_x is not None else None
         return grad_x, None, grad_w, grad_b, None, None
 
 
@@ -893,14 +1083,26 @@ def layer_norm(x, normalized_shape: Union[int, Sequence[int]], weight=None, bias
 # smooth activations: compressed input
 # ----------------------------------------------------------------------------
 
-class _Smooth(torch.autograd.Function):
-    """ELU / GELU (exact forward). Saves the input compressed without
-    projection (or by reference when resident), only if its gradient is needed;
-    backward calls the ATen derivative on the dequantized input.
+def _smooth_derivative(x: torch.Tensor, kind: str, param) -> torch.Tensor:
+    """``f'(x)`` of ELU (``param`` = alpha) or GELU (``param`` = approximate), by the ATen backward kernels."""
+    ones = torch.ones_like(x)
+    if kind == "elu":
+        return torch.ops.aten.elu_backward(ones, param, 1, 1, False, x)
+    return torch.ops.aten.gelu_backward(ones, x, approximate=param)
 
-    ELU's derivative jumps at 0 (from ``alpha`` to 1) unless ``alpha == 1``, so
-    a compressed ELU input also keeps the 1-bit sign mask ``x > 0``
-    (0.125 B/elem): rounding can then never put an element on the wrong side.
+
+class _Smooth(torch.autograd.Function):
+    """ELU / GELU (exact forward).
+
+    Backward is ``grad_x = g * f'(x)``: linear in the local derivative ``f'(x)``,
+    not in ``x``. So forward computes ``f'(x)`` exactly and saves *it*
+    compressed without projection (same bytes as the input: ``bits / 8`` per
+    element plus block metadata); backward multiplies by the dequantized
+    derivative, which is unbiased. (Saving ``x`` and evaluating ``f'`` on a
+    rounded ``x`` would be biased: ``E[f'(x_hat)] != f'(x)`` for a curved
+    ``f'``.) When ``x`` is resident it is saved by reference instead and the
+    derivative is computed exactly in backward. Saves nothing unless the input
+    gradient is needed.
     """
 
     @staticmethod
@@ -913,25 +1115,23 @@ class _Smooth(torch.autograd.Function):
         ctx.bq_state = ()
         ctx.bq_ref = False
         if ctx.needs_input_grad[0]:
-            refs, ctx.bq_state = _keep_input(ctx, x, _no_proj(config))
-            ctx.save_for_backward(*refs)
-            if kind == "elu" and not ctx.bq_ref:
-                ctx.bq_state = ctx.bq_state + (BitMask.pack(x > 0),)
+            ctx.bq_ref = is_resident(x)
+            if ctx.bq_ref:
+                ctx.save_for_backward(x)
+            else:
+                ctx.bq_state = (_compress(_smooth_derivative(x.detach(), kind, param), _no_proj(config)),)
         return out
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        x = _load_input(ctx, list(ctx.saved_tensors), ctx.bq_state).to(grad_out.dtype)
-        if ctx.bq_kind == "elu":
-            if not ctx.bq_ref:  # the exact sign decides the branch; x_hat only feeds exp()
-                positive = ctx.bq_state[1].unpack()
-                x = torch.where(positive, x.clamp(min=1.0), x.clamp(max=0.0))
-            grad = torch.ops.aten.elu_backward(grad_out, ctx.bq_param, 1, 1, False, x)
+        if ctx.bq_ref:
+            derivative = _smooth_derivative(ctx.saved_tensors[0].to(grad_out.dtype), ctx.bq_kind, ctx.bq_param)
         else:
-            grad = torch.ops.aten.gelu_backward(grad_out, x, approximate=ctx.bq_param)
-        return grad, None, None, None
+            derivative = ctx.bq_state[0].dequantize().to(grad_out.dtype)
+        return grad_out * derivative, None, None, None
 
 
 def elu(x: torch.Tensor, alpha: float = 1.0, config: Optional[QuantConfig] = None) -> torch.Tensor:

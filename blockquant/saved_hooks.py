@@ -1,23 +1,47 @@
-"""Compress whatever autograd saves for backward, for ops blockquant has no wrapper for.
+"""Compress what autograd saves for backward, for ops blockquant has no wrapper for.
 
-:func:`compress_saved_tensors` installs ``torch.autograd.graph.saved_tensors_hooks``:
+:func:`compress_saved_tensors` installs ``torch.autograd.graph.saved_tensors_hooks``
+together with a ``torch.overrides.TorchFunctionMode`` that records which
+torch-level function (``torch.matmul``, ``F.softmax``, ``Tensor.__mul__``, ...)
+is running when autograd saves a tensor. A pack hook alone cannot tell which
+op saved a tensor, and compressing a tensor that backward uses non-linearly
+(softmax, sigmoid, tanh, division, norms: their backward multiplies or divides
+saved values by each other) biases the gradient. So the rule is an allow-list:
 
-* floating tensors that are produced inside the graph (they have a
-  ``grad_fn``) and hold at least ``min_numel`` elements are quantized with
-  the config (random projection switched off: an arbitrary op may use the
-  saved tensor non-linearly, where projection would add large variance);
-* bool tensors are packed losslessly to 1 bit per element (bool tensors never
-  carry a ``grad_fn``, so intermediate masks cannot be told from resident
-  ones; a resident mask costs an extra 1/8 of its size);
-* everything else is kept as it is: parameters and other resident tensors
-  (no ``grad_fn``: data the caller holds anyway, so compressing would add
-  memory), integer tensors, tensors below ``min_numel`` (default 1024
-  elements, where block metadata and call overhead outweigh the saving), and
-  tensors whose values are not finite (the codec cannot represent them).
+* floating tensors saved while one of :data:`COMPRESSED_OPS` runs (ops whose
+  backward is linear in every tensor they save: matrix products, elementwise
+  products, ``exp`` which saves its output, dropout which saves its noise)
+  are quantized with the config (random projection off), provided they are
+  produced inside the graph (not resident: see
+  :func:`blockquant.functional.is_resident`) and hold at least ``min_numel``
+  elements;
+* floating tensors saved by :data:`SIGN_OPS` (``relu`` saves its output and
+  ``leaky_relu`` its input, and backward only reads their sign) are kept as
+  an exact 1-bit mask;
+* bool tensors are packed losslessly to 1 bit per element, whatever saved them;
+* everything else is kept exact: tensors saved by any other op (softmax, exp's
+  relatives with curved derivatives, sigmoid, tanh, div, pow, sqrt, norms,
+  GELU, custom ``autograd.Function``s, ...), parameters and resident tensors,
+  integer tensors, sparse tensors, tensors below ``min_numel`` and tensors
+  with non-finite values.
 
-On unpack the original shape and dtype come back (contiguous). A tensor
-saved by several ops is compressed once (see
-:func:`blockquant.functional.compress_shared`).
+The function recorded is the outermost torch function call: inside a call
+such as ``F.layer_norm`` or ``F.multi_head_attention_forward`` the mode is
+suspended, so everything that call saves follows that call's rule (here:
+exact). A tensor kept exact by one op is never also compressed for another:
+the exact copy is held anyway, so every saved reference to it, earlier or
+later, becomes that reference.
+
+On unpack the original shape and dtype come back (contiguous). Each save
+is rounded on its own, even when several ops save the same tensor: with
+independent roundings, and each saved tensor read by one backward node that
+is linear in it, every gradient is multilinear in independent unbiased
+estimates, hence unbiased. One rounding shared by two saves can meet itself
+in a product (``(x * w).sum(-1) * x``: ``grad_w`` multiplies the rounded
+``x`` of the second product into the rounded ``x`` of the first), which is
+biased. Backward through compressed
+tensors is not differentiable: unpacking one with gradients enabled
+(``create_graph=True``) raises.
 """
 from __future__ import annotations
 
@@ -25,91 +49,173 @@ import contextlib
 from typing import Callable, Iterator, List, Optional, Union
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from blockquant.kernels.bitmask import BitMask
 
 from .config import QuantConfig
-from .functional import compress_shared, is_resident
+from .functional import DOUBLE_BACKWARD_MESSAGE, is_resident
+from .functional import _compress as compress_independently
 
 DEFAULT_MIN_NUMEL = 1024
 
 Recorder = Optional[Union[List[object], Callable[[object], None]]]
 
 
+# Torch-level functions whose backward is linear in every floating tensor they save.
+COMPRESSED_OPS = frozenset({
+    # products: grad of one operand is linear in the other(s)
+    "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "mv", "dot", "outer", "addmm", "addbmm", "baddbmm",
+    "addmv", "linear", "einsum", "tensordot", "_sparse_mm", "conv1d", "conv2d", "conv3d",
+    "mul", "__mul__", "__rmul__", "multiply", "addcmul",
+    # exp saves its output y and backward is g * y (exp2: g * y * ln 2; expm1: g * (y + 1))
+    "exp", "exp2", "expm1",
+    # dropout saves its scaled keep-noise (0 or 1 / (1 - p)) and backward is g * noise
+    "dropout", "feature_dropout",
+})
+"""Names of the torch-level functions under which :func:`compress_saved_tensors` quantizes saved
+floating tensors (backward is linear in each of them, so rounding adds noise but no bias)."""
+
+SIGN_OPS = frozenset({"relu", "relu_", "leaky_relu", "leaky_relu_"})
+"""Functions whose saved floating tensor backward reads only through its sign: kept as an exact 1-bit mask."""
+
+
 class _Packed:
-    """What the pack hook returns for a compressed tensor."""
+    """What the pack hook returns for a tensor it does not keep as it is."""
 
-    __slots__ = ("obj", "kind")
+    __slots__ = ("obj", "kind", "dtype", "__weakref__")
 
-    def __init__(self, obj, kind: str):
+    def __init__(self, obj, kind: str, dtype=None):
         self.obj = obj
-        self.kind = kind  # "quant" or "mask"
+        self.kind = kind  # "quant", "mask" (a bool tensor), "sign" (a float tensor's sign) or "ref"
+        self.dtype = dtype
 
     def unpack(self) -> torch.Tensor:
-        return self.obj.unpack() if self.kind == "mask" else self.obj.dequantize()
+        if self.kind == "ref":
+            return self.obj
+        if self.kind == "quant" and torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+        if self.kind == "mask":
+            return self.obj.unpack()
+        if self.kind == "sign":
+            return self.obj.unpack().to(self.dtype)
+        return self.obj.dequantize()
 
     @property
     def nbytes(self) -> int:
-        return self.obj.nbytes
+        return 0 if self.kind == "ref" else self.obj.nbytes
 
     def storages(self):
         """The tensors held (so graph walkers such as ``track_saved`` can count them)."""
-        return self.obj.storages()
+        return (self.obj,) if self.kind == "ref" else self.obj.storages()
+
+
+class _CurrentOp(TorchFunctionMode):
+    """Records the torch-level function being called while autograd saves tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: List[Optional[str]] = []
+
+    @property
+    def current(self) -> Optional[str]:
+        return self.names[-1] if self.names else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", None))
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.names.pop()
 
 
 _QUANTIZABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @contextlib.contextmanager
-def compress_saved_tensors(config: Optional[QuantConfig] = None, *, min_numel: int = DEFAULT_MIN_NUMEL,
+def compress_saved_tensors(config: Union[None, str, QuantConfig] = None, *, min_numel: int = DEFAULT_MIN_NUMEL,
                            record: Recorder = None) -> Iterator[None]:
-    """Context manager: tensors saved for backward inside it are stored compressed.
+    """Context manager: tensors saved for backward inside it are stored compressed where that
+    keeps the gradient unbiased, exact otherwise (the rules are in the module docstring).
 
     Args:
-        config: :class:`QuantConfig` (default: the ``"default"`` preset);
-            ``rp_ratio`` is ignored (treated as 1).
+        config: :class:`QuantConfig` or preset name (default: the ``"default"``
+            preset); ``rp_ratio`` is ignored (treated as 1).
         min_numel: tensors with fewer elements are saved as they are.
         record: a list (each packed object is appended) or a callable (called
             with each packed object) so memory tracking can see what is held:
             :class:`~blockquant.PackedTensor` or
             :class:`~blockquant.kernels.bitmask.BitMask` objects, both with
-            ``.nbytes`` and ``.storages()``.
+            ``.nbytes`` and ``.storages()``. A compressed tensor that a later op
+            saves exactly is dropped from what the graph holds but stays in
+            ``record``.
 
     Example::
 
-        with blockquant.compress_saved_tensors(QuantConfig(bits=2)):
+        with blockquant.compress_saved_tensors("int2"):
             loss = model(x).sum()
         loss.backward()
     """
     if config is None:
         config = QuantConfig.preset("default")
+    elif isinstance(config, str):
+        config = QuantConfig.preset(config)
     if not isinstance(config, QuantConfig):
-        raise TypeError(f"compress_saved_tensors expects a QuantConfig; got {type(config).__name__}")
+        raise TypeError(f"compress_saved_tensors expects a QuantConfig or a preset name "
+                        f"{QuantConfig.preset_names()}; got {type(config).__name__}")
     if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
         raise ValueError(f"compress_saved_tensors: min_numel must be a non-negative int; got {min_numel!r}")
     if record is not None and not (callable(record) or hasattr(record, "append")):
         raise TypeError(f"compress_saved_tensors: record must be a list or a callable; got {type(record).__name__}")
     config = config if config.rp_ratio == 1 else config.replace(rp_ratio=1)
     note = None if record is None else (record if callable(record) else record.append)
+    op = _CurrentOp()
+    # tensor -> version kept exact by some op in this context; tensor -> [(version, _Packed)] compressed
+    kept_exact: WeakIdKeyDictionary = WeakIdKeyDictionary()
+    compressed: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def keep_exact(t: torch.Tensor):
+        kept_exact[t] = t._version
+        for version, packed in compressed.pop(t, ()):
+            if version == t._version:  # the exact tensor is held anyway: drop the compressed copy
+                packed.obj, packed.kind = t, "ref"
+        return t
 
     def pack(t: torch.Tensor):
-        if isinstance(t, torch.nn.Parameter) or t.numel() < min_numel or t.layout != torch.strided:
+        if t.layout != torch.strided or isinstance(t, torch.nn.Parameter):
             return t
         if t.dtype == torch.bool:
-            obj, kind = BitMask.pack(t), "mask"
-        elif t.dtype in _QUANTIZABLE and not is_resident(t):
-            try:
-                obj, kind = compress_shared(t, config), "quant"
-            except ValueError:  # non-finite values: keep them exact rather than fail the forward pass
+            if t.numel() < min_numel:
                 return t
-        else:
+            obj = BitMask.pack(t)
+            if note is not None:
+                note(obj)
+            return _Packed(obj, "mask")
+        name = op.current
+        if t.dtype not in _QUANTIZABLE or is_resident(t):
             return t
+        if name in SIGN_OPS and t.numel() >= min_numel:
+            obj = BitMask.pack(t > 0)
+            if note is not None:
+                note(obj)
+            return _Packed(obj, "sign", t.dtype)
+        if name not in COMPRESSED_OPS or t.numel() < min_numel:
+            return keep_exact(t)
+        if kept_exact.get(t) == t._version:
+            return t
+        try:
+            obj = compress_independently(t, config)
+        except ValueError:  # non-finite values: keep them exact rather than fail the forward pass
+            return keep_exact(t)
         if note is not None:
             note(obj)
-        return _Packed(obj, kind)
+        packed = _Packed(obj, "quant")
+        compressed.setdefault(t, []).append((t._version, packed))
+        return packed
 
     def unpack(p):
         return p.unpack() if isinstance(p, _Packed) else p
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+    with op, torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield

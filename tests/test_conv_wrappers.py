@@ -347,7 +347,7 @@ def test_supported_options_report_no_reason():
 
 def test_bad_inputs_raise_clear_errors():
     _, wrapped = _build("gcn")
-    with pytest.raises(ValueError, match=r"\[num_nodes, channels\].*\(2, 60, 16\)"):
+    with pytest.raises(ValueError, match=r"static-graph input.*\(2, 60, 16\).*\[batch \* num_nodes, channels\]"):
         wrapped(torch.randn(2, N, F_IN), _graph()[1])
     with pytest.raises(TypeError, match="expects a GCNConv; got SAGEConv"):
         QGCNConv.from_module(SAGEConv(F_IN, F_OUT), INT2)

@@ -24,7 +24,7 @@ def _rel(a, b):
 
 def _mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Sigmoid(), nn.Linear(64, 8))
+    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
 
 
 def _grads(model, x, config=None, record=None):
@@ -47,13 +47,12 @@ def test_mlp_gradients_close_at_8_bits_and_packed_objects_recorded():
     approx = _grads(model, x, FINE, record)
     for a, b in zip(approx, exact):
         assert _rel(a, b) < 1e-2
-    # resident x and the parameters are not compressed. tanh and sigmoid save their outputs,
-    # and the next linear saves the same tensor as its input: two saves, one compression
-    # each; pow(2) saves the model output (128 x 8 = min_numel elements)
-    assert all(isinstance(p, PackedTensor) for p in record)
-    shapes = sorted(tuple(p.shape) for p in record)
-    assert shapes == [(128, 8)] + [(128, 64)] * 4
-    assert len({id(p) for p in record}) == 3
+    # resident x and the parameters are not compressed. GELU saves its input exactly (its
+    # backward is not linear in it); the next linear's input is compressed; ReLU keeps the
+    # sign of its output as a 1-bit mask and the last linear compresses that output;
+    # pow(2) saves the model output exactly (pow is not linear in what it saves)
+    kinds = [(type(p).__name__, tuple(p.shape)) for p in record]
+    assert kinds == [("PackedTensor", (128, 64)), ("BitMask", (128, 64)), ("PackedTensor", (128, 64))]
 
 
 def test_unbiased_gradient_at_2_bits():
@@ -153,9 +152,10 @@ def test_compressed_bytes_far_below_exact():
     with compress_saved_tensors(QuantConfig(bits=2, block_size=1024), record=record):
         model(x).sum()
     held = sum(p.nbytes for p in record)
-    exact = 4 * 512 * 64 * 4  # four fp32 activations of 512 x 64
-    assert held == 4 * (512 * 64 // 4 + 32 * 4)  # 2-bit codes + 32 blocks x 2 bf16 each
-    assert held * 15 < exact
+    exact = 2 * 512 * 64 * 4  # the two fp32 activations of 512 x 64 that are compressed
+    # two linear inputs: 2-bit codes + 32 blocks x 2 bf16 each; the ReLU sign: 1 bit per element
+    assert held == 2 * (512 * 64 // 4 + 32 * 4) + 512 * 64 // 8
+    assert held * 6 < exact
 
 
 def test_track_saved_sees_the_packed_objects():
@@ -168,7 +168,8 @@ def test_track_saved_sees_the_packed_objects():
         with blockquant.track_saved(model, exclude=(x,)) as packed:
             out = model(x)
     assert packed.total_bytes > 0
-    assert packed.total_bytes * 8 < plain.total_bytes
+    # GELU's input stays exact (131,072 B) in both; the rest is compressed
+    assert packed.total_bytes * 2 < plain.total_bytes
 
 
 def test_callable_record_and_errors():
@@ -177,8 +178,14 @@ def test_callable_record_and_errors():
     with compress_saved_tensors(FINE, record=seen.append):
         h.exp()
     assert len(seen) == 1
-    with pytest.raises(TypeError, match="expects a QuantConfig; got str"):
-        with compress_saved_tensors("int2"):
+    with compress_saved_tensors("int2", record=seen.append):  # preset names, as convert takes them
+        h.exp()
+    assert seen[-1].config == QuantConfig.preset("int2")
+    with pytest.raises(TypeError, match="expects a QuantConfig or a preset name"):
+        with compress_saved_tensors(2):
+            pass
+    with pytest.raises(ValueError, match="unknown QuantConfig preset"):
+        with compress_saved_tensors("int3"):
             pass
     with pytest.raises(ValueError, match="min_numel"):
         with compress_saved_tensors(FINE, min_numel=-1):
@@ -194,3 +201,68 @@ def test_mlp_through_the_default_backend():
     exact = _grads(model, x)
     approx = _grads(model, x, FINE)
     assert all(_rel(a, b) < 1e-2 for a, b in zip(approx, exact))
+
+
+def test_only_ops_linear_in_what_they_save_are_compressed():
+    """softmax, sigmoid, tanh, division, norms keep what they save exact; products and exp compress."""
+    h_leaf = torch.randn(64, 64, requires_grad=True)
+    w = torch.randn(64, 64)
+    blocks = [lambda h: torch.softmax(h, -1), torch.sigmoid, torch.tanh, lambda h: h / (h.abs() + 1),
+              lambda h: torch.nn.functional.layer_norm(h, (64,)), torch.nn.functional.gelu, lambda h: h.pow(3)]
+    record = []
+    for block in blocks:
+        with compress_saved_tensors(FINE, record=record):
+            y = block(h_leaf * 1.0)
+        assert record == []
+        got = torch.autograd.grad(y.sum(), h_leaf)[0]
+        assert torch.equal(got, torch.autograd.grad(block(h_leaf * 1.0).sum(), h_leaf)[0])
+    with compress_saved_tensors(FINE, record=record):
+        h = h_leaf * 1.0
+        a = h @ w  # saves w for h's gradient (not a graph tensor, not resident: compressed)
+        b = h.exp()  # saves its output: backward is g * output
+    assert sorted(tuple(p.shape) for p in record) == [(64, 64)] * 2
+    assert all(isinstance(p, PackedTensor) for p in record)
+    (a.sum() + b.sum()).backward()
+
+
+def test_a_tensor_kept_exact_by_one_op_is_not_also_compressed():
+    """The exact copy is held anyway: a compressed copy would only add bytes (and noise)."""
+    torch.manual_seed(0)
+    h_leaf = torch.randn(64, 64, requires_grad=True)
+    lin = nn.Linear(64, 64)
+    blocks = {
+        "exact_first": lambda h: torch.nn.functional.gelu(h) + lin(h),  # GELU saves h, then linear
+        "compressed_first": lambda h: lin(h) + torch.nn.functional.gelu(h),  # linear compresses h, then GELU
+    }
+    for order, block in blocks.items():
+        with compress_saved_tensors(QuantConfig(bits=2)):
+            y = block(h_leaf * 1.0)
+        got = torch.autograd.grad(y.sum(), lin.weight)[0]
+        exact = torch.autograd.grad(block(h_leaf * 1.0).sum(), lin.weight)[0]
+        assert torch.equal(got, exact), order
+
+
+def test_relu_keeps_a_sign_mask_and_its_gradient_is_exact():
+    h_leaf = torch.randn(100, 64, requires_grad=True)
+    record = []
+    with compress_saved_tensors(QuantConfig(bits=2), record=record):
+        y = torch.relu(h_leaf * 1.0)
+        z = torch.nn.functional.leaky_relu(h_leaf * 1.0, 0.1)
+    assert [type(p).__name__ for p in record] == ["BitMask", "BitMask"]
+    g = torch.randn(100, 64)
+    assert torch.equal(torch.autograd.grad(y, h_leaf, g)[0], torch.autograd.grad(torch.relu(h_leaf), h_leaf, g)[0])
+    assert torch.equal(torch.autograd.grad(z, h_leaf, g)[0],
+                       torch.autograd.grad(torch.nn.functional.leaky_relu(h_leaf, 0.1), h_leaf, g)[0])
+
+
+def test_double_backward_through_compressed_tensors_raises():
+    lin = nn.Linear(64, 8)
+    h_leaf = torch.randn(100, 64, requires_grad=True)
+    with compress_saved_tensors(FINE):
+        y = lin(torch.nn.functional.gelu(h_leaf * 1.0))
+    with pytest.raises(RuntimeError, match="second-order gradients are not supported.*to_original"):
+        torch.autograd.grad(y.pow(2).sum(), lin.weight, create_graph=True)
+    with compress_saved_tensors(FINE):
+        y = lin(torch.nn.functional.gelu(h_leaf * 1.0))
+    (g,) = torch.autograd.grad(y.pow(2).sum(), lin.weight)  # first order still works
+    assert torch.isfinite(g).all()

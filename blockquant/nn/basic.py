@@ -45,18 +45,9 @@ if _PyGLinear is not None:
     class QPyGLinear(CompressedModule, _PyGLinear):
         """PyG's :class:`torch_geometric.nn.dense.linear.Linear` storing its input compressed.
 
-        A lazily initialised layer (``in_channels=-1``) must have seen one
-        forward pass (or be built with ``in_channels``) before conversion.
+        A lazily initialised layer (``in_channels=-1``) is refused until it has
+        seen one forward pass (``convert`` leaves it exact and says so).
         """
-
-        @classmethod
-        def from_module(cls, module, config=None):
-            if _uninitialized(getattr(module, "weight", None)):
-                raise ValueError(
-                    f"cannot convert a lazily initialised torch_geometric Linear(in_channels=-1, "
-                    f"out_channels={module.out_channels}) before its weight exists; run one forward pass "
-                    "first (or pass in_channels), then convert")
-            return super().from_module(module, config)
 
         def __repr__(self) -> str:  # PyG builds this repr itself (no extra_repr): append the config
             return f"{super().__repr__()[:-1]}, bq={self.bq_config.short()})"

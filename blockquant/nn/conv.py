@@ -41,7 +41,7 @@ from .. import functional as BF
 from ..adjacency import _is_edge_index_type, as_adjacency
 from ..attention import attention_graph, gat_attention, gatv2_attention
 from ..saved_hooks import compress_saved_tensors
-from .registry import CompressedModule, register_wrapper
+from .registry import CompressedModule, lazy_reason, register_wrapper
 
 __all__ = ["QGCNConv", "QSAGEConv", "QGATConv", "QGATv2Conv", "QGINConv", "QGraphConv", "QGCN2Conv"]
 
@@ -81,6 +81,9 @@ class _QConv(CompressedModule):
 
     @classmethod
     def _settings_reason(cls, module) -> Optional[str]:
+        lazy = lazy_reason(module)
+        if lazy is not None:
+            return lazy
         if module.flow != "source_to_target":
             return f"flow={module.flow!r} (only 'source_to_target' is supported)"
         reduce = _reduce_of(module)
@@ -112,14 +115,15 @@ class _QConv(CompressedModule):
         self.bq_reduce = _reduce_of(self)
 
     def _bq_check_runtime(self) -> None:
-        # hooks or explain mode can be switched on after conversion
-        if self.explain:
-            raise RuntimeError(f"{type(self).__name__}: explain=True is not supported in compressed training; "
-                               "call blockquant.convert with this layer excluded, or explain in eval() mode")
-        for table in _HOOK_TABLES:
-            if getattr(self, table, None):
-                raise RuntimeError(f"{type(self).__name__}: message-passing hooks ({table}) are not run by the "
-                                   "compressed training path; remove them or leave this layer unconverted")
+        """Settings can change after conversion (``conv.flow = ...``, ``conv.aggr_module = ...``,
+        hooks, explain mode): honour what the compressed path supports, refuse the rest."""
+        reason = type(self)._settings_reason(self)
+        if reason is not None:
+            raise RuntimeError(f"{type(self).__name__}: unsupported option {reason}, set after conversion: the "
+                               "compressed training path cannot honour it. Set it back, or leave this layer exact "
+                               "(blockquant.to_original(model), or convert again: convert() refuses the layer "
+                               "and reports why); eval() runs the original forward.")
+        self.bq_reduce = _reduce_of(self)
 
     def __repr__(self) -> str:
         # PyG convs define __repr__ themselves (extra_repr is not used): keep theirs,
@@ -187,6 +191,11 @@ class _QConv(CompressedModule):
     def _check_2d(x: Tensor, who: str) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"{who} expects node features as a torch.Tensor; got {type(x).__name__}")
+        if x.dim() == 3:
+            raise ValueError(f"{who}: static-graph input of shape [batch, num_nodes, channels] {tuple(x.shape)} "
+                             "is not supported in compressed training (eval() runs the original and accepts it); "
+                             "give [batch * num_nodes, channels] with a block-diagonal edge_index "
+                             "(torch_geometric.data.Batch), or leave this layer exact")
         if x.dim() != 2:
             raise ValueError(f"{who}: compressed training supports node features of shape [num_nodes, channels]; "
                              f"got shape {tuple(x.shape)}")
@@ -255,8 +264,9 @@ class QSAGEConv(_QConv, SAGEConv):
     The neighbour aggregation keeps nothing of ``x`` (``mean``/``sum``) or the
     winning edge per output element (``max``, integers); ``lin_l`` keeps the
     aggregate compressed and ``lin_r`` keeps ``x`` compressed (by reference when
-    ``x`` is a leaf). ``normalize=True`` runs the L2 normalisation with its
-    saved tensors compressed.
+    ``x`` is a leaf). ``normalize=True`` runs the L2 normalisation under
+    :func:`~blockquant.compress_saved_tensors`, which keeps what it saves exact
+    (its backward is not linear in it).
     Supports ``aggr`` in ``"mean"``, ``"sum"``/``"add"``, ``"max"`` (as a string
     or the plain Mean/Sum/MaxAggregation object), ``normalize``, ``root_weight``,
     ``bias``, bipartite input and ``size``. Refuses ``project=True``, other

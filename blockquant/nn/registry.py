@@ -37,6 +37,16 @@ def wrapper_for(module: torch.nn.Module) -> Optional[Type["CompressedModule"]]:
     return WRAPPERS.get(type(module))
 
 
+def lazy_reason(module: torch.nn.Module) -> Optional[str]:
+    """Why ``module`` cannot be converted yet: it has lazily initialised parameters
+    (``in_channels=-1``, ``torch.nn.Lazy*``), whose shapes are only known after a forward pass."""
+    lazy = [n for n, p in module.named_parameters() if isinstance(p, torch.nn.parameter.UninitializedParameter)]
+    if not lazy:
+        return None
+    return (f"lazily initialised parameters ({', '.join(lazy)}) do not exist yet: run one forward pass "
+            "first, then convert")
+
+
 class CompressedModule:
     """Mixin for compressed wrappers. Subclasses implement ``forward`` and use
     :meth:`compressing` to decide between the exact original computation
@@ -56,12 +66,23 @@ class CompressedModule:
         config = QuantConfig.preset("default") if config is None else config
         if not isinstance(config, QuantConfig):
             raise TypeError(f"{cls.__name__}.from_module expects a QuantConfig; got {type(config).__name__}")
+        lazy = lazy_reason(module)
+        if lazy is not None:
+            raise ValueError(f"cannot convert this {type(module).__name__}: {lazy}")
         new = cls.__new__(cls)
         # share, not copy: the very same Parameter/buffer/submodule dicts and objects
         new.__dict__.update(module.__dict__)
         new.bq_config = config
         new._bq_init()
         return new
+
+    @classmethod
+    def unsupported_reason(cls, module: torch.nn.Module) -> Optional[str]:
+        """Why ``module`` cannot be wrapped (``convert`` then leaves it exact and reports the
+        reason), or None. Here: lazily initialised parameters; convolutions add their options."""
+        if type(module) is not cls.wraps:
+            return f"{cls.__name__} wraps exactly {cls.wraps.__name__}; got {type(module).__name__}"
+        return lazy_reason(module)
 
     def _bq_init(self) -> None:
         """Hook for subclasses that need extra state after :meth:`from_module`."""
@@ -74,6 +95,16 @@ class CompressedModule:
         orig = self.wraps.__new__(self.wraps)
         orig.__dict__.update({k: v for k, v in self.__dict__.items() if not k.startswith("bq_")})
         return orig
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """``torch.jit.script`` calls this on every submodule before compiling. TorchScript cannot
+        run the compressed training path (Python autograd Functions), and swapping in the
+        original here would silently unconvert the caller's model (torch writes the result
+        back into the parent), so scripting is refused with what to do instead."""
+        raise RuntimeError(f"torch.jit.script cannot compile {type(self).__name__} (blockquant's compressed "
+                           f"wrapper of {self.wraps.__name__}): TorchScript cannot run its Python autograd "
+                           "Functions. Call blockquant.to_original(model) first (same Parameters, exact "
+                           "modules), then script it; convert again to keep training compressed in Python.")
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
