@@ -827,13 +827,6 @@ def _square_estimator(xn: torch.Tensor, config: QuantConfig, count: int):
     return SquareSample(xn, 8.0 / count)
 
 
-def _square_estimate(estimator, xn_hat: torch.Tensor) -> torch.Tensor:
-    """Evaluate what :func:`_square_estimator` kept (``xn_hat``: the main rounding of ``xn``)."""
-    if isinstance(estimator, SquareSample):
-        return estimator.estimate(xn_hat.shape, xn_hat.dtype)
-    return xn_hat * estimator.dequantize().to(xn_hat.dtype)
-
-
 def _keep_normalized(ctx, x: torch.Tensor, xn: torch.Tensor, config: QuantConfig, diagonal_count: Optional[int]):
     """How a normalisation keeps its input: ``x`` by reference when resident (backward recomputes
     ``xn`` exactly), else ``xn`` compressed and, when ``diagonal_count`` is given (the input
@@ -849,30 +842,43 @@ def _keep_normalized(ctx, x: torch.Tensor, xn: torch.Tensor, config: QuantConfig
     return [], state
 
 
-def _rank_one_term(gw: torch.Tensor, xn: torch.Tensor, square: Optional[torch.Tensor], dims, count: int):
-    """``xn_i * mean_j(gw_j xn_j)`` over ``dims`` (``count`` elements), unbiased when ``xn`` is a
-    stochastically rounded estimate and ``square`` an independent unbiased estimate of
-    ``xn ** 2`` (``square=None``: ``xn`` is exact, or the rounding is deterministic anyway).
+def _normalization_backward(g, xn, estimator, weight_view, invstd_view, dims, count, training, need_x):
+    """grad_x of ``y = xn * w + b`` with ``xn = (x - mean) * invstd`` (batch statistics in training).
 
-    The plain product has a bias ``gw_i Var(xn_i) / count`` from the ``j = i`` term, where the
-    same rounded value is multiplied by itself. Leaving that term out of the mean makes the
-    product one of independent roundings, hence unbiased; the term itself,
-    ``gw_i xn_i^2 / count``, is put back from ``square``.
+    In training, ``grad_x = invstd * (gw - mean(gw) - xn_i * mean_j(gw_j xn_j))`` with
+    ``gw = g * w``. The last term is quadratic in ``xn``: when ``xn`` is a stochastically
+    rounded estimate, the ``j = i`` part multiplies a rounded value by itself and is biased by
+    ``gw_i Var(xn_i) / count``. It is replaced by ``gw_i S_i / count``, where ``S`` is an
+    independent unbiased estimate of ``xn_i ** 2`` kept by ``estimator`` (see
+    :func:`_square_estimator`); every other product is one of independent roundings, so the
+    gradient is unbiased. ``estimator=None``: ``xn`` is exact, or rounded deterministically.
+
+    Memory: works in place on ``gw``; besides ``g``, ``xn`` and the result it holds one
+    more tensor of ``xn``'s size at a time.
     """
-    term = xn * (gw * xn).mean(dims, keepdim=True)
-    if square is not None:
-        term = term + gw * (square - xn * xn) / count
-    return term
-
-
-def _normalization_backward(g, xn, square, weight_view, invstd_view, dims, count, training, need_x):
-    """grad_x of ``y = xn * w + b`` with ``xn = (x - mean) * invstd`` (batch statistics in training)."""
     if not need_x:
         return None
-    gw = g if weight_view is None else g * weight_view
+    gw = g * weight_view if weight_view is not None else g.clone()
     if not training:  # running statistics are constants: grad_x = g * w * invstd
-        return gw * invstd_view
-    return invstd_view * (gw - gw.mean(dims, keepdim=True) - _rank_one_term(gw, xn, square, dims, count))
+        return gw.mul_(invstd_view)
+    gw_mean = gw.mean(dims, keepdim=True)
+    c = (gw * xn).mean(dims, keepdim=True)
+    if estimator is None:
+        pass
+    elif isinstance(estimator, SquareSample):
+        # gw * (1 + xn^2 / count) everywhere, minus gw_i S_i / count where S is non-zero (k positions)
+        k = estimator.values.numel()
+        idx = estimator._positions(k, gw.device)
+        sampled = gw.reshape(-1).index_select(0, idx).mul_(estimator.values.to(gw.dtype).square())
+        sampled.mul_(estimator.numel / k / count)
+        gw.mul_(xn.square().div_(count).add_(1.0))
+        gw.view(-1).index_add_(0, idx, sampled, alpha=-1.0)
+    else:
+        # S = xn_hat * side_hat (independent roundings): gw * (1 + (xn^2 - S) / count) = gw * (1 + xn (xn - side) / count)
+        factor = estimator.dequantize().to(gw.dtype).neg_().add_(xn).mul_(xn)
+        gw.mul_(factor.div_(count).add_(1.0))
+        del factor
+    return gw.sub_(gw_mean).addcmul_(xn, c, value=-1.0).mul_(invstd_view)
 
 
 class _BatchNorm(torch.autograd.Function):
@@ -882,7 +888,7 @@ class _BatchNorm(torch.autograd.Function):
     Backward needs the normalised input ``xn = (x - mean) * invstd``: linearly
     for the weight gradient (``sum g xn``) and, in training, for the input
     gradient through ``xn_i * mean_j(g_j w xn_j)``, which is *quadratic* in
-    ``xn`` (see :func:`_rank_one_term`).
+    ``xn`` (see :func:`_normalization_backward`).
 
     Saves (only what the requested gradients need):
       * ``xn`` compressed with the config, no projection (``bits / 8`` B per
@@ -953,16 +959,16 @@ class _BatchNorm(torch.autograd.Function):
         view = [1] * grad_out.dim()
         view[1] = -1
         g = grad_out.to(acc)
-        xn = square = None
+        xn = estimator = None
         if ctx.bq_need_input:
             if x_ref is not None:
                 xn = (x_ref.to(acc) - mean.view(view)) * invstd.view(view)
             else:
                 xn = ctx.bq_state[0].dequantize().to(acc)
-                square = _square_estimate(ctx.bq_state[1], xn) if len(ctx.bq_state) > 1 else None
+                estimator = ctx.bq_state[1] if len(ctx.bq_state) > 1 else None
         w_view = weight.to(acc).view(view) if has_w else None
         count = grad_out.numel() // max(ctx.bq_c, 1)
-        grad_x = _normalization_backward(g, xn, square, w_view, invstd.view(view), dims, count, ctx.bq_training,
+        grad_x = _normalization_backward(g, xn, estimator, w_view, invstd.view(view), dims, count, ctx.bq_training,
                                          need_x)
         grad_w = (g * xn).sum(dims).to(weight.dtype) if (need_w and has_w) else None
         grad_x = grad_x.to(grad_out.dtype) if grad_x is not None else None
@@ -1001,7 +1007,7 @@ class _LayerNorm(torch.autograd.Function):
     ``D`` elements of a row: a 1-bit rounding of ``xn``, 0.129 B per element,
     for ``D <= 256``, else a sample costing ``32 / D`` B per element) if the
     input gradient is needed (the row-wise rank-one term of the input gradient
-    is quadratic in ``xn``; see :func:`_rank_one_term`), the per-row mean and reciprocal std
+    is quadratic in ``xn``; see :func:`_normalization_backward`), the per-row mean and reciprocal std
     (``[..., 1]`` each) and the weight by reference. A resident ``x`` is saved
     by reference instead. Every gradient is unbiased.
     """
@@ -1051,14 +1057,14 @@ class _LayerNorm(torch.autograd.Function):
                     torch.zeros_like(bias) if (need_b and has_b) else None, None, None)
         acc = mean.dtype
         g = grad_out.to(acc)
-        square = None
+        estimator = None
         if x_ref is not None:
             xn = (x_ref.to(acc) - mean) * rstd
         else:
             xn = ctx.bq_state[0].dequantize().to(acc)
-            square = _square_estimate(ctx.bq_state[1], xn) if len(ctx.bq_state) > 1 else None
+            estimator = ctx.bq_state[1] if len(ctx.bq_state) > 1 else None
         count = math.prod(ctx.bq_shape_norm)
-        grad_x = _normalization_backward(g, xn, square, weight.to(acc) if has_w else None, rstd, rows, count, True,
+        grad_x = _normalization_backward(g, xn, estimator, weight.to(acc) if has_w else None, rstd, rows, count, True,
                                          need_x)
         grad_w = (g * xn).sum(lead).to(weight.dtype) if (need_w and has_w) else None
         grad_x = grad_x.to(grad_out.dtype) if grad_x is not None else None

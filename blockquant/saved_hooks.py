@@ -56,7 +56,7 @@ from blockquant.kernels.bitmask import BitMask
 
 from .config import QuantConfig
 from .functional import DOUBLE_BACKWARD_MESSAGE, is_resident
-from .functional import _compress as compress_independently
+from . import functional as _functional
 
 DEFAULT_MIN_NUMEL = 1024
 
@@ -205,7 +205,7 @@ def compress_saved_tensors(config: Union[None, str, QuantConfig] = None, *, min_
         if kept_exact.get(t) == t._version:
             return t
         try:
-            obj = compress_independently(t, config)
+            obj = _functional._compress(t, config)  # looked up at call time: one home for compression
         except ValueError:  # non-finite values: keep them exact rather than fail the forward pass
             return keep_exact(t)
         if note is not None:
