@@ -212,6 +212,10 @@ def _add_tune_parser(sub, d) -> None:
     t.add_argument("--max-candidates", type=_positive_int("--max-candidates"), default=16, metavar="K",
                    help="candidates per layer measured after the variance-model pruning (default: %(default)s)")
     t.add_argument("--no-refine", action="store_true", help="skip the one-step refinement")
+    t.add_argument("--uniform-configs", default="grid", metavar="LIST",
+                   help="uniform configs measured for the Pareto plot and as fallbacks: 'grid' (27 configs: bits "
+                        "1/2/4/8 x block 64/1024/row x projection 1/8, plus the presets), 'none', or a comma-separated "
+                        "list of presets / JSON QuantConfig files (default: %(default)s)")
     t.add_argument("--out", default=None, metavar="DIR",
                    help="write plan.json, tune.json, tune_table.txt and pareto.png here")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -297,6 +301,24 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _uniform_configs(spec: str) -> tuple:
+    from .bench.runner import resolve_config
+    from .tune import UNIFORM_GRID
+
+    spec = spec.strip()
+    if spec == "grid":
+        return UNIFORM_GRID
+    if spec == "none":
+        return ()
+    out = []
+    for part in (p for p in spec.split(",") if p.strip()):
+        cfg = resolve_config(part)
+        if cfg.quant is None:
+            raise BenchError(f"--uniform-configs expects presets or JSON QuantConfig files; got {part!r}")
+        out.append(cfg.quant)
+    return tuple(out)
+
+
 def run_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import time
 
@@ -340,6 +362,7 @@ def run_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise BenchError(f"--out {args.out!r} exists and is not a folder; pass a folder path")
 
+    uniform = _uniform_configs(args.uniform_configs)
     data = load_dataset(args.dataset, args.root, scale=args.scale)
     if args.budget_mib is not None:
         budget = int(args.budget_mib * 2 ** 20)
@@ -352,7 +375,7 @@ def run_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         result = tune(model, data, budget, max_grad_error=max_err, probe_steps=probes, seed=args.seed,
                       max_candidates_per_layer=args.max_candidates, refine=not args.no_refine,
-                      progress=not args.quiet)
+                      uniform_grid=uniform, progress=not args.quiet)
     except TuneError as e:
         raise BenchError(str(e)) from None
     elapsed = time.perf_counter() - t0
