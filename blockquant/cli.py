@@ -215,7 +215,8 @@ def _add_tune_parser(sub, d) -> None:
     t.add_argument("--uniform-configs", default="grid", metavar="LIST",
                    help="uniform configs measured for the Pareto plot and as fallbacks: 'grid' (27 configs: bits "
                         "1/2/4/8 x block 64/1024/row x projection 1/8, plus the presets), 'none', or a comma-separated "
-                        "list of presets / JSON QuantConfig files (default: %(default)s)")
+                        "list of 'grid', presets, JSON QuantConfig files and configs written like int2/G256/rp8/optimal "
+                        "(default: %(default)s)")
     t.add_argument("--out", default=None, metavar="DIR",
                    help="write plan.json, tune.json, tune_table.txt and pareto.png here")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -301,6 +302,32 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _parse_short(s: str):
+    """``int2/G256/rp8/optimal`` (the form QuantConfig.short() prints) -> QuantConfig."""
+    from . import QuantConfig
+
+    fields = {}
+    try:
+        head, *rest = s.split("/")
+        fields["bits"] = int(head[3:])
+        for part in rest:
+            if part == "row":
+                fields["block_size"] = "row"
+            elif part.startswith("G"):
+                fields["block_size"] = int(part[1:])
+            elif part.startswith("rp"):
+                fields["rp_ratio"] = int(part[2:])
+            elif part in ("uniform", "optimal"):
+                fields["levels"] = part
+            elif part in ("stochastic", "nearest"):
+                fields["rounding"] = part
+            else:
+                raise ValueError(part)
+        return QuantConfig(**fields)
+    except ValueError as e:
+        raise BenchError(f"cannot read config {s!r} ({e}); expected the form int2/G256/rp8/optimal") from None
+
+
 def _uniform_configs(spec: str) -> tuple:
     from .bench.runner import resolve_config
     from .tune import UNIFORM_GRID
@@ -312,6 +339,12 @@ def _uniform_configs(spec: str) -> tuple:
         return ()
     out = []
     for part in (p for p in spec.split(",") if p.strip()):
+        if part.strip() == "grid":
+            out.extend(UNIFORM_GRID)
+            continue
+        if part.strip().startswith("int") and "/" in part:
+            out.append(_parse_short(part.strip()))
+            continue
         cfg = resolve_config(part)
         if cfg.quant is None:
             raise BenchError(f"--uniform-configs expects presets or JSON QuantConfig files; got {part!r}")
