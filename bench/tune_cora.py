@@ -57,6 +57,25 @@ def accuracy(name: str, data, config, seeds):
             "train_s_per_run": (time.perf_counter() - t0) / len(seeds)}
 
 
+def summarize(doc) -> str:
+    """Markdown table of a tune_cora.json document."""
+    lines = ["| model | config | bytes | grad error (rel. sq.) | test acc % (5 seeds) | train s/run | tune s | plan |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, rec in doc.items():
+        if not isinstance(rec, dict) or "fp32" not in rec:
+            continue
+        for key, r in rec.items():
+            err = r.get("grad_error")
+            lines.append(f"| {name} | {key} | {r['bytes']:,} | {'-' if err is None else f'{err:.3g}'} | "
+                         f"{r['mean']:.2f} ± {r['std']:.2f} | {r['train_s_per_run']:.1f} | "
+                         f"{r['tune_s']:.0f} | " if "tune_s" in r else
+                         f"| {name} | {key} | {r['bytes']:,} | {'-' if err is None else f'{err:.3g}'} | "
+                         f"{r['mean']:.2f} ± {r['std']:.2f} | {r['train_s_per_run']:.1f} | | ")
+            lines[-1] += (", ".join(f"{n}={c}" for n, c in r["plan"].items()) + f" ({r['source']})"
+                          if "plan" in r else "") + " |"
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--raw", default=os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data",
@@ -65,7 +84,12 @@ def main() -> None:
     p.add_argument("--budgets", default="iexact,int2")
     p.add_argument("--seeds", type=int, default=len(SEEDS))
     p.add_argument("--out", default=os.path.join(HERE, "results", "tune_cora"))
+    p.add_argument("--summarize", action="store_true", help="only print the markdown table of <out>/tune_cora.json")
     args = p.parse_args()
+    if args.summarize:
+        with open(os.path.join(args.out, "tune_cora.json")) as f:
+            print(summarize(json.load(f)))
+        return
     os.environ.setdefault("BLOCKQUANT_BACKEND", "torch")
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)

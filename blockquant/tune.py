@@ -395,6 +395,8 @@ class LayerChoice:
     candidates: List[Candidate]
     num_candidates: int
     chosen: Optional[Candidate] = None
+    captured: List[_CapturedTensor] = dataclasses.field(default_factory=list, repr=False)
+    """The captured tensors (with activation samples) while tuning; emptied when done."""
 
     def to_dict(self) -> Dict[str, Any]:
         def cand(c: Candidate) -> Dict[str, Any]:
@@ -744,15 +746,14 @@ def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfi
                     raise TuneError(f"tune: the byte formula gives {t.nbytes(p.config)} B for a {p!r} holding "
                                     f"{p.nbytes} B; the codec's layout changed (update blockquant.tune.packed_nbytes)")
             layers.append(LayerChoice(name, tname, [(t.shape, t.dtype, t.projectable) for t in tensors], [],
-                                      len(grid)))
-            layers[-1]._tensors = tensors  # type: ignore[attr-defined]
+                                      len(grid), captured=tensors))
         if not layers:
             raise TuneError("tune: no compressible layer found (convert swaps no module that compresses a "
                             "config-dependent tensor in this model)")
 
         # byte model: plain bytes of the converted model (independent of the configs) + layers' bytes
         def layer_bytes(layer: LayerChoice, cfg: QuantConfig) -> int:
-            return sum(t.nbytes(cfg) for t in layer._tensors)  # type: ignore[attr-defined]
+            return sum(t.nbytes(cfg) for t in layer.captured)
 
         ref_plan = Plan({l.name: default_cfg for l in layers}, default=default_cfg)
         plain_bytes = prober.saved_bytes(ref_plan) - sum(layer_bytes(l, default_cfg) for l in layers)
@@ -769,7 +770,7 @@ def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfi
         todo: List[Tuple[LayerChoice, Candidate]] = []
         for l in layers:
             cands = [Candidate(c, layer_bytes(l, c),
-                               sum(t.predicted_error(c) for t in l._tensors))  # type: ignore[attr-defined]
+                               sum(t.predicted_error(c) for t in l.captured))
                      for c in grid]
             # identical (bytes, prediction) pairs are the same measurement in practice: keep the first
             uniq: Dict[Tuple[int, float], Candidate] = {}
@@ -796,6 +797,8 @@ def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfi
                               f"{measured_bytes} B for the plan (a layer's saved tensors depend on another "
                               f"layer's config)", RuntimeWarning, stacklevel=3)
             timings["total_s"] = time.perf_counter() - t_start
+            for layer in layers:
+                layer.captured = []  # drop the activation samples
             n = getattr(data, "num_nodes", None)
             return TuneResult(plan=plan, layers=layers, budget_bytes=budget_bytes, max_grad_error=max_grad_error,
                               fp32_bytes=fp32_bytes, plain_bytes=plain_bytes, predicted_bytes=predicted_bytes,
@@ -882,7 +885,7 @@ def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfi
             cfg = cfgs[l.name]
             match = next((c for c in l.candidates if c.config == cfg), None)
             if match is None:  # from the uniform fallback or refinement: measure this layer alone
-                match = Candidate(cfg, layer_bytes(l, cfg), sum(t.predicted_error(cfg) for t in l._tensors),
+                match = Candidate(cfg, layer_bytes(l, cfg), sum(t.predicted_error(cfg) for t in l.captured),
                                   prober.error(alone(l.name, cfg)))
             l.chosen = match
         pred_err = sum(l.chosen.error for l in layers)
@@ -890,8 +893,6 @@ def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfi
                           "predicted_grad_error": pred_err, "measured_grad_error": measured})
         res = finish(plan, plan_bytes(cfgs), pred_err, measured, source, moves)
         plan.info["measured_bytes"] = res.measured_bytes
-        for l in layers:
-            l.__dict__.pop("_tensors", None)
         return res
     finally:
         torch.random.set_rng_state(torch_state)
