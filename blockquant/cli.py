@@ -349,7 +349,7 @@ def _uniform_configs(spec: str) -> tuple:
         if cfg.quant is None:
             raise BenchError(f"--uniform-configs expects presets or JSON QuantConfig files; got {part!r}")
         out.append(cfg.quant)
-    return tuple(out)
+    return tuple(dict.fromkeys(out))  # each config once
 
 
 def run_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
