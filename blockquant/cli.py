@@ -39,6 +39,7 @@ configs (--configs, comma-separated):
   int1 int2 int4 int8 exact iexact default      blockquant.QuantConfig presets, applied with
                                                 blockquant.convert(model, config)
   PATH.json   a QuantConfig as JSON, e.g. {"bits": 2, "block_size": 256, "rp_ratio": 8}
+              or a per-layer plan written by 'blockquant tune' (same --model/--hidden/--layers)
 
 Each row: activation memory held for backward after forward (MiB, bytes/node, ratio to fp32),
 peak memory of one forward+backward, median training-step time (and ratio to fp32),
