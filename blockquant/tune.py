@@ -862,8 +862,8 @@ def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfi
                 options = []
                 bi = BITS.index(cfg.bits)
                 for nb in (BITS[bi - 1] if bi > 0 else None, BITS[bi + 1] if bi + 1 < len(BITS) else None):
-                    if nb is not None:
-                        options.append(cfg.replace(bits=nb))
+                    if nb is not None:  # 1-bit "optimal" levels are the uniform ones: one name for it
+                        options.append(cfg.replace(bits=nb, levels="uniform" if nb == 1 else cfg.levels))
                 if cfg.block_size != ROW:
                     for g in (cfg.block_size * 2, cfg.block_size // 2):
                         if 16 <= g <= MAX_BLOCK_SIZE:
