@@ -21,3 +21,7 @@ from .adjacency import Adjacency, as_adjacency  # noqa: E402
 from .saved_hooks import compress_saved_tensors  # noqa: E402
 
 __all__ += ["functional", "Adjacency", "as_adjacency", "compress_saved_tensors"]
+from .plan import Plan  # noqa: E402
+from .tune import TuneError, TuneResult, tune  # noqa: E402
+
+__all__ += ["Plan", "tune", "TuneResult", "TuneError"]

@@ -4,6 +4,8 @@ Subcommands:
     bench   compare activation-memory savers (fp32, checkpoint, blockquant
             presets or JSON configs) on one dataset and model; see
             ``blockquant bench --help``.
+    tune    choose bits, block size, projection and levels per layer under a
+            memory budget (:func:`blockquant.tune`); see ``blockquant tune --help``.
 
 User errors (unknown names, missing data, out of memory) print one line on
 stderr and exit with status 2.
@@ -38,6 +40,7 @@ configs (--configs, comma-separated):
   int1 int2 int4 int8 exact iexact default      blockquant.QuantConfig presets, applied with
                                                 blockquant.convert(model, config)
   PATH.json   a QuantConfig as JSON, e.g. {"bits": 2, "block_size": 256, "rp_ratio": 8}
+              or a per-layer plan written by 'blockquant tune' (same --model/--hidden/--layers)
 
 Each row: peak memory of one training step (forward+loss+backward, above the memory in use at its
 start; ratio to fp32), activation memory held for backward after forward (MiB, bytes/node, ratio to
@@ -157,7 +160,69 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, metavar="DIR",
                    help="write results.json, results.csv and PNG plots here (default: print the table only)")
     b.add_argument("--quiet", action="store_true", help="no progress bars (the final table is still printed)")
+    _add_tune_parser(sub, d)
     return parser
+
+
+_TUNE_EPILOG = """\
+The budget is the bytes the autograd graph holds after one training forward (blockquant.track_saved,
+data excluded), as in 'blockquant bench'. --budget-config NAME|PATH.json uses the bytes of that config
+applied to every layer (e.g. iexact), so the tuned plan can be compared with it at equal memory.
+
+Writes (with --out): plan.json (blockquant.convert(model, "plan.json"), blockquant.Plan.from_json,
+'blockquant bench --configs plan.json' with the same --model/--hidden/--layers), tune_table.txt,
+tune.json (every measured candidate) and pareto.png.
+
+examples:
+  blockquant tune --dataset cora --root data/planetoid --model sage --budget-config iexact --out results/tune_cora
+  blockquant tune --dataset synthetic:tiny --model gcn --budget-bytes-per-node 40 --out /tmp/tune
+  blockquant bench --dataset cora --root data/planetoid --model sage --configs fp32,iexact,results/tune_cora/plan.json
+"""
+
+
+def _add_tune_parser(sub, d) -> None:
+    t = sub.add_parser(
+        "tune", help="choose bits, block size, projection and levels per layer under a memory budget",
+        description="Profile every compressible layer of one GNN on one dataset, allocate a per-layer plan that "
+                    "minimises the weight-gradient error within a memory budget, verify it, and write it as JSON.",
+        epilog=_TUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("--dataset", default=d.dataset, metavar="NAME",
+                   help="as for 'blockquant bench' (default: %(default)s)")
+    t.add_argument("--root", default=None, metavar="DIR", help="folder holding prepared datasets")
+    t.add_argument("--scale", type=_positive_float("--scale"), default=d.scale, metavar="F",
+                   help="multiply the node and edge counts of a synthetic preset (default: %(default)s)")
+    t.add_argument("--model", default=d.model, metavar="NAME", help="as for 'blockquant bench' (default: %(default)s)")
+    t.add_argument("--hidden", type=_positive_int("--hidden"), default=d.hidden, metavar="H",
+                   help="hidden channels (default: %(default)s)")
+    t.add_argument("--layers", type=_positive_int("--layers"), default=d.layers, metavar="L",
+                   help="message-passing layers (default: %(default)s)")
+    t.add_argument("--dropout", type=_dropout, default=d.dropout, metavar="P",
+                   help="dropout probability (default: %(default)s)")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--budget-mib", type=_positive_float("--budget-mib"), metavar="X",
+                   help="memory budget in MiB held for backward")
+    g.add_argument("--budget-bytes-per-node", type=_positive_float("--budget-bytes-per-node"), metavar="B",
+                   help="memory budget in bytes per node of the graph")
+    g.add_argument("--budget-config", metavar="NAME|PATH",
+                   help="the bytes of this preset or JSON QuantConfig applied to every layer")
+    g.add_argument("--max-grad-error", type=_positive_float("--max-grad-error"), metavar="E",
+                   help="fewest bytes whose predicted relative squared gradient error is at most E")
+    t.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the model and of every probe "
+                                                                     "(default: %(default)s)")
+    t.add_argument("--probe-steps", default="0,10", metavar="LIST",
+                   help="fp32 training steps at which gradients are probed (default: %(default)s)")
+    t.add_argument("--max-candidates", type=_positive_int("--max-candidates"), default=16, metavar="K",
+                   help="candidates per layer measured after the variance-model pruning (default: %(default)s)")
+    t.add_argument("--no-refine", action="store_true", help="skip the one-step refinement")
+    t.add_argument("--uniform-configs", default="grid", metavar="LIST",
+                   help="uniform configs measured for the Pareto plot and as fallbacks: 'grid' (27 configs: bits "
+                        "1/2/4/8 x block 64/1024/row x projection 1/8, plus the presets), 'none', or a comma-separated "
+                        "list of 'grid', presets, JSON QuantConfig files and configs written like int2/G256/rp8/optimal "
+                        "(default: %(default)s)")
+    t.add_argument("--out", default=None, metavar="DIR",
+                   help="write plan.json, tune.json, tune_table.txt and pareto.png here")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _versions() -> dict:
@@ -240,6 +305,128 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _parse_short(s: str):
+    """``int2/G256/rp8/optimal`` (the form QuantConfig.short() prints) -> QuantConfig."""
+    from . import QuantConfig
+
+    fields = {}
+    try:
+        head, *rest = s.split("/")
+        fields["bits"] = int(head[3:])
+        for part in rest:
+            if part == "row":
+                fields["block_size"] = "row"
+            elif part.startswith("G"):
+                fields["block_size"] = int(part[1:])
+            elif part.startswith("rp"):
+                fields["rp_ratio"] = int(part[2:])
+            elif part in ("uniform", "optimal"):
+                fields["levels"] = part
+            elif part in ("stochastic", "nearest"):
+                fields["rounding"] = part
+            else:
+                raise ValueError(part)
+        return QuantConfig(**fields)
+    except ValueError as e:
+        raise BenchError(f"cannot read config {s!r} ({e}); expected the form int2/G256/rp8/optimal") from None
+
+
+def _uniform_configs(spec: str) -> tuple:
+    from .bench.runner import resolve_config
+    from .tune import UNIFORM_GRID
+
+    spec = spec.strip()
+    if spec == "grid":
+        return UNIFORM_GRID
+    if spec == "none":
+        return ()
+    out = []
+    for part in (p for p in spec.split(",") if p.strip()):
+        if part.strip() == "grid":
+            out.extend(UNIFORM_GRID)
+            continue
+        if part.strip().startswith("int") and "/" in part:
+            out.append(_parse_short(part.strip()))
+            continue
+        cfg = resolve_config(part)
+        if cfg.quant is None:
+            raise BenchError(f"--uniform-configs expects presets or JSON QuantConfig files; got {part!r}")
+        out.append(cfg.quant)
+    return tuple(dict.fromkeys(out))  # each config once
+
+
+def run_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import time
+
+    import torch
+
+    from . import QuantConfig
+    from .bench.datasets import load_dataset
+    from .bench.models import MODEL_NAMES, build_model
+    from .plan import load_config_or_plan
+    from .tune import TuneError, tune
+
+    model_name = args.model.strip().lower()
+    if model_name not in MODEL_NAMES:
+        raise BenchError(f"unknown model {args.model!r}; expected one of {', '.join(MODEL_NAMES)}")
+    budget = max_err = None
+    if args.budget_config is not None:
+        spec = args.budget_config.strip()
+        if spec in QuantConfig.preset_names():
+            budget = spec
+        elif os.path.isfile(spec):
+            try:
+                budget = load_config_or_plan(spec)
+            except (ValueError, TypeError) as e:
+                raise BenchError(f"bad --budget-config file {spec!r}: {e}") from None
+            if not isinstance(budget, QuantConfig):
+                raise BenchError(f"--budget-config {spec!r} holds a plan; pass one QuantConfig or a preset name")
+        else:
+            raise BenchError(f"--budget-config expects a preset ({', '.join(QuantConfig.preset_names())}) or a JSON "
+                             f"QuantConfig file; got {spec!r}")
+    elif args.max_grad_error is not None:
+        max_err = args.max_grad_error
+    elif args.budget_mib is None and args.budget_bytes_per_node is None:
+        raise BenchError("give a budget: --budget-mib X, --budget-bytes-per-node B, --budget-config NAME or "
+                         "--max-grad-error E")
+    try:
+        probes = tuple(int(p) for p in args.probe_steps.split(",") if p.strip())
+    except ValueError:
+        probes = ()
+    if not probes or min(probes) < 0:
+        raise BenchError(f"--probe-steps expects step numbers like 0,10; got {args.probe_steps!r}")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise BenchError(f"--out {args.out!r} exists and is not a folder; pass a folder path")
+
+    uniform = _uniform_configs(args.uniform_configs)
+    data = load_dataset(args.dataset, args.root, scale=args.scale)
+    if args.budget_mib is not None:
+        budget = int(args.budget_mib * 2 ** 20)
+    elif args.budget_bytes_per_node is not None:
+        budget = int(args.budget_bytes_per_node * data.num_nodes)
+    torch.manual_seed(args.seed)
+    model = build_model(model_name, data.num_features, args.hidden, data.out_dim, num_layers=args.layers,
+                        dropout=args.dropout)
+    t0 = time.perf_counter()
+    try:
+        result = tune(model, data, budget, max_grad_error=max_err, probe_steps=probes, seed=args.seed,
+                      max_candidates_per_layer=args.max_candidates, refine=not args.no_refine,
+                      uniform_grid=uniform, progress=not args.quiet)
+    except TuneError as e:
+        raise BenchError(str(e)) from None
+    elapsed = time.perf_counter() - t0
+    result.plan.info.update(dataset=data.name, model=model_name, hidden=args.hidden, layers=args.layers,
+                            seed=args.seed, command="blockquant " + " ".join(shlex.quote(a) for a in argv))
+    result.timings["tune_wall_s"] = elapsed
+    print(f"blockquant tune: {data.name}, {model_name} (hidden {args.hidden}, {args.layers} layers), "
+          f"{data.num_nodes:,} nodes; {elapsed:.1f} s")
+    print(result.table())
+    if args.out is not None:
+        paths = result.write(args.out, title=f"{data.name} / {model_name}: memory vs gradient error")
+        print(f"wrote {', '.join(os.path.basename(p) for p in paths)} to {args.out}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -251,6 +438,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         if args.command == "bench":
             return run_bench(args, argv)
+        if args.command == "tune":
+            return run_tune(args, argv)
         raise BenchError(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
     except BenchError as e:
         msg = " ".join(str(e).split())

@@ -181,7 +181,9 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
         model: the module to convert. If ``model`` itself is supported, the
             wrapper replacing it is returned (use the return value).
         config: ``None`` for ``QuantConfig.preset("default")``; a
-            :class:`QuantConfig` or preset name for every module; or a mapping
+            :class:`QuantConfig` or preset name for every module; a path to a
+            ``.json`` file holding a QuantConfig or a :class:`blockquant.Plan`
+            (what ``blockquant tune`` writes); or a mapping (a ``Plan`` is one)
             from qualified module names (``"convs.0"``, applies to the subtree)
             and/or module types (``torch.nn.BatchNorm1d``) to a QuantConfig, or
             to ``None`` to leave those modules alone. Names beat types; modules
@@ -207,6 +209,10 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
         raise TypeError(f"blockquant.convert: filter_fn must be callable(module, name) -> bool; "
                         f"got {type(filter_fn).__name__}")
     _load_nn_wrappers()
+    if isinstance(config, str) and config.endswith(".json"):
+        from .plan import load_config_or_plan
+
+        config = load_config_or_plan(config)
     chooser = _ConfigChooser(config, [n for n, _ in model.named_modules()])
     explicit = config is not None
 

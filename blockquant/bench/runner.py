@@ -55,16 +55,26 @@ class BenchConfig:
     source: str = "builtin"
     #: give the model a torch.sparse CSR ``adj_t`` (PyG's memory-efficient form) instead of ``edge_index``
     sparse_adj: bool = False
+    plan: Optional[Any] = None  # a blockquant.Plan (per-layer configs, e.g. from `blockquant tune`)
+
+    @property
+    def converts(self) -> bool:
+        return self.quant is not None or self.plan is not None
 
     def describe(self) -> Dict[str, Any]:
-        return {
+        d = {
             "name": self.name,
-            "kind": "checkpoint" if self.checkpoint else ("blockquant" if self.quant is not None else "fp32"),
+            "kind": "checkpoint" if self.checkpoint else ("blockquant" if self.converts else "fp32"),
             "quant": self.quant.to_dict() if self.quant is not None else None,
             "quant_short": self.quant.short() if self.quant is not None else None,
             "source": self.source,
             "adjacency": "torch.sparse CSR adj_t" if self.sparse_adj else "edge_index",
         }
+        if self.plan is not None:
+            d["quant_short"] = "plan: " + ", ".join(f"{n}={c.short() if c else 'fp32'}"
+                                                    for n, c in self.plan.layers.items())
+            d["plan"] = self.plan.to_dict()
+        return d
 
 
 def config_names() -> Tuple[str, ...]:
@@ -72,7 +82,7 @@ def config_names() -> Tuple[str, ...]:
 
 
 def resolve_config(spec: str) -> BenchConfig:
-    """``fp32``, ``checkpoint``, a QuantConfig preset name, or a path to a JSON QuantConfig."""
+    """``fp32``, ``checkpoint``, a QuantConfig preset name, or a path to a JSON QuantConfig or plan."""
     spec = spec.strip()
     if spec == "fp32":
         return BenchConfig("fp32")
@@ -86,11 +96,16 @@ def resolve_config(spec: str) -> BenchConfig:
         if not osp.isfile(spec):
             raise BenchError(f"config file {spec!r} not found; pass an existing JSON file with QuantConfig fields "
                              f"or one of {', '.join(config_names())}")
+        from blockquant.plan import Plan, load_config_or_plan
+
         try:
-            q = blockquant.QuantConfig.from_json(spec)
+            q = load_config_or_plan(spec)
         except (ValueError, TypeError, json.JSONDecodeError) as e:
             raise BenchError(f"bad config file {spec!r}: {e}".replace("\n", " ")) from None
-        return BenchConfig(osp.splitext(osp.basename(spec))[0], q, source=osp.abspath(spec))
+        name = osp.splitext(osp.basename(spec))[0]
+        if isinstance(q, Plan):
+            return BenchConfig(name, source=osp.abspath(spec), plan=q)
+        return BenchConfig(name, q, source=osp.abspath(spec))
     raise BenchError(f"unknown config {spec!r}; expected a comma-separated list of {', '.join(config_names())} "
                      f"or paths to JSON QuantConfig files")
 
@@ -237,12 +252,16 @@ class Trainer:
         torch.manual_seed(seed)
         model = build_model(self.opts.model, self.data.num_features, self.opts.hidden, self.data.out_dim,
                             num_layers=self.opts.layers, dropout=self.opts.dropout).to(self.device)
-        if cfg.quant is not None:
+        if cfg.converts:
             convert = getattr(blockquant, "convert", None)
             if convert is None:
                 raise BenchError(f"config {cfg.name!r} needs blockquant.convert, which this build does not have; "
                                  f"run only --configs fp32,checkpoint or update blockquant")
-            model = convert(model, cfg.quant)
+            try:
+                model = convert(model, cfg.plan if cfg.plan is not None else cfg.quant)
+            except ValueError as e:  # a plan naming modules this model does not have
+                raise BenchError(f"config {cfg.name!r}: {e} (was the plan tuned for another --model, --hidden or "
+                                 f"--layers?)".replace("\n", " ")) from None
         model.checkpoint_layers = cfg.checkpoint
         model.bench_graph = self.sparse_adj_t() if cfg.sparse_adj else self.data.edge_index
         # a first forward fills caches (GCN normalisation) so later measurements see steady state
