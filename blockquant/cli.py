@@ -43,8 +43,12 @@ peak memory of one forward+backward, median training-step time (and ratio to fp3
 validation/test metric (test at best validation, mean ± std over seeds), and the relative error
 of the first step's weight gradients against fp32 (same initial weights, dropout off).
 
+mini-batch (--batch-size N): the same configurations trained with PyG's loaders (--loader random, the
+default, runs everywhere; neighbor and cluster need pyg-lib or torch-sparse). Memory columns are per step.
+
 examples:
   blockquant bench
+  blockquant bench --dataset synthetic:arxiv-like --batch-size 16384 --loader random --epochs 5
   blockquant bench --dataset cora --root data/planetoid --epochs 200 --seeds 5 --out bench/results/bench_cora
   blockquant bench --dataset synthetic:arxiv-like --epochs 100 --device cuda --out results/arxiv_like
 """
@@ -155,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, metavar="DIR",
                    help="write results.json, results.csv and PNG plots here (default: print the table only)")
     b.add_argument("--quiet", action="store_true", help="no progress bars (the final table is still printed)")
+    b.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None, metavar="N",
+                   help="train with mini-batches of about N nodes from a PyG loader instead of full batch; "
+                        "memory is then measured per step, on one fixed batch (default: full batch)")
+    b.add_argument("--loader", default=None, choices=("random", "neighbor", "cluster"),
+                   help="PyG loader for --batch-size: random (RandomNodeLoader, runs everywhere; the default), "
+                        "neighbor (NeighborLoader) or cluster (ClusterLoader); the last two need pyg-lib or "
+                        "torch-sparse")
     return parser
 
 
@@ -196,6 +207,21 @@ def _machine(device) -> dict:
     return m
 
 
+def _minibatch_options(args: argparse.Namespace):
+    """``None`` for full batch, else the checked mini-batch options (fails before any data is loaded)."""
+    if args.batch_size is None:
+        if args.loader is not None:
+            raise BenchError(f"--loader {args.loader} needs --batch-size N (mini-batch training)")
+        return None
+    from .bench.minibatch import DEFAULT_LOADER, MiniBatchOptions, loader_unavailable_reason
+
+    mb = MiniBatchOptions(loader=args.loader or DEFAULT_LOADER, batch_size=args.batch_size)
+    reason = loader_unavailable_reason(mb.loader)
+    if reason is not None:
+        raise BenchError(reason)
+    return mb
+
+
 def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import time
 
@@ -211,6 +237,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     device = resolve_device(args.device)
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise BenchError(f"--out {args.out!r} exists and is not a folder; pass a folder path")
+    minibatch = _minibatch_options(args)
 
     opts = BenchOptions(dataset=args.dataset, root=args.root, model=args.model.strip().lower(),
                         configs=tuple(c.name for c in configs), epochs=args.epochs, seeds=tuple(args.seeds),
@@ -219,7 +246,12 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     t0 = time.time()
     data = load_dataset(args.dataset, args.root, scale=args.scale)
     load_s = time.time() - t0
-    records = run_benchmark(data, opts, configs)
+    if minibatch is None:
+        records = run_benchmark(data, opts, configs)
+    else:
+        from .bench.minibatch import run_minibatch_benchmark
+
+        records = run_minibatch_benchmark(data, opts, minibatch, configs)
     meta = {
         "dataset": data.describe(), "model": opts.model, "hidden": opts.hidden, "layers": opts.layers,
         "lr": opts.lr, "dropout": opts.dropout, "epochs": opts.epochs, "seeds": list(opts.seeds),
@@ -231,7 +263,14 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     for r in records:
         r.update(dataset=data.name, model=opts.model, device=str(device), metric=data.metric,
                  epochs=opts.epochs)
+    if minibatch is not None:
+        meta.update(loader=minibatch.loader, batch_size=minibatch.batch_size)
     print(format_table(records, meta))
+    if minibatch is not None and records:
+        r = records[0]
+        print(f"mini-batch: {minibatch.loader} loader, --batch-size {minibatch.batch_size}, "
+              f"{r['steps_per_epoch']} steps per epoch; act and peak are per step, measured on one batch of "
+              f"{r['batch_nodes']} nodes and {r['batch_edges']} directed edges; epoch = one pass over the loader")
     if args.out is not None:
         paths = write_results(args.out, records, meta)
         print(f"wrote {', '.join(os.path.basename(p) for p in paths)} to {args.out}")
