@@ -49,6 +49,7 @@ default, runs everywhere; neighbor and cluster need pyg-lib or torch-sparse). Me
 examples:
   blockquant bench
   blockquant bench --dataset synthetic:arxiv-like --batch-size 16384 --loader random --epochs 5
+  blockquant bench --dataset synthetic:tiny --nproc 2 --configs fp32,iexact --epochs 10
   blockquant bench --dataset cora --root data/planetoid --epochs 200 --seeds 5 --out bench/results/bench_cora
   blockquant bench --dataset synthetic:arxiv-like --epochs 100 --device cuda --out results/arxiv_like
 """
@@ -166,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PyG loader for --batch-size: random (RandomNodeLoader, runs everywhere; the default), "
                         "neighbor (NeighborLoader) or cluster (ClusterLoader); the last two need pyg-lib or "
                         "torch-sparse")
+    b.add_argument("--nproc", type=_positive_int("--nproc"), default=None, metavar="N",
+                   help="data-parallel training on N processes of this machine (DistributedDataParallel via "
+                        "torchrun; gloo on CPU, nccl on CUDA with one GPU per process), each on its shard of the "
+                        "graph; reports each rank's held memory, global loss and parameter agreement")
     return parser
 
 
@@ -222,6 +227,27 @@ def _minibatch_options(args: argparse.Namespace):
     return mb
 
 
+def _run_ddp(args: argparse.Namespace, configs) -> int:
+    """``--nproc N``: launch :mod:`blockquant.bench.ddp` with torchrun and print each rank's figures."""
+    import tempfile
+
+    from .bench.ddp import format_ddp_table, launch, torchrun_command
+
+    worker = ["--dataset", args.dataset, "--scale", str(args.scale), "--model", args.model.strip().lower(),
+              "--configs", ",".join(c.source if c.source not in ("builtin", "preset") else c.name for c in configs),
+              "--epochs", str(args.epochs), "--seed", str(args.seeds[0]), "--hidden", str(args.hidden),
+              "--layers", str(args.layers), "--lr", str(args.lr), "--dropout", str(args.dropout),
+              "--device", args.device]
+    if args.root is not None:
+        worker += ["--root", args.root]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or tmp
+        records = launch(args.nproc, worker, out)
+    print(format_ddp_table(records))
+    print("command: " + " ".join(shlex.quote(a) for a in torchrun_command(args.nproc, [*worker, "--out", out])))
+    return 0
+
+
 def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import time
 
@@ -238,6 +264,10 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise BenchError(f"--out {args.out!r} exists and is not a folder; pass a folder path")
     minibatch = _minibatch_options(args)
+    if args.nproc is not None:
+        if minibatch is not None:
+            raise BenchError("--nproc and --batch-size cannot be combined yet; each rank trains full batch on its shard")
+        return _run_ddp(args, configs)
 
     opts = BenchOptions(dataset=args.dataset, root=args.root, model=args.model.strip().lower(),
                         configs=tuple(c.name for c in configs), epochs=args.epochs, seeds=tuple(args.seeds),
