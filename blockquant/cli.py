@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PyG loader for --batch-size: random (RandomNodeLoader, runs everywhere; the default), "
                         "neighbor (NeighborLoader) or cluster (ClusterLoader); the last two need pyg-lib or "
                         "torch-sparse")
+    b.add_argument("--memory-limit-gib", type=_positive_float("--memory-limit-gib"), default=None, metavar="X",
+                   help="cap this process's address space at X GiB (RLIMIT_AS): a configuration that needs more "
+                        "is stopped cleanly and reported as 'did not fit' instead of exhausting the machine")
     b.add_argument("--nproc", type=_positive_int("--nproc"), default=None, metavar="N",
                    help="data-parallel training on N processes of this machine (DistributedDataParallel via "
                         "torchrun; gloo on CPU, nccl on CUDA with one GPU per process), each on its shard of the "
@@ -210,6 +213,16 @@ def _machine(device) -> dict:
         m["gpu"] = torch.cuda.get_device_name(device)
         m["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
     return m
+
+
+def _peak_rss_bytes():
+    """This process's peak resident set size so far (Linux/macOS), else ``None``."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) if sys.platform == "darwin" else int(rss) * 1024
 
 
 def _minibatch_options(args: argparse.Namespace):
@@ -273,8 +286,19 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         configs=tuple(c.name for c in configs), epochs=args.epochs, seeds=tuple(args.seeds),
                         hidden=args.hidden, layers=args.layers, lr=args.lr, dropout=args.dropout,
                         device=str(device), scale=args.scale, quiet=args.quiet)
+    if args.memory_limit_gib is not None:
+        from .bench.memlimit import apply_memory_limit
+
+        apply_memory_limit(args.memory_limit_gib)
+        opts.memory_limit_gib = args.memory_limit_gib
     t0 = time.time()
-    data = load_dataset(args.dataset, args.root, scale=args.scale)
+    try:
+        data = load_dataset(args.dataset, args.root, scale=args.scale)
+    except (MemoryError, RuntimeError) as e:
+        if args.memory_limit_gib is None or not (isinstance(e, MemoryError) or "can't allocate memory" in str(e)):
+            raise
+        raise BenchError(f"the dataset alone does not fit in --memory-limit-gib {args.memory_limit_gib:g}; "
+                         f"raise the limit or pass a smaller --scale") from None
     load_s = time.time() - t0
     if minibatch is None:
         records = run_benchmark(data, opts, configs)
@@ -289,6 +313,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "command": "blockquant " + " ".join(shlex.quote(a) for a in argv),
         "dataset_load_s": load_s, "total_s": time.time() - t0,
         "backend_env": os.environ.get("BLOCKQUANT_BACKEND"),
+        "memory_limit_gib": args.memory_limit_gib, "process_peak_rss_bytes": _peak_rss_bytes(),
     }
     for r in records:
         r.update(dataset=data.name, model=opts.model, device=str(device), metric=data.metric,
@@ -296,8 +321,9 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if minibatch is not None:
         meta.update(loader=minibatch.loader, batch_size=minibatch.batch_size)
     print(format_table(records, meta))
-    if minibatch is not None and records:
-        r = records[0]
+    fitted = [r for r in records if not r.get("status")]
+    if minibatch is not None and fitted:
+        r = fitted[0]
         print(f"mini-batch: {minibatch.loader} loader, --batch-size {minibatch.batch_size}, "
               f"{r['steps_per_epoch']} steps per epoch; act and peak are per step, measured on one batch of "
               f"{r['batch_nodes']} nodes and {r['batch_edges']} directed edges; epoch = one pass over the loader")

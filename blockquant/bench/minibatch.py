@@ -241,6 +241,12 @@ def run_minibatch_benchmark(data: GraphDataset, opts: BenchOptions, mb: MiniBatc
         except BenchError:
             raise
         except Exception as e:  # noqa: BLE001 - OOM is a user-facing condition, everything else is a bug
+            if _is_oom(e) and opts.memory_limit_gib is not None:
+                from .memlimit import did_not_fit
+
+                records.append({**rec, **did_not_fit(cfg.name, opts.memory_limit_gib, e, "mini-batch run")})
+                model = runs = None
+                continue
             if _is_oom(e):
                 raise BenchError(f"out of memory on {device} while running config {cfg.name!r} "
                                  f"({str(e).splitlines()[0][:120]}); try a smaller --batch-size or --hidden") from None
@@ -263,8 +269,10 @@ def run_minibatch_benchmark(data: GraphDataset, opts: BenchOptions, mb: MiniBatc
         )
         records.append(rec)
     cfg_bar.close()
-    base = next((r for r in records if r["config"] == "fp32"), None)
+    base = next((r for r in records if r["config"] == "fp32" and "status" not in r), None)
     for r in records:
+        if "status" in r:
+            continue
         r["memory_ratio_fp32"] = (r["activation_bytes"] / base["activation_bytes"]
                                   if base and base["activation_bytes"] > 0 else None)
         r["time_ratio_fp32"] = (r["epoch_time_median_s"] / base["epoch_time_median_s"]

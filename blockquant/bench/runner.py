@@ -117,6 +117,7 @@ class BenchOptions:
     device: str = "cpu"
     scale: float = 1.0
     quiet: bool = False
+    memory_limit_gib: Optional[float] = None  # set by --memory-limit-gib: OOM becomes a "did not fit" row
 
 
 # --------------------------------------------------------------------------- measurement helpers
@@ -400,6 +401,7 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
     cfg_bar = tqdm(configs, desc="configs", disable=quiet, leave=True, dynamic_ncols=True)
     for cfg in cfg_bar:
         cfg_bar.set_postfix_str(cfg.name)
+        stage = "first-step measurements"
         try:
             rec: Dict[str, Any] = {"config": cfg.name, **{f"config_{k}": v for k, v in cfg.describe().items()
                                                            if k != "name"}}
@@ -410,6 +412,7 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
             rec.update(trainer.step_peak(model))
             model.load_state_dict(init_state)
             del init_state
+            stage = "training"
             runs = []
             seed_bar = tqdm(opts.seeds, desc=f"{cfg.name} seeds", disable=quiet, leave=False, dynamic_ncols=True)
             for seed in seed_bar:
@@ -423,6 +426,12 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
         except BenchError:
             raise
         except Exception as e:  # noqa: BLE001 - OOM is a user-facing condition, everything else is a bug
+            if _is_oom(e) and opts.memory_limit_gib is not None:
+                from .memlimit import did_not_fit
+
+                records.append({**rec, **did_not_fit(cfg.name, opts.memory_limit_gib, e, stage)})
+                model = runs = None
+                continue
             if _is_oom(e):
                 raise BenchError(f"out of memory on {device} while running config {cfg.name!r} "
                                  f"({str(e).splitlines()[0][:120]}); try a smaller --hidden or --scale, fewer "
@@ -446,8 +455,10 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
         records.append(rec)
     cfg_bar.close()
 
-    base = next((r for r in records if r["config"] == "fp32"), None)
+    base = next((r for r in records if r["config"] == "fp32" and "status" not in r), None)
     for r in records:
+        if "status" in r:
+            continue
         r["memory_ratio_fp32"] = (r["activation_bytes"] / base["activation_bytes"]
                                   if base and base["activation_bytes"] > 0 else None)
         r["time_ratio_fp32"] = (r["epoch_time_median_s"] / base["epoch_time_median_s"]
