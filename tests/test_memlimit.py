@@ -74,3 +74,19 @@ def test_out_of_memory_under_a_limit_becomes_a_row(monkeypatch, tmp_path):
     with pytest.raises(BenchError, match="out of memory"):  # without a limit, OOM stays an error
         run_benchmark(data, BenchOptions(dataset="synthetic:tiny", epochs=1, seeds=(0,), hidden=16, quiet=True),
                       resolve_configs(["fp32"]))
+
+
+def test_compressed_config_is_measured_when_the_fp32_reference_does_not_fit(monkeypatch):
+    real = Trainer.weight_grads
+
+    def weight_grads(self, model):
+        if not any(hasattr(m, "bq_config") for m in model.modules()):
+            raise MemoryError()
+        return real(self, model)
+
+    monkeypatch.setattr(Trainer, "weight_grads", weight_grads)
+    data = load_dataset("synthetic:tiny")
+    opts = BenchOptions(dataset="synthetic:tiny", epochs=1, seeds=(0,), hidden=16, quiet=True, memory_limit_gib=3.0)
+    (q,) = run_benchmark(data, opts, resolve_configs(["int2"]))
+    assert "status" not in q and q["activation_bytes"] > 0
+    assert q["grad_rel_error"] is None and "did not fit" in q["grad_rel_error_note"]

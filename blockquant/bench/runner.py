@@ -392,10 +392,18 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
     ref_grads: Optional[Dict[str, torch.Tensor]] = None
     first_seed = opts.seeds[0]
 
+    ref_unfit = False
+
     def ref():
-        nonlocal ref_grads
-        if ref_grads is None:
-            ref_grads = trainer.weight_grads(trainer.build(BenchConfig("fp32"), first_seed))
+        """fp32 reference gradients; ``None`` when they do not fit under --memory-limit-gib."""
+        nonlocal ref_grads, ref_unfit
+        if ref_grads is None and not ref_unfit:
+            try:
+                ref_grads = trainer.weight_grads(trainer.build(BenchConfig("fp32"), first_seed))
+            except Exception as e:  # noqa: BLE001 - only an allocation failure under a limit is expected
+                if not (_is_oom(e) and opts.memory_limit_gib is not None):
+                    raise
+                ref_unfit = True
         return ref_grads
 
     cfg_bar = tqdm(configs, desc="configs", disable=quiet, leave=True, dynamic_ncols=True)
@@ -407,7 +415,14 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
                                                            if k != "name"}}
             model = trainer.build(cfg, first_seed)
             init_state = copy.deepcopy(model.state_dict())
-            rec.update(_rel_error(trainer.weight_grads(model), ref()))
+            grads = trainer.weight_grads(model)
+            reference = ref()
+            if reference is None:  # a compressed config may fit where fp32 does not
+                rec.update(grad_rel_error=None, grad_rel_error_note="fp32 reference gradients did not fit in "
+                                                                    f"--memory-limit-gib {opts.memory_limit_gib:g}")
+            else:
+                rec.update(_rel_error(grads, reference))
+            del grads
             rec.update(trainer.activation_memory(model))
             rec.update(trainer.step_peak(model))
             model.load_state_dict(init_state)
