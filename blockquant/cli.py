@@ -48,8 +48,13 @@ fp32), median training-step time (and ratio to fp32),
 validation/test metric (test at best validation, mean ± std over seeds), and the relative error
 of the first step's weight gradients against fp32 (same initial weights, dropout off).
 
+mini-batch (--batch-size N): the same configurations trained with PyG's loaders (--loader random, the
+default, runs everywhere; neighbor and cluster need pyg-lib or torch-sparse). Memory columns are per step.
+
 examples:
   blockquant bench
+  blockquant bench --dataset synthetic:arxiv-like --batch-size 16384 --loader random --epochs 5
+  blockquant bench --dataset synthetic:tiny --nproc 2 --configs fp32,iexact --epochs 10
   blockquant bench --dataset cora --root data/planetoid --epochs 200 --seeds 5 --out bench/results/bench_cora
   blockquant bench --dataset synthetic:arxiv-like --epochs 100 --device cuda --out results/arxiv_like
 """
@@ -160,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, metavar="DIR",
                    help="write results.json, results.csv and PNG plots here (default: print the table only)")
     b.add_argument("--quiet", action="store_true", help="no progress bars (the final table is still printed)")
+    b.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None, metavar="N",
+                   help="train with mini-batches of about N nodes from a PyG loader instead of full batch; "
+                        "memory is then measured per step, on one fixed batch (default: full batch)")
+    b.add_argument("--loader", default=None, choices=("random", "neighbor", "cluster"),
+                   help="PyG loader for --batch-size: random (RandomNodeLoader, runs everywhere; the default), "
+                        "neighbor (NeighborLoader) or cluster (ClusterLoader); the last two need pyg-lib or "
+                        "torch-sparse")
+    b.add_argument("--memory-limit-gib", type=_positive_float("--memory-limit-gib"), default=None, metavar="X",
+                   help="cap this process's address space at X GiB (RLIMIT_AS): a configuration that needs more "
+                        "is stopped cleanly and reported as 'did not fit' instead of exhausting the machine")
+    b.add_argument("--nproc", type=_positive_int("--nproc"), default=None, metavar="N",
+                   help="data-parallel training on N processes of this machine (DistributedDataParallel via "
+                        "torchrun; gloo on CPU, nccl on CUDA with one GPU per process), each on its shard of the "
+                        "graph; reports each rank's held memory, global loss and parameter agreement")
     _add_tune_parser(sub, d)
     return parser
 
@@ -263,6 +282,52 @@ def _machine(device) -> dict:
     return m
 
 
+def _peak_rss_bytes():
+    """This process's peak resident set size so far (Linux/macOS), else ``None``."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) if sys.platform == "darwin" else int(rss) * 1024
+
+
+def _minibatch_options(args: argparse.Namespace):
+    """``None`` for full batch, else the checked mini-batch options (fails before any data is loaded)."""
+    if args.batch_size is None:
+        if args.loader is not None:
+            raise BenchError(f"--loader {args.loader} needs --batch-size N (mini-batch training)")
+        return None
+    from .bench.minibatch import DEFAULT_LOADER, MiniBatchOptions, loader_unavailable_reason
+
+    mb = MiniBatchOptions(loader=args.loader or DEFAULT_LOADER, batch_size=args.batch_size)
+    reason = loader_unavailable_reason(mb.loader)
+    if reason is not None:
+        raise BenchError(reason)
+    return mb
+
+
+def _run_ddp(args: argparse.Namespace, configs) -> int:
+    """``--nproc N``: launch :mod:`blockquant.bench.ddp` with torchrun and print each rank's figures."""
+    import tempfile
+
+    from .bench.ddp import format_ddp_table, launch, torchrun_command
+
+    worker = ["--dataset", args.dataset, "--scale", str(args.scale), "--model", args.model.strip().lower(),
+              "--configs", ",".join(c.source if c.source not in ("builtin", "preset") else c.name for c in configs),
+              "--epochs", str(args.epochs), "--seed", str(args.seeds[0]), "--hidden", str(args.hidden),
+              "--layers", str(args.layers), "--lr", str(args.lr), "--dropout", str(args.dropout),
+              "--device", args.device]
+    if args.root is not None:
+        worker += ["--root", args.root]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or tmp
+        records = launch(args.nproc, worker, out)
+    print(format_ddp_table(records))
+    print("command: " + " ".join(shlex.quote(a) for a in torchrun_command(args.nproc, [*worker, "--out", out])))
+    return 0
+
+
 def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import time
 
@@ -278,15 +343,36 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     device = resolve_device(args.device)
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise BenchError(f"--out {args.out!r} exists and is not a folder; pass a folder path")
+    minibatch = _minibatch_options(args)
+    if args.nproc is not None:
+        if minibatch is not None:
+            raise BenchError("--nproc and --batch-size cannot be combined yet; each rank trains full batch on its shard")
+        return _run_ddp(args, configs)
 
     opts = BenchOptions(dataset=args.dataset, root=args.root, model=args.model.strip().lower(),
                         configs=tuple(c.name for c in configs), epochs=args.epochs, seeds=tuple(args.seeds),
                         hidden=args.hidden, layers=args.layers, lr=args.lr, dropout=args.dropout,
                         device=str(device), scale=args.scale, quiet=args.quiet)
+    if args.memory_limit_gib is not None:
+        from .bench.memlimit import apply_memory_limit
+
+        apply_memory_limit(args.memory_limit_gib)
+        opts.memory_limit_gib = args.memory_limit_gib
     t0 = time.time()
-    data = load_dataset(args.dataset, args.root, scale=args.scale)
+    try:
+        data = load_dataset(args.dataset, args.root, scale=args.scale)
+    except (MemoryError, RuntimeError) as e:
+        if args.memory_limit_gib is None or not (isinstance(e, MemoryError) or "can't allocate memory" in str(e)):
+            raise
+        raise BenchError(f"the dataset alone does not fit in --memory-limit-gib {args.memory_limit_gib:g}; "
+                         f"raise the limit or pass a smaller --scale") from None
     load_s = time.time() - t0
-    records = run_benchmark(data, opts, configs)
+    if minibatch is None:
+        records = run_benchmark(data, opts, configs)
+    else:
+        from .bench.minibatch import run_minibatch_benchmark
+
+        records = run_minibatch_benchmark(data, opts, minibatch, configs)
     meta = {
         "dataset": data.describe(), "model": opts.model, "hidden": opts.hidden, "layers": opts.layers,
         "lr": opts.lr, "dropout": opts.dropout, "epochs": opts.epochs, "seeds": list(opts.seeds),
@@ -294,11 +380,20 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "command": "blockquant " + " ".join(shlex.quote(a) for a in argv),
         "dataset_load_s": load_s, "total_s": time.time() - t0,
         "backend_env": os.environ.get("BLOCKQUANT_BACKEND"),
+        "memory_limit_gib": args.memory_limit_gib, "process_peak_rss_bytes": _peak_rss_bytes(),
     }
     for r in records:
         r.update(dataset=data.name, model=opts.model, device=str(device), metric=data.metric,
                  epochs=opts.epochs)
+    if minibatch is not None:
+        meta.update(loader=minibatch.loader, batch_size=minibatch.batch_size)
     print(format_table(records, meta))
+    fitted = [r for r in records if not r.get("status")]
+    if minibatch is not None and fitted:
+        r = fitted[0]
+        print(f"mini-batch: {minibatch.loader} loader, --batch-size {minibatch.batch_size}, "
+              f"{r['steps_per_epoch']} steps per epoch; act and peak are per step, measured on one batch of "
+              f"{r['batch_nodes']} nodes and {r['batch_edges']} directed edges; epoch = one pass over the loader")
     if args.out is not None:
         paths = write_results(args.out, records, meta)
         print(f"wrote {', '.join(os.path.basename(p) for p in paths)} to {args.out}")

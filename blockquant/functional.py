@@ -233,9 +233,11 @@ def _linear_weight_grad(packed, g2: torch.Tensor, in_dim: int) -> torch.Tensor:
     return grad_w
 
 
-def compress_shared(x: torch.Tensor, config: QuantConfig):
+def compress_shared(x: torch.Tensor, config: QuantConfig, *, dtype: Optional[torch.dtype] = None):
     """Compress ``x`` with ``config``, reusing an earlier result for the same tensor
-    object, unchanged (same ``_version``) and the same config.
+    object, unchanged (same ``_version``) and the same config. With ``dtype``,
+    ``x`` is cast to it first (autocast: the dtype the op computed in); the
+    result decodes to ``dtype`` and is shared per ``dtype``.
 
     Only intermediates (tensors with a ``grad_fn``) are shared: they are rebuilt
     every step, so a shared result never outlives the graph it serves. A
@@ -243,9 +245,10 @@ def compress_shared(x: torch.Tensor, config: QuantConfig):
     afresh each time; reusing it would repeat the same rounding noise in every
     step, and its gradient error would never average out.
     """
+    source = x if dtype is None or dtype == x.dtype else x.detach().to(dtype)
     if x.grad_fn is None:
-        return _compress(x, config)
-    key = (x._version, config)
+        return _compress(source, config)
+    key = (x._version, config, source.dtype)
     per_tensor = _SHARED.get(x)
     if per_tensor is not None:
         hit = per_tensor.get(key)
@@ -254,7 +257,7 @@ def compress_shared(x: torch.Tensor, config: QuantConfig):
     else:
         per_tensor = {}
         _SHARED[x] = per_tensor
-    packed = _compress(x, config)
+    packed = _compress(source, config)
     # entries for older versions can never hit again
     for stale in [k for k in per_tensor if k[0] != x._version]:
         del per_tensor[stale]
@@ -262,9 +265,12 @@ def compress_shared(x: torch.Tensor, config: QuantConfig):
     return packed
 
 
-def _keep_input(ctx, x: torch.Tensor, config: QuantConfig) -> Tuple[List[torch.Tensor], Tuple[object, ...]]:
+def _keep_input(ctx, x: torch.Tensor, config: QuantConfig,
+                dtype: Optional[torch.dtype] = None) -> Tuple[List[torch.Tensor], Tuple[object, ...]]:
     """How a Function keeps its input for backward: ``([x], ())`` by reference when
-    resident, else ``([], (packed,))`` compressed with ``config``. Sets ``ctx.bq_ref``.
+    resident, else ``([], (packed,))`` compressed with ``config`` (as ``dtype``
+    when given: the dtype the op computed in under autocast; a resident ``x`` is
+    cast in backward instead). Sets ``ctx.bq_ref``.
 
     The caller puts the first part into ``save_for_backward`` and the second into
     ``ctx.bq_state``; :func:`_load_input` undoes it.
@@ -272,7 +278,7 @@ def _keep_input(ctx, x: torch.Tensor, config: QuantConfig) -> Tuple[List[torch.T
     ctx.bq_ref = is_resident(x)
     if ctx.bq_ref:
         return [x], ()
-    return [], (compress_shared(x, config),)
+    return [], (compress_shared(x, config, dtype=dtype),)
 
 
 def _load_input(ctx, saved: List[torch.Tensor], state: Tuple[object, ...]) -> torch.Tensor:
@@ -316,6 +322,17 @@ def _first_order_only(backward):
     return wrapper
 
 
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype a matmul-like op computes ``x`` in: the autocast dtype when autocast
+    is on for ``x``'s device and would cast ``x`` (float32/16/bf16), else ``None``
+    (``x``'s own dtype)."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev) or x.dtype not in SUPPORTED_DTYPES:
+        return None
+    dtype = torch.get_autocast_dtype(dev)
+    return None if dtype == x.dtype else dtype
+
+
 def _no_proj(config: QuantConfig) -> QuantConfig:
     # Random projection is only cheap-and-unbiased where the input enters backward
     # linearly through a matmul; elementwise and normalisation ops get the plain codec.
@@ -347,7 +364,7 @@ class _Linear(torch.autograd.Function):
         state: Tuple[object, ...] = ()
         ctx.bq_ref = False
         if need_w:
-            to_save, state = _keep_input(ctx, x, config)
+            to_save, state = _keep_input(ctx, x, config, dtype=_autocast_dtype(x))
         if need_x:
             to_save.append(weight)
         ctx.save_for_backward(*to_save)

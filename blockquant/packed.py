@@ -11,6 +11,7 @@ from blockquant.kernels import get_backend
 from blockquant.kernels.blockwise import payload_bytes
 
 from .config import QuantConfig
+from .distributed import process_rank, rank_seed
 from .levels import optimal_levels
 from .projection import projected_dim, rademacher
 
@@ -21,9 +22,12 @@ _SEED_MASK = (1 << 62) - 1
 def draw_seed() -> int:
     """A fresh seed from PyTorch's default CPU generator (so ``torch.manual_seed`` reproduces runs).
 
-    Uses the CPU generator on purpose: no device synchronisation.
+    Uses the CPU generator on purpose: no device synchronisation. Under
+    ``torch.distributed`` the draw is mixed with the process's rank
+    (:func:`blockquant.distributed.rank_seed`): ranks seeded alike get
+    independent noise; rank 0 gets the single-process seeds.
     """
-    return int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64).item())
+    return rank_seed(int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64).item()), process_rank())
 
 
 def _levels_for(config: QuantConfig, block: int) -> Optional[Tuple[float, ...]]:

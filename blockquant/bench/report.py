@@ -16,7 +16,7 @@ CSV_FIELDS = (
     "track_saved_bytes", "alloc_delta_bytes", "alloc_delta_method",
     "epoch_time_median_s", "time_ratio_fp32",
     "metric", "val_mean", "val_std", "test_mean", "test_std", "grad_rel_error",
-    "epochs", "seeds",
+    "epochs", "seeds", "status", "detail",
 )
 
 
@@ -34,7 +34,11 @@ def format_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     head = ["config", "peak MiB", "x fp32", "act MiB", "B/node", "x fp32", "epoch ms", "x fp32",
             f"val {metric}", f"test {metric}", "grad err"]
     rows = []
+    unfit = []
     for r in records:
+        if r.get("status"):  # stopped by --memory-limit-gib
+            unfit.append(f"{r['config']}: {r.get('detail', r['status'])}")
+            continue
         rows.append([
             r["config"] + ("" if not r.get("config_quant_short") else f" ({r['config_quant_short']})"),
             _fmt(r["peak_step_mib"], ".1f"),
@@ -54,7 +58,7 @@ def format_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     ds = meta.get("dataset", {})
-    first = records[0] if records else {}
+    first = next((r for r in records if not r.get("status")), {})
     out = [
         f"{ds.get('name', '?')}: {ds.get('num_nodes', '?')} nodes, {ds.get('num_edges', '?')} directed edges, "
         f"{ds.get('num_features', '?')} features | model {meta.get('model')} {meta.get('layers')}x{meta.get('hidden')}"
@@ -63,6 +67,7 @@ def format_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         line(["-" * w for w in widths]),
     ]
     out += [line(row) for row in rows]
+    out += unfit
     out.append(
         f"peak = highest memory of one forward+loss+backward above the memory in use at its start "
         f"({first.get('peak_method', '?')}); act = bytes held for backward after forward (excl. data/model/output; "
@@ -116,6 +121,7 @@ def write_plots(out_dir: str, records: List[Dict[str, Any]], meta: Dict[str, Any
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    records = [r for r in records if not r.get("status")]  # rows stopped by --memory-limit-gib have no figures
     metric = meta.get("metric", "acc")
     title = f"{meta['dataset']['name']} / {meta['model']} / {meta['device']}"
     paths = []

@@ -137,6 +137,7 @@ class BenchOptions:
     device: str = "cpu"
     scale: float = 1.0
     quiet: bool = False
+    memory_limit_gib: Optional[float] = None  # set by --memory-limit-gib: OOM becomes a "did not fit" row
 
 
 # --------------------------------------------------------------------------- measurement helpers
@@ -444,25 +445,42 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
     ref_grads: Optional[Dict[str, torch.Tensor]] = None
     first_seed = opts.seeds[0]
 
+    ref_unfit = False
+
     def ref():
-        nonlocal ref_grads
-        if ref_grads is None:
-            ref_grads = trainer.weight_grads(trainer.build(BenchConfig("fp32"), first_seed))
+        """fp32 reference gradients; ``None`` when they do not fit under --memory-limit-gib."""
+        nonlocal ref_grads, ref_unfit
+        if ref_grads is None and not ref_unfit:
+            try:
+                ref_grads = trainer.weight_grads(trainer.build(BenchConfig("fp32"), first_seed))
+            except Exception as e:  # noqa: BLE001 - only an allocation failure under a limit is expected
+                if not (_is_oom(e) and opts.memory_limit_gib is not None):
+                    raise
+                ref_unfit = True
         return ref_grads
 
     cfg_bar = tqdm(configs, desc="configs", disable=quiet, leave=True, dynamic_ncols=True)
     for cfg in cfg_bar:
         cfg_bar.set_postfix_str(cfg.name)
+        stage = "first-step measurements"
         try:
             rec: Dict[str, Any] = {"config": cfg.name, **{f"config_{k}": v for k, v in cfg.describe().items()
                                                            if k != "name"}}
             model = trainer.build(cfg, first_seed)
             init_state = copy.deepcopy(model.state_dict())
-            rec.update(_rel_error(trainer.weight_grads(model), ref()))
+            grads = trainer.weight_grads(model)
+            reference = ref()
+            if reference is None:  # a compressed config may fit where fp32 does not
+                rec.update(grad_rel_error=None, grad_rel_error_note="fp32 reference gradients did not fit in "
+                                                                    f"--memory-limit-gib {opts.memory_limit_gib:g}")
+            else:
+                rec.update(_rel_error(grads, reference))
+            del grads
             rec.update(trainer.activation_memory(model))
             rec.update(trainer.step_peak(model))
             model.load_state_dict(init_state)
             del init_state
+            stage = "training"
             runs = []
             seed_bar = tqdm(opts.seeds, desc=f"{cfg.name} seeds", disable=quiet, leave=False, dynamic_ncols=True)
             for seed in seed_bar:
@@ -476,6 +494,12 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
         except BenchError:
             raise
         except Exception as e:  # noqa: BLE001 - OOM is a user-facing condition, everything else is a bug
+            if _is_oom(e) and opts.memory_limit_gib is not None:
+                from .memlimit import did_not_fit
+
+                records.append({**rec, **did_not_fit(cfg.name, opts.memory_limit_gib, e, stage)})
+                model = runs = None
+                continue
             if _is_oom(e):
                 raise BenchError(f"out of memory on {device} while running config {cfg.name!r} "
                                  f"({str(e).splitlines()[0][:120]}); try a smaller --hidden or --scale, fewer "
@@ -499,8 +523,10 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
         records.append(rec)
     cfg_bar.close()
 
-    base = next((r for r in records if r["config"] == "fp32"), None)
+    base = next((r for r in records if r["config"] == "fp32" and "status" not in r), None)
     for r in records:
+        if "status" in r:
+            continue
         r["memory_ratio_fp32"] = (r["activation_bytes"] / base["activation_bytes"]
                                   if base and base["activation_bytes"] > 0 else None)
         r["peak_ratio_fp32"] = (r["peak_step_bytes"] / base["peak_step_bytes"]
