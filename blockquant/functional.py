@@ -822,26 +822,24 @@ class SquareSample:
         return out.mul_(self.numel / k).view(shape)
 
 
-SAMPLE_ABOVE = 256
-"""Normalisations over more than this many elements estimate ``xn ** 2`` with a
-:class:`SquareSample`; smaller ones with a second, independent 1-bit rounding of ``xn``."""
-
-
 def _square_estimator(xn: torch.Tensor, config: QuantConfig, count: int):
     """An unbiased estimator of ``xn ** 2`` for the diagonal term of a normalisation over ``count``
-    elements, independent of the main rounding of ``xn``, whichever is cheaper for the same noise:
+    elements, independent of the main rounding of ``xn``, sized so that its noise stays of the
+    order of the main rounding's (the diagonal term is divided by ``count``, the rank-one term by
+    about ``sqrt(count)``), whichever of two forms is cheaper:
 
-    * ``count <= SAMPLE_ABOVE``: a second independent rounding of ``xn`` at 1 bit (0.125 B per
-      element plus metadata); ``xn_hat * xn_side`` is unbiased for ``xn ** 2``, with variance
-      about ``xn^2 Var(xn_side)``;
-    * larger: a :class:`SquareSample` of ``8 / count`` of the elements (eight per channel for a
-      BatchNorm: ``32 / count`` B per element, about 0 over many nodes), whose variance
-      ``xn^4 (count / 8 - 1)`` is divided by ``count^2`` in the gradient: at most
-      ``(g w xn^2)^2 / (8 count)`` per input gradient element.
+    * a second independent rounding of ``xn`` with a quarter of the main levels' resolution
+      per bit halved: 1 bit for int1/int2, 2 bits for int4, 4 bits for int8 (``side / 8`` B per
+      element plus metadata); ``xn_hat * xn_side`` is unbiased for ``xn ** 2``;
+    * exact ``xn`` at a seeded fraction ``p = 2 * 4^(bits - 2) / count`` of the elements
+      (:class:`SquareSample`, ``4 p`` B per element): cheaper when ``count`` is large, e.g. a
+      BatchNorm over many nodes (int2 over 169k nodes: 0.0002 B per element).
     """
-    if count <= SAMPLE_ABOVE:
-        return _compress(xn, config.replace(bits=1, levels="uniform", rp_ratio=1))
-    return SquareSample(xn, 8.0 / count)
+    side_bits = {1: 1, 2: 1, 4: 2, 8: 4}[config.bits]
+    fraction = 2.0 * 4.0 ** (config.bits - 2) / max(count, 1)
+    if 4.0 * fraction < side_bits / 8.0:
+        return SquareSample(xn, fraction)
+    return _compress(xn, config.replace(bits=side_bits, levels="uniform", rp_ratio=1))
 
 
 def _keep_normalized(ctx, x: torch.Tensor, xn: torch.Tensor, config: QuantConfig, diagonal_count: Optional[int]):
@@ -913,10 +911,10 @@ class _BatchNorm(torch.autograd.Function):
         gradient in training mode, is needed;
       * in training, for the input gradient, an independent estimate of
         ``xn ** 2`` (:func:`_square_estimator`; ``M`` = elements per channel:
-        a 1-bit rounding of ``xn``, 0.129 B per element, for ``M <= 256``,
-        else exact ``xn`` at a seeded ``8 / M`` of the elements, ``32 / M`` B
-        per element, about 0 over many nodes; stochastic configs only), which
-        makes the quadratic term unbiased;
+        an independent rounding of ``xn`` at 1 bit for int2, 2 bits for int4,
+        4 bits for int8 when ``M`` is small, else exact ``xn`` at a seeded
+        ``2 * 4^(bits-2) / M`` of the elements, about 0 B over many nodes;
+        stochastic configs only), which makes the quadratic term unbiased;
       * the mean and inverse std used (``[C]`` each: the batch statistics in
         training, the running ones in eval) and the weight, by reference.
 
@@ -1021,8 +1019,8 @@ class _LayerNorm(torch.autograd.Function):
     :class:`_BatchNorm` does, with the statistics of each row: ``xn``
     compressed (no projection) if the input or weight gradient is needed, an
     independent estimate of ``xn ** 2`` (:func:`_square_estimator` over the
-    ``D`` elements of a row: a 1-bit rounding of ``xn``, 0.129 B per element,
-    for ``D <= 256``, else a sample costing ``32 / D`` B per element) if the
+    ``D`` elements of a row; for rows of a few hundred elements a rounding of
+    ``xn`` at 1 / 2 / 4 bits for int2 / int4 / int8) if the
     input gradient is needed (the row-wise rank-one term of the input gradient
     is quadratic in ``xn``; see :func:`_normalization_backward`), the per-row mean and reciprocal std
     (``[..., 1]`` each) and the weight by reference. A resident ``x`` is saved
