@@ -10,9 +10,10 @@
  * a tensor between threads (ctypes releases the GIL during the call). A block
  * is small (<= 256 KiB of fp32), so its second sweep reads from cache.
  *
- * Stochastic rounding noise is a counter-based hash of (seed, element index):
- * no state, any block range reproduces the same draws, and the inner loop
- * stays vectorisable (32-bit multiplies and shifts only).
+ * Stochastic rounding noise is a counter-based hash of (seed, block index,
+ * index in the block): no state, any split of the blocks between calls draws
+ * the same values, and the inner loop stays vectorisable (32-bit multiplies and
+ * shifts only).
  */
 #include <stdint.h>
 #include <stdlib.h>
