@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -166,9 +167,9 @@ def _self_check(lib) -> Optional[str]:
     x = torch.linspace(-3.0, 5.0, 1000) ** 3
     # uniform and non-uniform levels at the two widths that have their own code paths
     cases = ((2, None), (2, (0.0, 1.2, 1.8, 3.0)), (4, None), (4, tuple(15.0 * (i / 15) ** 1.3 for i in range(16))))
-    for bits, lv in cases:
-        ref = quantize_torch(x, 64, bits, torch.bfloat16, lv, False, 0)
-        got = _quantize(lib, x, 64, bits, torch.bfloat16, lv, False, 0, threads=1)
+    for (bits, lv), meta_dtype in itertools.product(cases, (torch.bfloat16, torch.float16)):
+        ref = quantize_torch(x, 64, bits, meta_dtype, lv, False, 0)
+        got = _quantize(lib, x, 64, bits, meta_dtype, lv, False, 0, threads=1)
         if not (torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])):
             return f"the compiled codec disagrees with the PyTorch reference (self-check, int{bits}); not used"
         dec = _dequantize(lib, ref[0], ref[1], x.numel(), 64, bits, lv, torch.float32, threads=1)
