@@ -220,7 +220,7 @@ def test_fallback_to_the_reference_when_the_build_is_unavailable(how, fresh_nati
     ref = bw.quantize_torch(x, 64, 2, cfg.meta_dtype, None, False, 0)
     assert torch.equal(p.payload, ref[0]) and torch.equal(p.meta, ref[1])
     # asking for it by name says why it cannot be used
-    with pytest.raises(ValueError, match="cannot handle tensors on cpu"):
+    with pytest.raises(ValueError, match=f"cannot handle tensors on cpu .*{expect}"):
         blockquant.quantize(x, cfg, backend="native")
     with pytest.raises(RuntimeError, match=expect):
         native.quantize_native(x, 64, 2, torch.float32, None, False, 0)
