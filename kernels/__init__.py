@@ -19,6 +19,8 @@ register_backend(Backend(
     dequantize=native.dequantize_native,
     supports=native.supports,
     priority=10,
+    why_unsupported=lambda device: (native.unavailable_reason() if device.type == "cpu"
+                                    else "it runs on CPU tensors only"),
 ))
 
 if getattr(blockwise, "HAS_TRITON", False):  # Triton is optional; the PyTorch backend works everywhere
@@ -30,6 +32,7 @@ if getattr(blockwise, "HAS_TRITON", False):  # Triton is optional; the PyTorch b
         priority=20,
         # on CPU the interpreter is a correctness tool, far slower than the other backends
         chosen_by_default=lambda device: device.type == "cuda" or registry.interpreting(),
+        why_unsupported=lambda device: "set TRITON_INTERPRET=1 before importing triton to run it on CPU",
     ))
 
 __all__ = ["Backend", "available_backends", "get_backend", "register_backend", "blockwise", "native"]

@@ -6,8 +6,8 @@ block (min/max, metadata, encode and pack while the block is in cache), with
 the same layout and the same float32 arithmetic, so that under nearest
 rounding its payload, metadata and decoded values are bit-identical to the
 reference's. Stochastic rounding draws its noise from a counter-based hash of
-``(seed, element index)``: unbiased with the same per-element variance, but
-not the reference's ``torch.rand`` stream.
+``(seed, block, index in the block)``: unbiased with the same per-element
+variance, but not the reference's ``torch.rand`` stream.
 
 Build: the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``)
 compiles the source once, in about a second, into
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -164,15 +165,16 @@ def _self_check(lib) -> Optional[str]:
     from .blockwise import dequantize_torch, quantize_torch
 
     x = torch.linspace(-3.0, 5.0, 1000) ** 3
-    levels = (0.0, 1.2, 1.8, 3.0)
-    for lv in (None, levels):
-        ref = quantize_torch(x, 64, 2, torch.bfloat16, lv, False, 0)
-        got = _quantize(lib, x, 64, 2, torch.bfloat16, lv, False, 0, threads=1)
+    # uniform and non-uniform levels at the two widths that have their own code paths
+    cases = ((2, None), (2, (0.0, 1.2, 1.8, 3.0)), (4, None), (4, tuple(15.0 * (i / 15) ** 1.3 for i in range(16))))
+    for (bits, lv), meta_dtype in itertools.product(cases, (torch.bfloat16, torch.float16)):
+        ref = quantize_torch(x, 64, bits, meta_dtype, lv, False, 0)
+        got = _quantize(lib, x, 64, bits, meta_dtype, lv, False, 0, threads=1)
         if not (torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])):
-            return "the compiled codec disagrees with the PyTorch reference (self-check); not used"
-        dec = _dequantize(lib, ref[0], ref[1], x.numel(), 64, 2, lv, torch.float32, threads=1)
-        if not torch.equal(dec, dequantize_torch(ref[0], ref[1], x.numel(), 64, 2, lv, torch.float32)):
-            return "the compiled decoder disagrees with the PyTorch reference (self-check); not used"
+            return f"the compiled codec disagrees with the PyTorch reference (self-check, int{bits}); not used"
+        dec = _dequantize(lib, ref[0], ref[1], x.numel(), 64, bits, lv, torch.float32, threads=1)
+        if not torch.equal(dec, dequantize_torch(ref[0], ref[1], x.numel(), 64, bits, lv, torch.float32)):
+            return f"the compiled decoder disagrees with the PyTorch reference (self-check, int{bits}); not used"
     return None
 
 
@@ -295,7 +297,7 @@ def quantize_native(flat: torch.Tensor, block: int, bits: int, meta_dtype: torch
     """Compiled encoder with the semantics and layout of :func:`~blockquant.kernels.blockwise.quantize_torch`.
 
     Nearest rounding: payload and metadata bit-identical to the reference.
-    Stochastic rounding: noise from a hash of ``(seed, element index)``.
+    Stochastic rounding: noise from a hash of ``(seed, block, index in the block)``.
     A block holding NaN or Inf gets non-finite metadata, which the caller reports.
     """
     _check_codec_args(block, bits, meta_dtype)

@@ -10,9 +10,10 @@
  * a tensor between threads (ctypes releases the GIL during the call). A block
  * is small (<= 256 KiB of fp32), so its second sweep reads from cache.
  *
- * Stochastic rounding noise is a counter-based hash of (seed, element index):
- * no state, any block range reproduces the same draws, and the inner loop
- * stays vectorisable (32-bit multiplies and shifts only).
+ * Stochastic rounding noise is a counter-based hash of (seed, block index,
+ * index in the block): no state, any split of the blocks between calls draws
+ * the same values, and the inner loop stays vectorisable (32-bit multiplies and
+ * shifts only).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -39,8 +40,33 @@ INLINE uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+#if defined(__FLT16_MAX__) && !defined(BQ_SOFT_F16)
 INLINE float f16_to_f32(uint16_t h) { _Float16 v; memcpy(&v, &h, 2); return (float)v; }
 INLINE uint16_t f32_to_f16(float f) { _Float16 v = (_Float16)f; uint16_t h; memcpy(&h, &v, 2); return h; }
+#else
+/* compilers without _Float16 (gcc < 12 on x86): the bit-exact conversions PyTorch itself
+ * uses on CPU (c10/util/Half.h, from Maratyszcza's FP16 library), round to nearest even */
+INLINE float f16_to_f32(uint16_t h) {
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normalized = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+    return f32_from_bits(sign | (two_w < (1u << 27) ? bits_from_f32(denormalized) : bits_from_f32(normalized)));
+}
+INLINE uint16_t f32_to_f16(float f) {
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = bits_from_f32(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = bits_from_f32(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+#endif
 
 INLINE float load_as_f32(const void *p, int64_t i, int kind) {
     if (kind == KIND_F32) return ((const float *)p)[i];

@@ -33,6 +33,7 @@ class Backend:
     supports: Callable[[torch.device], bool]
     priority: int = 0
     chosen_by_default: Optional[Callable[[torch.device], bool]] = None
+    why_unsupported: Optional[Callable[[torch.device], str]] = None  # a hint for the error message
 
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -60,7 +61,7 @@ def get_backend(device: torch.device, name: Optional[str] = None) -> Backend:
             raise ValueError(f"unknown blockquant backend {name!r}; expected one of {tuple(_BACKENDS)}")
         b = _BACKENDS[name]
         if not b.supports(device):
-            hint = " (set TRITON_INTERPRET=1 before importing triton to run it on CPU)" if name == "triton" else ""
+            hint = f" ({b.why_unsupported(device)})" if b.why_unsupported is not None else ""
             raise ValueError(f"blockquant backend {name!r} cannot handle tensors on {device}{hint}")
         return b
     for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):

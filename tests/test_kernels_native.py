@@ -220,7 +220,7 @@ def test_fallback_to_the_reference_when_the_build_is_unavailable(how, fresh_nati
     ref = bw.quantize_torch(x, 64, 2, cfg.meta_dtype, None, False, 0)
     assert torch.equal(p.payload, ref[0]) and torch.equal(p.meta, ref[1])
     # asking for it by name says why it cannot be used
-    with pytest.raises(ValueError, match="cannot handle tensors on cpu"):
+    with pytest.raises(ValueError, match=f"cannot handle tensors on cpu .*{expect}"):
         blockquant.quantize(x, cfg, backend="native")
     with pytest.raises(RuntimeError, match=expect):
         native.quantize_native(x, 64, 2, torch.float32, None, False, 0)
@@ -271,3 +271,23 @@ def test_a_forked_child_gets_its_own_threads(monkeypatch):
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("the forked child's codec call hung")
+
+
+@needs_native
+def test_a_build_that_fails_the_self_check_is_not_used(no_interpreter, monkeypatch):
+    """A miscompiled library (simulated: its encoder writes nothing) is rejected and the reference is used."""
+    real_quantize = native._quantize
+
+    def broken(lib, flat, *args, **kwargs):
+        payload, meta = real_quantize(lib, flat, *args, **kwargs)
+        return torch.zeros_like(payload), meta
+
+    monkeypatch.setattr(native, "_quantize", broken)
+    native._reset_for_tests()  # reloads the cached build: no compilation
+    try:
+        assert not native.available()
+        assert "self-check" in native.unavailable_reason()
+        assert get_backend(torch.device("cpu")).name == "torch"
+    finally:
+        monkeypatch.undo()
+        native._reset_for_tests()
