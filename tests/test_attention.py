@@ -331,7 +331,7 @@ def test_second_order_gradients_are_refused():
     wrapped = WRAPPERS[GATConv].from_module(GATConv(16, 4, heads=2), INT4)
     params = list(wrapped.parameters())
     grads = torch.autograd.grad(wrapped(x * 1.0, ei).square().sum(), params, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+    with pytest.raises(RuntimeError, match="second-order gradients are not supported"):
         sum(g.square().sum() for g in grads).backward()
 
 
