@@ -16,9 +16,8 @@ from torch_geometric.utils import coalesce, remove_self_loops, to_torch_coo_tens
 import blockquant
 from blockquant import QuantConfig
 from blockquant import functional as BF
-from blockquant.functional import mark_resident
 from blockquant.nn import WRAPPERS
-from blockquant.nn.conv import QGATConv, QGCNConv, QSAGEConv
+from blockquant.nn.conv import QGCNConv, QSAGEConv
 
 N, E, F_IN, F_OUT = 60, 320, 16, 12
 
