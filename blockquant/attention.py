@@ -656,8 +656,8 @@ def gatv2_attention(x_l: Tensor, x_r: Tensor, att: Tensor, graph: AttentionGraph
     Saves for backward (only what the requested gradients need):
       * ``alpha`` exact (``[E, H]``);
       * the sign of every LeakyReLU argument ``z``, 1 bit per edge, head and
-        channel (``E * H * C / 8`` bytes: cheaper than exact ``x_l``, ``x_r``
-        while the mean in-degree is below about ``60`` (int2) or ``28`` (int4));
+        channel (``E * H * C / 8`` bytes: cheaper than keeping ``x_l``, ``x_r`` exact
+        while the mean in-degree is below about 58 (int2) or 52 (int4));
       * the dropout seed (no tensor);
       * ``x_l`` compressed for the score gradient ``<g[dst_e], x_l[src_e]>``;
       * for ``att``'s gradient ``sum_e gs_e * leaky_relu(z_e)`` (``z`` rebuilt per
