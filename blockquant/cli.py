@@ -194,7 +194,7 @@ tune.json (every measured candidate) and pareto.png.
 
 examples:
   blockquant tune --dataset cora --root data/planetoid --model sage --budget-config iexact --out results/tune_cora
-  blockquant tune --dataset synthetic:tiny --model gcn --budget-bytes-per-node 40 --out /tmp/tune
+  blockquant tune --dataset synthetic:tiny --model gcn --budget-bytes-per-node 100 --out /tmp/tune
   blockquant bench --dataset cora --root data/planetoid --model sage --configs fp32,iexact,results/tune_cora/plan.json
 """
 

@@ -98,6 +98,9 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
+        if "layers" in d and "bits" not in d:
+            raise ValueError("this is a per-layer plan (from blockquant tune), not one QuantConfig; load it with "
+                             "blockquant.Plan.from_dict / Plan.from_json, or pass the file to blockquant.convert")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

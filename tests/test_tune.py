@@ -89,6 +89,8 @@ def test_plan_round_trips_through_json(tmp_path, graph):
     assert m.blocks[0].conv.bq_config == plan.layers["blocks.0.conv"]
     assert not isinstance(m.blocks[1].conv, blockquant.nn.CompressedModule)
     assert m.blocks[0].norm.bq_config == plan.default
+    with pytest.raises(ValueError, match="per-layer plan"):
+        QuantConfig.from_json(path)
     with pytest.raises(ValueError, match="unsupported plan format"):
         Plan.from_dict({"format": "other/9", "layers": {}})
     with pytest.raises(ValueError, match="unknown QuantConfig field"):
