@@ -367,7 +367,9 @@ def test_row_chunked_compression_is_the_same_codes_and_bytes(config, monkeypatch
     assert chunked.nbytes == whole.nbytes
     assert torch.equal(chunked.dequantize(), whole.dequantize())
     g = torch.randn(301, 5)
-    torch.testing.assert_close(BF._linear_weight_grad(chunked, g, 48), g.t() @ whole.dequantize())
+    # block-by-block products sum in another order than one matmul: float32 rounding only
+    torch.testing.assert_close(BF._linear_weight_grad(chunked, g, 48), g.t() @ whole.dequantize(),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_row_chunked_projected_weight_gradient_is_unbiased(monkeypatch):
