@@ -842,19 +842,76 @@ def _square_estimator(xn: torch.Tensor, config: QuantConfig, count: int):
     return _compress(xn, config.replace(bits=side_bits, levels="uniform", rp_ratio=1))
 
 
-def _keep_normalized(ctx, x: torch.Tensor, xn: torch.Tensor, config: QuantConfig, diagonal_count: Optional[int]):
+class _EstimatorChunks:
+    """Per row block estimators of ``xn ** 2`` (see :func:`_square_estimator`), one for each
+    block of a normalisation input compressed in row blocks; each block's is unbiased on its rows."""
+
+    __slots__ = ("parts", "bounds")
+
+    def __init__(self, parts, bounds):
+        self.parts = parts
+        self.bounds = bounds
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def storages(self):
+        return tuple(t for p in self.parts for t in p.storages())
+
+
+def _keep_normalized(ctx, x: torch.Tensor, normalize, config: QuantConfig, diagonal_count: Optional[int]):
     """How a normalisation keeps its input: ``x`` by reference when resident (backward recomputes
-    ``xn`` exactly), else ``xn`` compressed and, when ``diagonal_count`` is given (the input
-    gradient in training is needed), an independent estimator of ``xn ** 2`` for the diagonal
-    term (:func:`_square_estimator`). Returns ``(tensors to save, state)``; sets ``ctx.bq_ref``."""
+    ``xn`` exactly), else ``xn = normalize(rows)`` compressed and, when ``diagonal_count`` is
+    given (the input gradient in training is needed), an independent estimator of ``xn ** 2``
+    for the diagonal term (:func:`_square_estimator`). A large 2-D input is normalised and
+    compressed one row block at a time (``normalize`` takes a slice of rows), so no full-size
+    ``xn`` is ever formed. Returns ``(tensors to save, state)``; sets ``ctx.bq_ref``."""
     ctx.bq_ref = is_resident(x)
     if ctx.bq_ref:
         return [x], ()
     cfg = _no_proj(config)
-    state = (_compress(xn, cfg),)
-    if diagonal_count is not None and cfg.rounding == "stochastic":
-        state = state + (_square_estimator(xn, cfg, diagonal_count),)
+    estimate = diagonal_count is not None and cfg.rounding == "stochastic"
+    n = x.shape[0]
+    rows = _rows_per_chunk(x.shape[1], cfg) if x.dim() == 2 and x.numel() > CHUNK_ELEMENTS else n
+    if rows >= n:
+        xn = normalize(slice(None))
+        state = (_compress(xn, cfg),)
+        if estimate:
+            state = state + (_square_estimator(xn, cfg, diagonal_count),)
+        return [], state
+    bounds = [(a, min(a + rows, n)) for a in range(0, n, rows)]
+    main, side = [], []
+    for a, b in bounds:
+        xn = normalize(slice(a, b))
+        main.append(_compress_whole(xn, cfg))
+        if estimate:
+            side.append(_square_estimator(xn, cfg, diagonal_count))
+    state = (_RowChunks(main, bounds, x.shape, xn.dtype, x.device),)
+    if estimate:
+        state = state + (_EstimatorChunks(side, bounds),)
     return [], state
+
+
+def _add_diagonal_term_(gw: torch.Tensor, xn: torch.Tensor, estimator, count: int) -> None:
+    """``gw *= 1 + (xn ** 2 - S) / count`` in place, ``S`` the independent unbiased estimate
+    of ``xn ** 2`` that ``estimator`` keeps (see :func:`_normalization_backward`)."""
+    if isinstance(estimator, _EstimatorChunks):
+        for (a, b), part in zip(estimator.bounds, estimator.parts):
+            _add_diagonal_term_(gw[a:b], xn[a:b], part, count)
+    elif isinstance(estimator, SquareSample):
+        # gw * (1 + xn^2 / count) everywhere, minus gw_i S_i / count where S is non-zero (k positions)
+        k = estimator.values.numel()
+        idx = estimator._positions(k, gw.device)
+        sampled = gw.reshape(-1).index_select(0, idx).mul_(estimator.values.to(gw.dtype).square())
+        sampled.mul_(estimator.numel / k / count)
+        for r in _row_blocks(gw):
+            gw[r].mul_(xn[r].square().div_(count).add_(1.0))
+        gw.view(-1).index_add_(0, idx, sampled, alpha=-1.0)
+    else:
+        # S = xn_hat * side_hat (independent roundings): 1 + (xn^2 - S) / count = 1 + xn (xn - side) / count
+        factor = torch.sub(xn, estimator.dequantize().to(gw.dtype)).mul_(xn)  # never in place on a decoded tensor
+        gw.mul_(factor.div_(count).add_(1.0))
 
 
 def _row_blocks(t: torch.Tensor):
@@ -896,22 +953,8 @@ def _normalization_backward(g, xn, estimator, weight_view, invstd_view, dims, co
         return gw.mul_(invstd_view)
     gw_mean = gw.mean(dims, keepdim=True)
     c = _product_sum(gw, xn, dims).div_(count)
-    if estimator is None:
-        pass
-    elif isinstance(estimator, SquareSample):
-        # gw * (1 + xn^2 / count) everywhere, minus gw_i S_i / count where S is non-zero (k positions)
-        k = estimator.values.numel()
-        idx = estimator._positions(k, gw.device)
-        sampled = gw.reshape(-1).index_select(0, idx).mul_(estimator.values.to(gw.dtype).square())
-        sampled.mul_(estimator.numel / k / count)
-        for r in _row_blocks(gw):
-            gw[r].mul_(xn[r].square().div_(count).add_(1.0))
-        gw.view(-1).index_add_(0, idx, sampled, alpha=-1.0)
-    else:
-        # S = xn_hat * side_hat (independent roundings): gw * (1 + (xn^2 - S) / count) = gw * (1 + xn (xn - side) / count)
-        factor = torch.sub(xn, estimator.dequantize().to(gw.dtype)).mul_(xn)  # never in place on a decoded tensor
-        gw.mul_(factor.div_(count).add_(1.0))
-        del factor
+    if estimator is not None:
+        _add_diagonal_term_(gw, xn, estimator, count)
     return gw.sub_(gw_mean).addcmul_(xn, c, value=-1.0).mul_(invstd_view)
 
 
@@ -966,9 +1009,10 @@ class _BatchNorm(torch.autograd.Function):
         if need_input and x.numel() > 0:
             view = [1] * x.dim()
             view[1] = -1
-            xn = (x.detach().to(acc) - save_mean.view(view)) * save_invstd.view(view)
+            mean_v, invstd_v = save_mean.view(view), save_invstd.view(view)
             count = x.numel() // max(x.shape[1], 1)
-            tensors, state = _keep_normalized(ctx, x, xn, config, count if (need_x and training) else None)
+            tensors, state = _keep_normalized(ctx, x, lambda r: (x.detach()[r].to(acc) - mean_v) * invstd_v,
+                                              config, count if (need_x and training) else None)
         tensors.extend((save_mean.to(acc), save_invstd.to(acc)))
         tensors.append(weight if weight is not None else x.new_empty(0))
         ctx.save_for_backward(*tensors)
@@ -1061,9 +1105,9 @@ class _LayerNorm(torch.autograd.Function):
             acc = torch.promote_types(x.dtype, torch.float32)
             mean, rstd = mean.to(acc), rstd.to(acc)
             if x.numel() > 0:
-                xn = (x.detach().to(acc) - mean) * rstd
                 count = math.prod(normalized_shape)
-                tensors, state = _keep_normalized(ctx, x, xn, config, count if need_x else None)
+                tensors, state = _keep_normalized(ctx, x, lambda r: (x.detach()[r].to(acc) - mean[r]) * rstd[r],
+                                                  config, count if need_x else None)
             tensors.extend((mean, rstd))
         tensors.append(weight if weight is not None else x.new_empty(0))
         tensors.append(bias if bias is not None else x.new_empty(0))
