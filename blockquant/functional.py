@@ -905,31 +905,12 @@ def _add_diagonal_term_(gw: torch.Tensor, xn: torch.Tensor, estimator, count: in
         idx = estimator._positions(k, gw.device)
         sampled = gw.reshape(-1).index_select(0, idx).mul_(estimator.values.to(gw.dtype).square())
         sampled.mul_(estimator.numel / k / count)
-        for r in _row_blocks(gw):
-            gw[r].mul_(xn[r].square().div_(count).add_(1.0))
+        gw.mul_(xn.square().div_(count).add_(1.0))
         gw.view(-1).index_add_(0, idx, sampled, alpha=-1.0)
     else:
         # S = xn_hat * side_hat (independent roundings): 1 + (xn^2 - S) / count = 1 + xn (xn - side) / count
         factor = torch.sub(xn, estimator.dequantize().to(gw.dtype)).mul_(xn)  # never in place on a decoded tensor
         gw.mul_(factor.div_(count).add_(1.0))
-
-
-def _row_blocks(t: torch.Tensor):
-    """Slices of ``t`` along dim 0 of about :data:`CHUNK_ELEMENTS` elements each (at least one row)."""
-    rows = max(1, CHUNK_ELEMENTS // max(t[0].numel(), 1)) if t.dim() > 0 and t.shape[0] > 0 else 1
-    return [slice(a, min(a + rows, t.shape[0])) for a in range(0, max(t.shape[0], 1), rows)]
-
-
-def _product_sum(a: torch.Tensor, b: torch.Tensor, dims) -> torch.Tensor:
-    """``(a * b).sum(dims, keepdim=True)`` without an ``a``-sized temporary: the product is
-    formed one row block at a time (a step holds the incoming gradient, the decoded input and
-    the result already; one more full-size tensor would raise its peak by a quarter)."""
-    if a.dim() == 0 or a.shape[0] == 0:
-        return (a * b).sum(dims, keepdim=True)
-    parts = [(a[r] * b[r]).sum(dims, keepdim=True) for r in _row_blocks(a)]
-    if 0 in dims:
-        return torch.stack(parts).sum(0)
-    return torch.cat(parts, 0)
 
 
 def _normalization_backward(g, xn, estimator, weight_view, invstd_view, dims, count, training, need_x):
@@ -952,7 +933,7 @@ def _normalization_backward(g, xn, estimator, weight_view, invstd_view, dims, co
     if not training:  # running statistics are constants: grad_x = g * w * invstd
         return gw.mul_(invstd_view)
     gw_mean = gw.mean(dims, keepdim=True)
-    c = _product_sum(gw, xn, dims).div_(count)
+    c = (gw * xn).sum(dims, keepdim=True).div_(count)
     if estimator is not None:
         _add_diagonal_term_(gw, xn, estimator, count)
     return gw.sub_(gw_mean).addcmul_(xn, c, value=-1.0).mul_(invstd_view)
@@ -1048,7 +1029,7 @@ class _BatchNorm(torch.autograd.Function):
         count = grad_out.numel() // max(ctx.bq_c, 1)
         grad_x = _normalization_backward(g, xn, estimator, w_view, invstd.view(view), dims, count, ctx.bq_training,
                                          need_x)
-        grad_w = _product_sum(g, xn, dims).reshape(weight.shape).to(weight.dtype) if (need_w and has_w) else None
+        grad_w = (g * xn).sum(dims).reshape(weight.shape).to(weight.dtype) if (need_w and has_w) else None
         grad_x = grad_x.to(grad_out.dtype) if grad_x is not None else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
@@ -1144,7 +1125,7 @@ class _LayerNorm(torch.autograd.Function):
         count = math.prod(ctx.bq_shape_norm)
         grad_x = _normalization_backward(g, xn, estimator, weight.to(acc) if has_w else None, rstd, rows, count, True,
                                          need_x)
-        grad_w = _product_sum(g, xn, lead).reshape(weight.shape).to(weight.dtype) if (need_w and has_w) else None
+        grad_w = (g * xn).sum(lead).reshape(weight.shape).to(weight.dtype) if (need_w and has_w) else None
         grad_x = grad_x.to(grad_out.dtype) if grad_x is not None else None
         return grad_x, None, grad_w, grad_b, None, None
 
