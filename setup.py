@@ -23,7 +23,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.4"],
     },
     entry_points={"console_scripts": ["blockquant=blockquant.cli:main"]},
     classifiers=[

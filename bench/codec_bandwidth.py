@@ -38,7 +38,7 @@ import re
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 GOAL_GPU_FRACTION_OF_COPY = 0.70
 GOAL_CPU_INPUT_GBPS = 1.0
@@ -57,7 +57,8 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="JSON file to write (default: bench/results/codec_bandwidth_<device>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON file to write (default: bench/results/codec_bandwidth_<device>.json)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--backends", default=None,
                    help="comma list of codec backends (default: triton on cuda, torch,native on cpu)")
@@ -232,14 +233,17 @@ def run_cases(args, device, backend_names) -> Dict[str, object]:
                         except ValueError as e:
                             skipped.append({"backend": name, "reason": str(e)})
                             continue
-                        copy_s = time_median(lambda: dst.copy_(x), device, args.repeats, args.warmup)
-                        clone_s = time_median(lambda: x.clone(), device, args.repeats, args.warmup)
+                        copy_s = time_median(lambda dst=dst, x=x: dst.copy_(x), device, args.repeats, args.warmup)
+                        clone_s = time_median(lambda x=x: x.clone(), device, args.repeats, args.warmup)
                         payload, meta = backend.quantize(x, block, bits, torch.bfloat16, levels, True, 1234)
                         packed = payload_bytes(n, block, bits) + meta.numel() * meta.element_size()
-                        q_s = time_median(lambda: backend.quantize(x, block, bits, torch.bfloat16, levels, True, 1234),
-                                          device, args.repeats, args.warmup)
-                        d_s = time_median(lambda: backend.dequantize(payload, meta, n, block, bits, levels, dtype),
-                                          device, args.repeats, args.warmup)
+                        # the lambdas bind their tensors now: `del` below frees them within the same scope
+                        q_s = time_median(
+                            lambda x=x: backend.quantize(x, block, bits, torch.bfloat16, levels, True, 1234),
+                            device, args.repeats, args.warmup)
+                        d_s = time_median(
+                            lambda p=payload, m=meta: backend.dequantize(p, m, n, block, bits, levels, dtype),
+                            device, args.repeats, args.warmup)
                         del payload, meta
                         copy_gbps = 2 * x_bytes / copy_s / 1e9
                         for op, secs in (("quantize", q_s), ("dequantize", d_s)):

@@ -237,8 +237,8 @@ def _add_tune_parser(sub, d) -> None:
     t.add_argument("--uniform-configs", default="grid", metavar="LIST",
                    help="uniform configs measured for the Pareto plot and as fallbacks: 'grid' (27 configs: bits "
                         "1/2/4/8 x block 64/1024/row x projection 1/8, plus the presets), 'none', or a comma-separated "
-                        "list of 'grid', presets, JSON QuantConfig files and configs written like int2/G256/rp8/optimal "
-                        "(default: %(default)s)")
+                        "list of 'grid', presets, JSON QuantConfig files and configs written like "
+                        "int2/G256/rp8/optimal (default: %(default)s)")
     t.add_argument("--out", default=None, metavar="DIR",
                    help="write plan.json, tune.json, tune_table.txt and pareto.png here")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -346,7 +346,8 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     minibatch = _minibatch_options(args)
     if args.nproc is not None:
         if minibatch is not None:
-            raise BenchError("--nproc and --batch-size cannot be combined yet; each rank trains full batch on its shard")
+            raise BenchError("--nproc and --batch-size cannot be combined yet; "
+                             "each rank trains full batch on its shard")
         return _run_ddp(args, configs)
 
     opts = BenchOptions(dataset=args.dataset, root=args.root, model=args.model.strip().lower(),

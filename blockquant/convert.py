@@ -293,7 +293,8 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
     if unknown or refused:
         lines = []
         if unknown:
-            lines.append("no compressed wrapper for: " + "; ".join(f"{n or '<root>'} ({t}: {r})" for n, t, r in unknown))
+            lines.append("no compressed wrapper for: "
+                         + "; ".join(f"{n or '<root>'} ({t}: {r})" for n, t, r in unknown))
         if refused:
             lines.append("wrapper refused: " + "; ".join(f"{n or '<root>'} ({t}: {r})" for n, t, r in refused))
         warnings.warn("blockquant.convert left these modules at full precision (their saved tensors are not "

@@ -889,7 +889,8 @@ def _normalization_backward(g, xn, estimator, weight_view, invstd_view, dims, co
         gw.mul_(xn.square().div_(count).add_(1.0))
         gw.view(-1).index_add_(0, idx, sampled, alpha=-1.0)
     else:
-        # S = xn_hat * side_hat (independent roundings): gw * (1 + (xn^2 - S) / count) = gw * (1 + xn (xn - side) / count)
+        # S = xn_hat * side_hat (independent roundings):
+        # gw * (1 + (xn^2 - S) / count) = gw * (1 + xn (xn - side) / count)
         factor = torch.sub(xn, estimator.dequantize().to(gw.dtype)).mul_(xn)  # never in place on a decoded tensor
         gw.mul_(factor.div_(count).add_(1.0))
         del factor
@@ -1029,7 +1030,7 @@ class _LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, normalized_shape, weight, bias, eps, config):
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]  # the bias gradient needs nothing saved
         out, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
         ctx.bq_shape_norm = normalized_shape
         ctx.bq_has = (weight is not None, bias is not None)

@@ -11,7 +11,8 @@ from torch_geometric.nn import GATConv, GATv2Conv, GCN2Conv, GCNConv, GINConv, G
 from torch_geometric.nn.aggr import MeanAggregation
 from torch_geometric.testing import assert_module
 from torch_geometric.typing import WITH_TORCH_SPARSE
-from torch_geometric.utils import coalesce, remove_self_loops, to_torch_coo_tensor, to_torch_csc_tensor, to_torch_csr_tensor
+from torch_geometric.utils import (coalesce, remove_self_loops, to_torch_coo_tensor, to_torch_csc_tensor,
+                                   to_torch_csr_tensor)
 
 import blockquant
 from blockquant import QuantConfig

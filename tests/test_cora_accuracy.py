@@ -4,7 +4,6 @@ gradient error falls with the bit width.
 Uses the raw Planetoid files in the shared data folder beside the repository
 (downloads do not work in CI); the files are copied to a temporary directory before loading.
 """
-import os
 import shutil
 import warnings
 
