@@ -8,7 +8,7 @@ from .config import ROW, QuantConfig
 from .levels import optimal_levels
 from .packed import PackedTensor, defer_finite_check, dequantize, quantize
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place; setup.py reads it from here, CHANGELOG.md says what changed
 
 __all__ = ["QuantConfig", "ROW", "PackedTensor", "quantize", "dequantize", "defer_finite_check", "optimal_levels",
            "__version__"]
