@@ -129,6 +129,19 @@ class QuantConfig:
         return tuple(_PRESETS)
 
     @classmethod
+    def resolve(cls, config: Union["QuantConfig", str, None], where: str) -> "QuantConfig":
+        """What every ``config=`` argument accepts: a :class:`QuantConfig`, a preset name, or ``None`` for the
+        ``"default"`` preset. ``where`` names the caller in the error for anything else."""
+        if config is None:
+            return _PRESETS["default"]
+        if isinstance(config, str):
+            return cls.preset(config)
+        if not isinstance(config, QuantConfig):
+            raise TypeError(f"{where} expects config to be a QuantConfig, a preset name {tuple(_PRESETS)} or None; "
+                            f"got {type(config).__name__}")
+        return config
+
+    @classmethod
     def preset(cls, name: str) -> "QuantConfig":
         """Named recipes.
 

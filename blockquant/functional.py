@@ -54,13 +54,8 @@ CHUNK_ELEMENTS = 1 << 20
 _SHARED: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 
 
-def _config(config: Optional[QuantConfig], op: str) -> QuantConfig:
-    if config is None:
-        return QuantConfig.preset("default")
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"blockquant.functional.{op} expects config to be a QuantConfig or None; "
-                        f"got {type(config).__name__}")
-    return config
+def _config(config: Union[QuantConfig, str, None], op: str) -> QuantConfig:
+    return QuantConfig.resolve(config, f"blockquant.functional.{op}")
 
 
 def _check_float(x, op: str, name: str = "x") -> None:

@@ -12,7 +12,7 @@ import torch
 
 import blockquant
 from blockquant import QuantConfig
-from blockquant.convert import ConversionWarning
+from blockquant.conversion import ConversionWarning
 
 from shared_data import require_cora
 SEEDS = (0, 1, 2, 3, 4)

@@ -614,7 +614,7 @@ def test_clear_errors():
         BF.linear(x, W[:, :12], None, FINE)
     with pytest.raises(TypeError, match="floating-point x; got torch.int64"):
         BF.linear(torch.ones(3, 13, dtype=torch.long), W, None, FINE)
-    with pytest.raises(TypeError, match="QuantConfig or None; got dict"):
+    with pytest.raises(TypeError, match=r"QuantConfig, a preset name \(.*\) or None; got dict"):
         BF.linear(x, W, None, {"bits": 2})
     with pytest.raises(ValueError, match="reduce must be one of"):
         BF.aggregate(x, _graph(), "min")

@@ -182,7 +182,7 @@ def test_callable_record_and_errors():
     with compress_saved_tensors("int2", record=seen.append):  # preset names, as convert takes them
         h.exp()
     assert seen[-1].config == QuantConfig.preset("int2")
-    with pytest.raises(TypeError, match="expects a QuantConfig or a preset name"):
+    with pytest.raises(TypeError, match="compress_saved_tensors expects config to be a QuantConfig, a preset name"):
         with compress_saved_tensors(2):
             pass
     with pytest.raises(ValueError, match="unknown QuantConfig preset"):
