@@ -258,30 +258,6 @@ def _versions() -> dict:
     return v
 
 
-def _machine(device) -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    m = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-         "torch_threads": torch.get_num_threads()}
-    try:
-        m["cpu_affinity"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        pass
-    if device.type == "cuda":
-        m["gpu"] = torch.cuda.get_device_name(device)
-        m["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
-    return m
-
-
 def _peak_rss_bytes():
     """This process's peak resident set size so far (Linux/macOS), else ``None``."""
     try:
@@ -332,6 +308,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import time
 
     from .bench.datasets import load_dataset
+    from .bench.machine import machine_info
     from .bench.models import MODEL_NAMES
     from .bench.report import format_table, write_results
     from .bench.runner import BenchOptions, resolve_configs, resolve_device, run_benchmark
@@ -377,7 +354,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     meta = {
         "dataset": data.describe(), "model": opts.model, "hidden": opts.hidden, "layers": opts.layers,
         "lr": opts.lr, "dropout": opts.dropout, "epochs": opts.epochs, "seeds": list(opts.seeds),
-        "device": str(device), "metric": data.metric, "versions": _versions(), "machine": _machine(device),
+        "device": str(device), "metric": data.metric, "versions": _versions(), "machine": machine_info(device),
         "command": "blockquant " + " ".join(shlex.quote(a) for a in argv),
         "dataset_load_s": load_s, "total_s": time.time() - t0,
         "backend_env": os.environ.get("BLOCKQUANT_BACKEND"),

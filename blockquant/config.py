@@ -78,10 +78,6 @@ class QuantConfig:
             raise _bad("meta_dtype", f"one of {tuple(_META_DTYPES)}", md)
 
     # ------------------------------------------------------------------ helpers
-    @property
-    def num_levels(self) -> int:
-        return 1 << self.bits
-
     def block_size_for(self, row_length: int) -> int:
         """Block size actually used for a tensor whose last dimension is ``row_length``."""
         if self.block_size == ROW:

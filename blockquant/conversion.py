@@ -60,11 +60,7 @@ def _load_nn_wrappers() -> None:
     import importlib
 
     for mod in ("blockquant.nn.basic", "blockquant.nn.conv"):
-        try:
-            importlib.import_module(mod)
-        except ImportError as e:  # only tolerate the module itself being absent
-            if getattr(e, "name", None) != mod:
-                raise
+        importlib.import_module(mod)
 
 
 def _resolve_single(config: Any, where: str) -> Optional[QuantConfig]:
@@ -136,13 +132,10 @@ def _looks_like_compute(module: torch.nn.Module) -> bool:
         return False
     if any(p is not None for p in module._parameters.values()):
         return True
-    try:
-        from torch_geometric.nn.conv import MessagePassing
+    from torch_geometric.nn.conv import MessagePassing
 
-        if isinstance(module, MessagePassing):
-            return True
-    except ImportError:  # torch_geometric is optional for plain torch models
-        pass
+    if isinstance(module, MessagePassing):
+        return True
     if len(module._modules) == 0:
         mod = type(module).__module__ or ""
         return mod.startswith("torch.nn.modules.") and mod.rsplit(".", 1)[-1] in _COMPUTE_MODULE_FILES

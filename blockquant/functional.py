@@ -268,17 +268,12 @@ def _keep_input(ctx, x: torch.Tensor, config: QuantConfig,
     cast in backward instead). Sets ``ctx.bq_ref``.
 
     The caller puts the first part into ``save_for_backward`` and the second into
-    ``ctx.bq_state``; :func:`_load_input` undoes it.
+    ``ctx.bq_state``; backward takes ``x`` from the saved tensors when ``ctx.bq_ref``, else decompresses it.
     """
     ctx.bq_ref = is_resident(x)
     if ctx.bq_ref:
         return [x], ()
     return [], (compress_shared(x, config, dtype=dtype),)
-
-
-def _load_input(ctx, saved: List[torch.Tensor], state: Tuple[object, ...]) -> torch.Tensor:
-    """The input kept by :func:`_keep_input`: popped from ``saved`` or decompressed."""
-    return saved.pop(0) if ctx.bq_ref else state[0].dequantize()
 
 
 DOUBLE_BACKWARD_MESSAGE = (

@@ -40,7 +40,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["track_saved", "SavedMemory", "storage_key"]
+from .packed import storage_bytes
+
+__all__ = ["track_saved", "SavedMemory", "storage_key", "storage_bytes"]
 
 COMPRESSED = "compressed"
 PLAIN = "plain"
@@ -56,10 +58,6 @@ def storage_key(t: torch.Tensor) -> Optional[Tuple[str, int]]:
     if ptr == 0 or st.nbytes() == 0:
         return None
     return (str(t.device), ptr)
-
-
-def _storage_bytes(t: torch.Tensor) -> int:
-    return t.untyped_storage().nbytes()
 
 
 def _flatten_tensors(obj: Any, out: List[torch.Tensor], depth: int = 0) -> None:
@@ -382,7 +380,7 @@ class track_saved:
         for t in outputs:
             k = storage_key(t)
             if k is not None and k not in excluded:
-                out_keys[k] = _storage_bytes(t)
+                out_keys[k] = storage_bytes(t)
         excluded.update(out_keys)
         res.output_bytes = sum(out_keys.values())
 
@@ -396,7 +394,7 @@ class track_saved:
                 k = storage_key(t)
                 if k is None or k in excluded or k in counted:
                     continue
-                b = _storage_bytes(t)
+                b = storage_bytes(t)
                 counted[k] = b
                 per_module[name] += b
                 res.per_kind[kind] += b

@@ -2,9 +2,6 @@
 no [E, heads * channels] allocation, PyG's outputs, exact gradients under a lossless codec."""
 from __future__ import annotations
 
-import json
-import os.path as osp
-import tempfile
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ from torch_geometric.typing import WITH_TORCH_SPARSE
 from torch_geometric.utils import coalesce, to_torch_coo_tensor, to_torch_csc_tensor, to_torch_csr_tensor
 
 import blockquant
+from blockquant.bench.runner import cpu_allocation_trace
 from blockquant import QuantConfig
 from blockquant import attention as BA
 from blockquant import functional as BF
@@ -119,16 +117,7 @@ def test_mean_of_compressed_gradients_converges_to_the_exact_gradient(name, conf
 
 # ------------------------------------------------------------------ no [E, F] allocation
 def _largest_allocation(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = osp.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f).get("traceEvents", [])
-    return max((int(e["args"].get("Bytes", 0)) for e in events if e.get("name") == "[memory]"), default=0)
+    return cpu_allocation_trace(fn)[1].largest
 
 
 @pytest.mark.parametrize("name, form", [(n, f) for n in ("gat", "gatv2") for f in FORMS]

@@ -1,35 +1,19 @@
 """blockquant.track_saved: bytes held by the autograd graph for backward, cross-checked
 against the allocator (torch.profiler on CPU, torch.cuda.memory_allocated on CUDA)."""
-import gc
 
 import pytest
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 import blockquant
 from blockquant import QuantConfig, track_saved
+from blockquant.bench.runner import profiler_net_bytes
+from blockquant.memory import storage_bytes
 
 
 @pytest.fixture(autouse=True)
 def torch_backend(monkeypatch):
     monkeypatch.setenv("BLOCKQUANT_BACKEND", "torch")
-
-
-def profiler_net_bytes(fn):
-    """Net CPU bytes allocated and still alive after ``fn()`` (its result is returned too).
-
-    Sums every event's *self* memory (allocations inside an op are attributed to
-    it, frees outside ops appear as "[memory]" events), so nothing is counted twice.
-    """
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    return out, sum(e.self_cpu_memory_usage for e in prof.events())
-
-
-def storage_bytes(*tensors):
-    return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
 def mlp():
