@@ -24,6 +24,7 @@ import torch
 
 from .config import QuantConfig
 from .functional import mark_resident
+from .nested import flatten_tensors
 from .nn.registry import WRAPPERS, CompressedModule, lazy_reason
 
 __all__ = ["convert", "to_original", "summary", "ConversionWarning", "ConversionInfo"]
@@ -327,25 +328,10 @@ def to_original(model: torch.nn.Module) -> torch.nn.Module:
     return root
 
 
-def _mark_tensors(obj, depth: int = 0) -> None:
-    if depth > 4:
-        return
-    if isinstance(obj, torch.Tensor):
-        mark_resident(obj)
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            _mark_tensors(item, depth + 1)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            _mark_tensors(item, depth + 1)
-    elif hasattr(obj, "stores") and hasattr(obj, "to_dict"):  # PyG Data / HeteroData
-        for item in obj.to_dict().values():
-            _mark_tensors(item, depth + 1)
-
-
 def _resident_inputs_hook(module, args, kwargs):
-    _mark_tensors(args)
-    _mark_tensors(kwargs)
+    tensors: list = []
+    flatten_tensors((args, kwargs), tensors)
+    mark_resident(*tensors)
 
 
 def _mark_inputs_resident_on_call(root: torch.nn.Module) -> None:
