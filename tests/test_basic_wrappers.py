@@ -15,9 +15,7 @@ from blockquant import QuantConfig
 FINE = QuantConfig(bits=8, block_size=64, rounding="nearest", meta_dtype=torch.float32)
 
 
-@pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("BLOCKQUANT_BACKEND", "torch")  # the Triton interpreter is slow on CPU
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 def _modules():

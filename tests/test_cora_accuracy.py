@@ -74,7 +74,6 @@ def train_eval(data, name: str, seed: int, config) -> float:
     return 100.0 * test_at_best
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gcn", "sage", "gat"])
 def test_default_config_matches_full_precision(cora, name):
     full = [train_eval(cora, name, s, None) for s in SEEDS]

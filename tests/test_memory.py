@@ -11,9 +11,7 @@ from blockquant.bench.runner import profiler_net_bytes
 from blockquant.memory import storage_bytes
 
 
-@pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("BLOCKQUANT_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 def mlp():
