@@ -1,8 +1,20 @@
+import re
+
 from setuptools import setup
+
+
+def _version() -> str:
+    """``__version__`` from blockquant/__init__.py, read as text: importing the package here would import torch."""
+    with open("blockquant/__init__.py", encoding="utf-8") as f:
+        found = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M)
+    if found is None:
+        raise RuntimeError("blockquant/__init__.py: no line `__version__ = \"X.Y.Z\"`")
+    return found.group(1)
+
 
 setup(
     name="blockquant",
-    version="0.1.0",
+    version=_version(),
     description="Block-wise low-bit activation compression for memory-efficient GNN training (PyTorch / PyG)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -14,7 +26,9 @@ setup(
     # the CPU codec's C source, compiled with the system's C compiler at first use
     package_data={"blockquant.kernels": ["*.c"]},
     install_requires=[
-        "torch>=2.1",
+        # the release the tests run on (constraints-cpu.txt); the code uses ops older releases lack,
+        # e.g. aten._batch_norm_with_update, and no older release has been tested
+        "torch>=2.13",
         "torch-geometric>=2.4",
         "ogb>=1.3.6",
         "triton>=2.1; platform_system == 'Linux'",
@@ -23,7 +37,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.4"],
     },
     entry_points={"console_scripts": ["blockquant=blockquant.cli:main"]},
     classifiers=[

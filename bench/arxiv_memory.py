@@ -141,14 +141,11 @@ def cuda_allocated_minus_output(model, x, edge_index, seed: int = 0) -> int:
 
 def profiler_net_minus_output(model, x, edge_index, seed: int = 0) -> int:
     """Net CPU bytes still allocated after one forward, minus the output (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
+    from blockquant.bench.runner import profiler_net_bytes
 
     model.zero_grad(set_to_none=False)  # grads exist already: no allocation inside the profile
     torch.manual_seed(seed)
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = model(x, edge_index)
-    net = sum(e.self_cpu_memory_usage for e in prof.events())
+    out, net = profiler_net_bytes(lambda: model(x, edge_index))
     result = net - out.untyped_storage().nbytes()
     del out
     return int(result)

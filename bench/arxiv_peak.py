@@ -13,12 +13,19 @@ Usage::
     python bench/arxiv_peak.py sage iexact,fp32-sparse,exact,default,checkpoint,fp32 \
         bench/results/arxiv_peak_sage_cpu.json
 """
-import json, sys, time, warnings, platform, os
-warnings.simplefilter("ignore")
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+
 import torch
 from blockquant.bench.datasets import load_dataset
 from blockquant.bench.runner import BenchOptions, Trainer, cpu_allocation_trace, resolve_configs
-model_name = sys.argv[1]; configs = sys.argv[2].split(","); out = sys.argv[3]
+
+warnings.simplefilter("ignore")
+model_name, configs, out = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
 data = load_dataset("synthetic:arxiv-like")
 opts = BenchOptions(dataset="synthetic:arxiv-like", model=model_name, hidden=128, layers=3, quiet=True)
 tr = Trainer(data, opts, torch.device("cpu"))
@@ -26,22 +33,29 @@ rows = []
 for cfg in resolve_configs(configs):
     model = tr.build(cfg, 0)
     model.train()
-    def step():
+    def step(model=model):  # bound now: `del model` below frees it before the next config is built
         tr.loss(model(data.x, model.bench_graph)).backward()
-    t = time.perf_counter(); step(); warm = time.perf_counter() - t
+    t = time.perf_counter()
+    step()
+    warm = time.perf_counter() - t
     model.zero_grad(set_to_none=True)
     _, trace = cpu_allocation_trace(step)
     peak, largest = trace.peak, trace.largest
     model.zero_grad(set_to_none=True)
-    t = time.perf_counter(); step(); dt = time.perf_counter() - t
+    t = time.perf_counter()
+    step()
+    dt = time.perf_counter() - t
     model.zero_grad(set_to_none=True)
-    row = {"config": cfg.name, "quant": cfg.quant.short() if cfg.quant else None, "adjacency": cfg.describe()["adjacency"],
+    row = {"config": cfg.name, "quant": cfg.quant.short() if cfg.quant else None,
+           "adjacency": cfg.describe()["adjacency"],
            "peak_step_mib": round(peak / 2**20, 1), "largest_alloc_mib": round(largest / 2**20, 1),
            "step_s": round(dt, 2), "first_step_s": round(warm, 2), "load_avg": os.getloadavg()}
-    rows.append(row); print(json.dumps(row), flush=True)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
     del model
     with open(out, "w") as f:
         json.dump({"graph": {"nodes": data.num_nodes, "edges": int(data.edge_index.size(1)), "features": 128},
                    "model": model_name, "command": "python " + " ".join(sys.argv),
-                   "machine": f"{platform.machine()} {os.cpu_count()} cores (shared with other jobs), torch {torch.__version__}",
+                   "machine": f"{platform.machine()} {os.cpu_count()} cores (shared with other jobs), "
+                              f"torch {torch.__version__}",
                    "rows": rows}, f, indent=1)

@@ -17,18 +17,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from typing import List, Optional
 
 import pytest
 import torch
 
+from blockquant.bench.machine import machine_info
 from blockquant.kernels import available_backends, get_backend, native
 from blockquant.kernels.blockwise import payload_bytes
 from blockquant.levels import optimal_levels
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from codec_bandwidth import machine_info  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

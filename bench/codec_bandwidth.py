@@ -33,12 +33,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 GOAL_GPU_FRACTION_OF_COPY = 0.70
 GOAL_CPU_INPUT_GBPS = 1.0
@@ -57,7 +56,8 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="JSON file to write (default: bench/results/codec_bandwidth_<device>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON file to write (default: bench/results/codec_bandwidth_<device>.json)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--backends", default=None,
                    help="comma list of codec backends (default: triton on cuda, torch,native on cpu)")
@@ -94,43 +94,6 @@ def device_slug(info: Dict[str, object]) -> str:
     """A file-name-safe device name: the GPU's, else the CPU's with its core count."""
     name = str(info.get("gpu") or f"cpu-{info.get('cpu_count')}core")
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-
-
-def machine_info(device) -> Dict[str, object]:
-    """Versions and hardware, so results from different machines are never mixed up."""
-    import torch
-
-    info: Dict[str, object] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": str(device),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
-    }
-    if hasattr(os, "getloadavg"):
-        # a shared machine's load explains noisy CPU timings
-        info["loadavg_1min"] = round(os.getloadavg()[0], 2)
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        if names:
-            info["cpu_model"] = names[0]
-    except OSError:
-        pass
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if torch.device(device).type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda)
-    return info
 
 
 def time_median(fn: Callable[[], object], device, repeats: int, warmup: int) -> float:
@@ -232,14 +195,17 @@ def run_cases(args, device, backend_names) -> Dict[str, object]:
                         except ValueError as e:
                             skipped.append({"backend": name, "reason": str(e)})
                             continue
-                        copy_s = time_median(lambda: dst.copy_(x), device, args.repeats, args.warmup)
-                        clone_s = time_median(lambda: x.clone(), device, args.repeats, args.warmup)
+                        copy_s = time_median(lambda dst=dst, x=x: dst.copy_(x), device, args.repeats, args.warmup)
+                        clone_s = time_median(lambda x=x: x.clone(), device, args.repeats, args.warmup)
                         payload, meta = backend.quantize(x, block, bits, torch.bfloat16, levels, True, 1234)
                         packed = payload_bytes(n, block, bits) + meta.numel() * meta.element_size()
-                        q_s = time_median(lambda: backend.quantize(x, block, bits, torch.bfloat16, levels, True, 1234),
-                                          device, args.repeats, args.warmup)
-                        d_s = time_median(lambda: backend.dequantize(payload, meta, n, block, bits, levels, dtype),
-                                          device, args.repeats, args.warmup)
+                        # the lambdas bind their tensors now: `del` below frees them within the same scope
+                        q_s = time_median(
+                            lambda x=x: backend.quantize(x, block, bits, torch.bfloat16, levels, True, 1234),
+                            device, args.repeats, args.warmup)
+                        d_s = time_median(
+                            lambda p=payload, m=meta: backend.dequantize(p, m, n, block, bits, levels, dtype),
+                            device, args.repeats, args.warmup)
                         del payload, meta
                         copy_gbps = 2 * x_bytes / copy_s / 1e9
                         for op, secs in (("quantize", q_s), ("dequantize", d_s)):
@@ -264,7 +230,7 @@ def run_cases(args, device, backend_names) -> Dict[str, object]:
 
 def markdown(results) -> str:
     m = results["machine"]
-    lines = [f"# Codec bandwidth on {m.get('gpu') or m.get('cpu_model')} ({m['device']})", "",
+    lines = [f"# Codec bandwidth on {m.get('gpu') or m.get('cpu')} ({m['device']})", "",
              f"n = {results['n']:,} elements, median of {results['repeats']} calls, stochastic rounding, "
              f"bf16 metadata; torch threads {m['torch_threads']}, load average {m.get('loadavg_1min')} at the "
              f"start and {results.get('loadavg_end')} at the end. Each case's copy was timed right before it.", "",
@@ -294,6 +260,8 @@ def main(argv=None) -> int:
 
     import torch
 
+    from blockquant.bench.machine import machine_info
+
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -304,7 +272,7 @@ def main(argv=None) -> int:
         return 2
     info = machine_info(device)
     out = args.out or os.path.join(RESULTS_DIR, f"codec_bandwidth_{device_slug(info)}.json")
-    print(f"device {device} ({info.get('gpu', info.get('cpu_model', '?'))}), backends {backends}, n = {args.n:,}, "
+    print(f"device {device} ({info.get('gpu', info.get('cpu', '?'))}), backends {backends}, n = {args.n:,}, "
           f"threads {info['torch_threads']}, load {info.get('loadavg_1min')}", flush=True)
     results: Dict[str, object] = {
         "machine": info, "backends": backends, "n": args.n, "row_width": args.row_width, "repeats": args.repeats,

@@ -7,21 +7,25 @@ projection) and decompressed on demand in backward.
 from .config import ROW, QuantConfig
 from .levels import optimal_levels
 from .packed import PackedTensor, defer_finite_check, dequantize, quantize
+from .conversion import ConversionWarning, convert, summary, to_original
+from .memory import SavedMemory, track_saved
+from . import functional
+from .adjacency import Adjacency, as_adjacency
+from .saved_hooks import compress_saved_tensors
+from .plan import Plan
+from .tune import TuneError, TuneResult, tune
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place; setup.py reads it from here, CHANGELOG.md says what changed
 
-__all__ = ["QuantConfig", "ROW", "PackedTensor", "quantize", "dequantize", "defer_finite_check", "optimal_levels",
-           "__version__"]
-from .convert import convert, summary, to_original  # noqa: E402
-from .memory import track_saved  # noqa: E402
-
-__all__ += ["convert", "to_original", "summary", "track_saved"]
-from . import functional  # noqa: E402
-from .adjacency import Adjacency, as_adjacency  # noqa: E402
-from .saved_hooks import compress_saved_tensors  # noqa: E402
-
-__all__ += ["functional", "Adjacency", "as_adjacency", "compress_saved_tensors"]
-from .plan import Plan  # noqa: E402
-from .tune import TuneError, TuneResult, tune  # noqa: E402
-
-__all__ += ["Plan", "tune", "TuneResult", "TuneError"]
+# The function ``convert`` is ``blockquant.convert``; the module that defines it is ``blockquant.conversion``.
+__all__ = [
+    "__version__",
+    # codec
+    "QuantConfig", "ROW", "PackedTensor", "quantize", "dequantize", "defer_finite_check", "optimal_levels",
+    # converting a model
+    "convert", "to_original", "summary", "ConversionWarning", "Plan", "tune", "TuneResult", "TuneError",
+    # memory
+    "track_saved", "SavedMemory", "compress_saved_tensors",
+    # functional building blocks
+    "functional", "Adjacency", "as_adjacency",
+]

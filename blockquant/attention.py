@@ -463,7 +463,7 @@ def gat_attention(x_src: Tensor, score_src: Tensor, score_dst: Optional[Tensor],
         _check_shape(score_dst, (graph.num_dst, heads), "score_dst", who)
     if score_edge is not None:
         _check_shape(score_edge, (graph.num_edges, heads), "score_edge", who)
-    config = config if config is not None else QuantConfig.preset("default")
+    config = QuantConfig.resolve(config, who)
     p = float(dropout) if training else 0.0
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{who}: dropout must be in [0, 1]; got {dropout}")
@@ -685,7 +685,7 @@ def gatv2_attention(x_l: Tensor, x_r: Tensor, att: Tensor, graph: AttentionGraph
             raise ValueError(f"{who}: edge_attr must have shape [{graph.num_edges}, edge_dim]; got "
                              f"{tuple(edge_attr.shape)}")
         _check_shape(lin_edge_weight, (heads * channels, edge_attr.size(1)), "lin_edge_weight", who)
-    config = config if config is not None else QuantConfig.preset("default")
+    config = QuantConfig.resolve(config, who)
     p = float(dropout) if training else 0.0
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{who}: dropout must be in [0, 1]; got {dropout}")

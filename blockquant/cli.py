@@ -237,8 +237,8 @@ def _add_tune_parser(sub, d) -> None:
     t.add_argument("--uniform-configs", default="grid", metavar="LIST",
                    help="uniform configs measured for the Pareto plot and as fallbacks: 'grid' (27 configs: bits "
                         "1/2/4/8 x block 64/1024/row x projection 1/8, plus the presets), 'none', or a comma-separated "
-                        "list of 'grid', presets, JSON QuantConfig files and configs written like int2/G256/rp8/optimal "
-                        "(default: %(default)s)")
+                        "list of 'grid', presets, JSON QuantConfig files and configs written like "
+                        "int2/G256/rp8/optimal (default: %(default)s)")
     t.add_argument("--out", default=None, metavar="DIR",
                    help="write plan.json, tune.json, tune_table.txt and pareto.png here")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -256,30 +256,6 @@ def _versions() -> dict:
         except Exception:  # noqa: BLE001 - optional: record that it is absent
             v[mod] = None
     return v
-
-
-def _machine(device) -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    m = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-         "torch_threads": torch.get_num_threads()}
-    try:
-        m["cpu_affinity"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        pass
-    if device.type == "cuda":
-        m["gpu"] = torch.cuda.get_device_name(device)
-        m["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
-    return m
 
 
 def _peak_rss_bytes():
@@ -332,6 +308,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import time
 
     from .bench.datasets import load_dataset
+    from .bench.machine import machine_info
     from .bench.models import MODEL_NAMES
     from .bench.report import format_table, write_results
     from .bench.runner import BenchOptions, resolve_configs, resolve_device, run_benchmark
@@ -346,7 +323,8 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     minibatch = _minibatch_options(args)
     if args.nproc is not None:
         if minibatch is not None:
-            raise BenchError("--nproc and --batch-size cannot be combined yet; each rank trains full batch on its shard")
+            raise BenchError("--nproc and --batch-size cannot be combined yet; "
+                             "each rank trains full batch on its shard")
         return _run_ddp(args, configs)
 
     opts = BenchOptions(dataset=args.dataset, root=args.root, model=args.model.strip().lower(),
@@ -376,7 +354,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     meta = {
         "dataset": data.describe(), "model": opts.model, "hidden": opts.hidden, "layers": opts.layers,
         "lr": opts.lr, "dropout": opts.dropout, "epochs": opts.epochs, "seeds": list(opts.seeds),
-        "device": str(device), "metric": data.metric, "versions": _versions(), "machine": _machine(device),
+        "device": str(device), "metric": data.metric, "versions": _versions(), "machine": machine_info(device),
         "command": "blockquant " + " ".join(shlex.quote(a) for a in argv),
         "dataset_load_s": load_s, "total_s": time.time() - t0,
         "backend_env": os.environ.get("BLOCKQUANT_BACKEND"),

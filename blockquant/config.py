@@ -78,10 +78,6 @@ class QuantConfig:
             raise _bad("meta_dtype", f"one of {tuple(_META_DTYPES)}", md)
 
     # ------------------------------------------------------------------ helpers
-    @property
-    def num_levels(self) -> int:
-        return 1 << self.bits
-
     def block_size_for(self, row_length: int) -> int:
         """Block size actually used for a tensor whose last dimension is ``row_length``."""
         if self.block_size == ROW:
@@ -127,6 +123,19 @@ class QuantConfig:
     @staticmethod
     def preset_names() -> tuple:
         return tuple(_PRESETS)
+
+    @classmethod
+    def resolve(cls, config: Union["QuantConfig", str, None], where: str) -> "QuantConfig":
+        """What every ``config=`` argument accepts: a :class:`QuantConfig`, a preset name, or ``None`` for the
+        ``"default"`` preset. ``where`` names the caller in the error for anything else."""
+        if config is None:
+            return _PRESETS["default"]
+        if isinstance(config, str):
+            return cls.preset(config)
+        if not isinstance(config, QuantConfig):
+            raise TypeError(f"{where} expects config to be a QuantConfig, a preset name {tuple(_PRESETS)} or None; "
+                            f"got {type(config).__name__}")
+        return config
 
     @classmethod
     def preset(cls, name: str) -> "QuantConfig":

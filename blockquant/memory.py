@@ -35,12 +35,15 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["track_saved", "SavedMemory", "storage_key"]
+from .nested import flatten_tensors
+from .packed import storage_bytes
+
+__all__ = ["track_saved", "SavedMemory", "storage_key", "storage_bytes"]
 
 COMPRESSED = "compressed"
 PLAIN = "plain"
@@ -56,31 +59,6 @@ def storage_key(t: torch.Tensor) -> Optional[Tuple[str, int]]:
     if ptr == 0 or st.nbytes() == 0:
         return None
     return (str(t.device), ptr)
-
-
-def _storage_bytes(t: torch.Tensor) -> int:
-    return t.untyped_storage().nbytes()
-
-
-def _flatten_tensors(obj: Any, out: List[torch.Tensor], depth: int = 0) -> None:
-    """Every tensor in a (nested) output or exclusion argument."""
-    if depth > 6 or obj is None:
-        return
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _flatten_tensors(v, out, depth + 1)
-    elif isinstance(obj, (list, tuple, set)):
-        for v in obj:
-            _flatten_tensors(v, out, depth + 1)
-    elif hasattr(obj, "to_dict") and callable(obj.to_dict):  # torch_geometric Data / HeteroData
-        try:
-            _flatten_tensors(obj.to_dict(), out, depth + 1)
-        except Exception:  # not a PyG data object after all
-            pass
-    elif hasattr(obj, "storages") and callable(obj.storages):
-        _flatten_tensors(tuple(obj.storages()), out, depth + 1)
 
 
 def _held(obj: Any, kind: str, out: List[Tuple[torch.Tensor, str]], depth: int = 0) -> None:
@@ -115,7 +93,7 @@ def _module_state_tensors(model: torch.nn.Module, out: List[torch.Tensor]) -> No
                 continue
             if isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and any(
                     isinstance(i, torch.Tensor) for i in v)) or hasattr(v, "tensors"):
-                _flatten_tensors(v.tensors() if hasattr(v, "tensors") and callable(v.tensors) else v, out)
+                flatten_tensors(v.tensors() if hasattr(v, "tensors") and callable(v.tensors) else v, out)
 
 
 _RAW_SLOTS: Dict[type, Tuple[str, ...]] = {}
@@ -279,7 +257,7 @@ class track_saved:
         stack = self._starts.get(id(module))
         start = stack.pop() if stack else None
         tensors: List[torch.Tensor] = []
-        _flatten_tensors(output, tensors)
+        flatten_tensors(output, tensors)
         if self.model is not None and module is self.model:
             self._model_outputs.extend(weakref.ref(t) for t in tensors)
         if start is None:
@@ -372,7 +350,7 @@ class track_saved:
             ex.extend(self.model.parameters())
             ex.extend(self.model.buffers())
             _module_state_tensors(self.model, ex)
-        _flatten_tensors(self.exclude, ex)
+        flatten_tensors(self.exclude, ex)
         ex.extend(leaf_vars)
         for t in ex:
             k = storage_key(t)
@@ -382,7 +360,7 @@ class track_saved:
         for t in outputs:
             k = storage_key(t)
             if k is not None and k not in excluded:
-                out_keys[k] = _storage_bytes(t)
+                out_keys[k] = storage_bytes(t)
         excluded.update(out_keys)
         res.output_bytes = sum(out_keys.values())
 
@@ -396,7 +374,7 @@ class track_saved:
                 k = storage_key(t)
                 if k is None or k in excluded or k in counted:
                     continue
-                b = _storage_bytes(t)
+                b = storage_bytes(t)
                 counted[k] = b
                 per_module[name] += b
                 res.per_kind[kind] += b

@@ -34,8 +34,9 @@ def _levels_for(config: QuantConfig, block: int) -> Optional[Tuple[float, ...]]:
     return optimal_levels(config.bits, block) if config.levels == "optimal" else None
 
 
-def _storage_bytes(t: torch.Tensor) -> int:
-    return t.untyped_storage().nbytes()
+def storage_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes of the storages behind ``tensors``, each at its full size (a view holds all of its storage)."""
+    return sum(int(t.untyped_storage().nbytes()) for t in tensors)
 
 
 class PackedTensor:
@@ -86,7 +87,7 @@ class PackedTensor:
     @property
     def nbytes(self) -> int:
         """Exact bytes of every buffer held (whole storages: codes, metadata, padding)."""
-        return _storage_bytes(self.payload) + _storage_bytes(self.meta)
+        return storage_bytes(self.payload, self.meta)
 
     def storages(self):
         """The tensors whose storages this object keeps alive (for memory accounting)."""

@@ -157,13 +157,7 @@ def compress_saved_tensors(config: Union[None, str, QuantConfig] = None, *, min_
             loss = model(x).sum()
         loss.backward()
     """
-    if config is None:
-        config = QuantConfig.preset("default")
-    elif isinstance(config, str):
-        config = QuantConfig.preset(config)
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"compress_saved_tensors expects a QuantConfig or a preset name "
-                        f"{QuantConfig.preset_names()}; got {type(config).__name__}")
+    config = QuantConfig.resolve(config, "compress_saved_tensors")
     if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
         raise ValueError(f"compress_saved_tensors: min_numel must be a non-negative int; got {min_numel!r}")
     if record is not None and not (callable(record) or hasattr(record, "append")):

@@ -309,7 +309,7 @@ class _Prober:
         return self.model(self.data.x, self.data.edge_index)
 
     def convert(self, spec) -> None:
-        from .convert import convert
+        from .conversion import convert
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -707,7 +707,7 @@ def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfi
         probe_copy = copy.deepcopy(prober.model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from .convert import convert
+            from .conversion import convert
 
             probe_copy = convert(probe_copy, default_cfg)
         swapped = [(n, type(m).wraps.__name__) for n, m in probe_copy.named_modules()

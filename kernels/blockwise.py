@@ -23,7 +23,6 @@ Layout (both backends produce it bit for bit under nearest rounding):
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional, Sequence
 

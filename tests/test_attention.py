@@ -2,9 +2,6 @@
 no [E, heads * channels] allocation, PyG's outputs, exact gradients under a lossless codec."""
 from __future__ import annotations
 
-import json
-import os.path as osp
-import tempfile
 
 import pytest
 import torch
@@ -14,10 +11,12 @@ from torch_geometric.typing import WITH_TORCH_SPARSE
 from torch_geometric.utils import coalesce, to_torch_coo_tensor, to_torch_csc_tensor, to_torch_csr_tensor
 
 import blockquant
+from blockquant.bench.runner import cpu_allocation_trace
 from blockquant import QuantConfig
 from blockquant import attention as BA
 from blockquant import functional as BF
 from blockquant.nn import WRAPPERS
+from tolerances import rel_err
 
 pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")
 
@@ -73,10 +72,6 @@ def lossless(monkeypatch):
     monkeypatch.setattr(BF, "_compress", lambda x, config: _Lossless(x))
 
 
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 # ------------------------------------------------------------------ unbiasedness
 CONVS = {"gat": lambda: GATConv(16, 8, heads=2), "gatv2": lambda: GATv2Conv(16, 8, heads=2)}
 
@@ -104,11 +99,11 @@ def test_mean_of_compressed_gradients_converges_to_the_exact_gradient(name, conf
         torch.manual_seed(100 + k)
         for i, (t, g) in enumerate(zip(total, grads(wrapped))):
             t += g
-            single[i].append(_rel(g, ref[i]))
+            single[i].append(rel_err(g, ref[i]))
     assert max(sorted(s)[draws // 2] for s in single) > 1e-2, "compression should add noise; is it running?"
     for i, (t, r) in enumerate(zip(total, ref)):
         one = sorted(single[i])[draws // 2]  # median single-draw error
-        mean = _rel(t / draws, r)
+        mean = rel_err(t / draws, r)
         if one < 1e-5:  # a gradient no compressed tensor reaches (the bias)
             assert mean < 1e-5
             continue
@@ -119,16 +114,7 @@ def test_mean_of_compressed_gradients_converges_to_the_exact_gradient(name, conf
 
 # ------------------------------------------------------------------ no [E, F] allocation
 def _largest_allocation(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = osp.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f).get("traceEvents", [])
-    return max((int(e["args"].get("Bytes", 0)) for e in events if e.get("name") == "[memory]"), default=0)
+    return cpu_allocation_trace(fn)[1].largest
 
 
 @pytest.mark.parametrize("name, form", [(n, f) for n in ("gat", "gatv2") for f in FORMS]
@@ -199,7 +185,7 @@ def test_outputs_equal_pyg_and_gradients_exact_under_lossless_codec(name, lossle
     out, g_out = _call_grads(wrapped, x, ei, edge_attr)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)  # summation order differs
     for i, (a, b) in enumerate(zip(g_out, g_ref)):
-        assert _rel(a, b) < 1e-5, f"{name}: gradient {i} differs by {_rel(a, b):.2e}"
+        assert rel_err(a, b) < 1e-5, f"{name}: gradient {i} differs by {rel_err(a, b):.2e}"
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -216,7 +202,7 @@ def test_every_adjacency_form_matches_pyg(name, form, lossless):
     out, g_out = _call_grads(wrapped, x, adj, None, return_attention_weights=True)
     torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-6)
     for a, b in zip(g_out, g_ref):
-        assert _rel(a, b) < 1e-5
+        assert rel_err(a, b) < 1e-5
     # the weights come back in the form's own edge order, attached like PyG attaches them
     ret_adj, alpha = out[1]
     assert alpha.shape == (ret_adj.values().size(0) if ret_adj.layout != torch.strided else ret_adj.size(1),
@@ -254,7 +240,7 @@ def test_bipartite_inputs_match_pyg(conv_cls, lossless):
         gr = torch.autograd.grad(ref.square().sum(), params + [x_src])
         go = torch.autograd.grad(out.square().sum(), params + [x_src])
         for a, b in zip(go, gr):
-            assert _rel(a, b) < 1e-5
+            assert rel_err(a, b) < 1e-5
     if conv_cls is GATConv:  # x_dst None: scores from the sources only
         orig_1 = GATConv(16, 6, heads=2, add_self_loops=False)
         wrapped_1 = WRAPPERS[GATConv].from_module(orig_1, INT2)
@@ -281,7 +267,7 @@ def test_attention_dropout_regenerates_its_mask(conv_cls, lossless, monkeypatch)
     torch.testing.assert_close(alpha_d, alpha_ref, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, ref_grads):
-        assert _rel(a, b) < 1e-5
+        assert rel_err(a, b) < 1e-5
     torch.manual_seed(1)  # another draw, another mask
     assert not torch.equal(wrapped(x, ei, return_attention_weights=True)[1][1] != 0, kept.bool())
 

@@ -9,6 +9,7 @@ import blockquant
 import blockquant.functional as bqf
 from blockquant.bench.datasets import load_dataset
 from blockquant.bench.models import build_model
+from tolerances import max_rel_err
 
 pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")
 
@@ -61,10 +62,6 @@ def _grads(model, ds, device, dtype, enabled=True):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if not n.endswith("lin_l.bias")}
 
 
-def _rel(a, b):
-    return max(float((a[n].double() - b[n].double()).norm() / b[n].double().norm()) for n in b)
-
-
 @pytest.mark.parametrize("device,dtype", DEVICES, ids=[f"{d}-{str(t)[6:]}" for d, t in DEVICES])
 def test_gradients_match_plain_autocast_under_an_exact_codec(monkeypatch, device, dtype):
     ds = _data(device)
@@ -83,11 +80,11 @@ def test_gradients_match_plain_autocast_under_an_exact_codec(monkeypatch, device
     # the dtype of its statistics and of its backward's arithmetic
     assert kept and dtype in kept and set(kept) <= {dtype, torch.float32}, kept
     _, g_fp32 = _grads(ref, ds, device, dtype, enabled=False)
-    autocast_effect = _rel(g_ref, g_fp32)
+    autocast_effect = max_rel_err(g_ref, g_fp32)
     assert autocast_effect > 1e-3  # autocast visibly changes the gradients ...
     # ... and the converted model follows autocast, not fp32: BatchNorm's backward is blockquant's
     # own (unbiased under rounding), so it matches ATen's bf16 kernel up to bf16 rounding order
-    assert _rel(g_q, g_ref) < 0.2 * autocast_effect, (_rel(g_q, g_ref), autocast_effect)
+    assert max_rel_err(g_q, g_ref) < 0.2 * autocast_effect, (max_rel_err(g_q, g_ref), autocast_effect)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICES, ids=[f"{d}-{str(t)[6:]}" for d, t in DEVICES])

@@ -15,9 +15,7 @@ from blockquant import QuantConfig
 FINE = QuantConfig(bits=8, block_size=64, rounding="nearest", meta_dtype=torch.float32)
 
 
-@pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("BLOCKQUANT_BACKEND", "torch")  # the Triton interpreter is slow on CPU
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 def _modules():
@@ -183,7 +181,8 @@ def test_memory_of_a_block_is_far_below_exact():
     compressed = sum(s.nbytes for s in states)
     # two INT2 inputs (Linear 1 and BatchNorm's normalised input: 64k + 128k elements at 2 bits
     # + metadata), BatchNorm's sample of exact normalised values for the unbiased input gradient
-    # (float32 values at 2 / 1000 of 128k: two per channel at int2), the ReLU mask (128k bits), Linear 2's input (128k at 2 bits);
+    # (float32 values at 2 / 1000 of 128k: two per channel at int2), the ReLU mask (128k bits),
+    # Linear 2's input (128k at 2 bits);
     # dropout: nothing. Metadata: 2 bf16 values per 1024-element block (63 + 125 + 125 blocks)
     expected = (64_000 + 128_000 + 128_000) // 4 + 128_000 // 8 + (63 + 125 + 125) * 4 + 4 * (128_000 * 2 // 1000)
     assert compressed == expected

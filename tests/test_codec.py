@@ -225,7 +225,8 @@ def test_nbytes_formula(bits, g, meta):
         payload = math.ceil(n * bits / 8)  # no padding at all
     else:  # each block starts on a byte: stated padding
         payload = (nb - 1) * math.ceil(G * bits / 8) + math.ceil((n - (nb - 1) * G) * bits / 8)
-    meta_bytes = 2 * nb * meta.itemsize if hasattr(meta, "itemsize") else 2 * nb * torch.tensor([], dtype=meta).element_size()
+    itemsize = meta.itemsize if hasattr(meta, "itemsize") else torch.tensor([], dtype=meta).element_size()
+    meta_bytes = 2 * nb * itemsize
     assert p.nbytes == payload + meta_bytes
     # the buffers are exactly that large: no hidden oversized storage behind a view
     assert p.payload.untyped_storage().nbytes() == payload

@@ -11,13 +11,15 @@ from torch_geometric.nn import GATConv, GATv2Conv, GCN2Conv, GCNConv, GINConv, G
 from torch_geometric.nn.aggr import MeanAggregation
 from torch_geometric.testing import assert_module
 from torch_geometric.typing import WITH_TORCH_SPARSE
-from torch_geometric.utils import coalesce, remove_self_loops, to_torch_coo_tensor, to_torch_csc_tensor, to_torch_csr_tensor
+from torch_geometric.utils import (coalesce, remove_self_loops, to_torch_coo_tensor, to_torch_csc_tensor,
+                                   to_torch_csr_tensor)
 
 import blockquant
 from blockquant import QuantConfig
 from blockquant import functional as BF
 from blockquant.nn import WRAPPERS
 from blockquant.nn.conv import QGCNConv, QSAGEConv
+from tolerances import rel_err
 
 N, E, F_IN, F_OUT = 60, 320, 16, 12
 
@@ -85,10 +87,6 @@ def _sparse(edge_index, layout, n=N):
     if layout == "EdgeIndex":
         return EdgeIndex(edge_index, sparse_size=(n, n))
     raise AssertionError(layout)
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
 def _same(a, b):
@@ -169,7 +167,7 @@ def test_int8_gradients_close_to_full_precision(name):
     _, got = _grads(wrapped, call, x, ei)
     bound = 0.03
     for r, g in zip(ref, got):
-        assert _rel(g, r) < bound, f"{name}: int8 gradient relative error {_rel(g, r):.4f} >= {bound}"
+        assert rel_err(g, r) < bound, f"{name}: int8 gradient relative error {rel_err(g, r):.4f} >= {bound}"
 
 
 @pytest.mark.parametrize("name, config", [
@@ -192,13 +190,13 @@ def test_int2_gradients_unbiased_over_seeds(name, config):
         _, got = _grads(wrapped, call, x, ei)
         for t, g in zip(total, got):
             t += g
-        single_err.append(max(_rel(g, r) for g, r in zip(got, ref) if r.norm() > 0))
+        single_err.append(max(rel_err(g, r) for g, r in zip(got, ref) if r.norm() > 0))
     typical = sorted(single_err)[runs // 2]
     assert typical > 1e-3, "int2 gradients should be noisy; is compression running at all?"
     for t, r in zip(total, ref):
         if r.norm() == 0:
             continue
-        mean_err = _rel(t / runs, r)
+        mean_err = rel_err(t / runs, r)
         # an unbiased estimator's error shrinks like 1/sqrt(runs) = 1/8; a bias would not shrink
         assert mean_err < 0.3 * typical, f"{name}: mean of {runs} int2 gradients is off by {mean_err:.4f} " \
                                          f"(single run {typical:.4f})"
@@ -243,7 +241,7 @@ def test_every_adjacency_form_gives_the_same_output_and_gradients(name):
         torch.testing.assert_close(out, out_ei, rtol=1e-5, atol=1e-5)
         bound = 1e-4
         for a, b in zip(g, g_ei):
-            assert _rel(a, b) < bound, f"{name}/{form}: gradient differs from edge_index's by {_rel(a, b):.2e}"
+            assert rel_err(a, b) < bound, f"{name}/{form}: gradient differs from edge_index's by {rel_err(a, b):.2e}"
 
 
 def test_edge_weights_and_bipartite_inputs():
@@ -261,7 +259,7 @@ def test_edge_weights_and_bipartite_inputs():
     wrapped = WRAPPERS[GraphConv].from_module(conv, INT8)
     ref = torch.autograd.grad(conv(x * 1.0, ei, wl).sum(), wl)[0]
     got = torch.autograd.grad(wrapped(x * 1.0, ei, wl).sum(), wl)[0]
-    assert _rel(got, ref) < 0.01
+    assert rel_err(got, ref) < 0.01
     # bipartite: 60 sources -> 25 targets
     x_dst = torch.randn(25, F_IN)
     bi = ei[:, ei[1] < 25]

@@ -8,7 +8,7 @@ from torch import nn
 
 import blockquant
 from blockquant import QuantConfig
-from blockquant.convert import ConversionWarning, conversion_info
+from blockquant.conversion import ConversionWarning, conversion_info
 from blockquant.nn import WRAPPERS, CompressedModule
 
 # ---------------------------------------------------------------------------

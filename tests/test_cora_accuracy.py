@@ -4,7 +4,6 @@ gradient error falls with the bit width.
 Uses the raw Planetoid files in the shared data folder beside the repository
 (downloads do not work in CI); the files are copied to a temporary directory before loading.
 """
-import os
 import shutil
 import warnings
 
@@ -13,7 +12,7 @@ import torch
 
 import blockquant
 from blockquant import QuantConfig
-from blockquant.convert import ConversionWarning
+from blockquant.conversion import ConversionWarning
 
 from shared_data import require_cora
 SEEDS = (0, 1, 2, 3, 4)
@@ -75,7 +74,6 @@ def train_eval(data, name: str, seed: int, config) -> float:
     return 100.0 * test_at_best
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gcn", "sage", "gat"])
 def test_default_config_matches_full_precision(cora, name):
     full = [train_eval(cora, name, s, None) for s in SEEDS]

@@ -1,35 +1,17 @@
 """blockquant.track_saved: bytes held by the autograd graph for backward, cross-checked
 against the allocator (torch.profiler on CPU, torch.cuda.memory_allocated on CUDA)."""
-import gc
 
 import pytest
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 import blockquant
 from blockquant import QuantConfig, track_saved
+from blockquant.bench.runner import profiler_net_bytes
+from blockquant.memory import storage_bytes
 
 
-@pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("BLOCKQUANT_BACKEND", "torch")
-
-
-def profiler_net_bytes(fn):
-    """Net CPU bytes allocated and still alive after ``fn()`` (its result is returned too).
-
-    Sums every event's *self* memory (allocations inside an op are attributed to
-    it, frees outside ops appear as "[memory]" events), so nothing is counted twice.
-    """
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    return out, sum(e.self_cpu_memory_usage for e in prof.events())
-
-
-def storage_bytes(*tensors):
-    return sum(t.untyped_storage().nbytes() for t in tensors)
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 def mlp():
@@ -158,6 +140,7 @@ def test_nodes_created_before_the_block_are_not_counted():
     with track_saved(exclude=x) as mem:
         out = torch.cos(early)
     assert mem.total_bytes == storage_bytes(early)
+    del out  # the graph, and what it saved, stayed alive until here
 
 
 def test_per_module_goes_to_innermost_module():

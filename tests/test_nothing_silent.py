@@ -16,7 +16,7 @@ from torch_geometric.utils import coalesce, remove_self_loops
 
 import blockquant
 from blockquant import QuantConfig
-from blockquant.convert import ConversionWarning
+from blockquant.conversion import ConversionWarning
 from blockquant.nn import CompressedModule
 
 pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")

@@ -1,7 +1,6 @@
 """blockquant.tune: exact byte formula, plans as JSON, budget handling, and the tuned plan
 against uniform configs at equal bytes, on a small synthetic graph."""
 import json
-import os
 
 import pytest
 import torch

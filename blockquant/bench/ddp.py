@@ -131,7 +131,7 @@ def train_config(spec: str, shard: GraphDataset, args, device, rank: int, world_
     # the figure a single process would see for this shard: same model, no DDP
     alone = build(shard, args, spec, device)
     alone.train()
-    single = held_bytes(alone, lambda: alone(x, ei), shard)["bytes"]
+    single = held_bytes(alone, lambda alone=alone: alone(x, ei), shard)["bytes"]
     del alone
 
     model = build(shard, args, spec, device)

@@ -55,7 +55,8 @@ def loader_unavailable_reason(kind: str) -> Optional[str]:
     if kind not in LOADERS:
         raise BenchError(f"unknown loader {kind!r}; expected one of {', '.join(LOADERS)}")
     if kind == "neighbor" and not (pyg_typing.WITH_PYG_LIB or pyg_typing.WITH_TORCH_SPARSE):
-        return f"--loader neighbor (PyG NeighborLoader) needs pyg-lib or torch-sparse, neither is installed; {INSTALL_HINT}"
+        return ("--loader neighbor (PyG NeighborLoader) needs pyg-lib or torch-sparse, neither is installed; "
+                f"{INSTALL_HINT}")
     if kind == "cluster" and not pyg_typing.WITH_METIS:
         return (f"--loader cluster (PyG ClusterLoader) needs METIS from pyg-lib or torch-sparse, which is not "
                 f"installed; {INSTALL_HINT}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from torch import nn
 
 import blockquant
 
+from ..memory import storage_bytes, storage_key
 from .datasets import GraphDataset
 from .errors import BenchError
 from .models import GNN, build_model
@@ -143,15 +145,6 @@ class BenchOptions:
 # --------------------------------------------------------------------------- measurement helpers
 
 
-def _storage_key(t: torch.Tensor) -> Tuple[str, int]:
-    s = t.untyped_storage()
-    return (str(t.device), s.data_ptr())
-
-
-def _storage_bytes(t: torch.Tensor) -> int:
-    return int(t.untyped_storage().nbytes())
-
-
 @contextlib.contextmanager
 def _fd2_silenced():
     """The profiler's C++ side prints start/stop lines on fd 2; keep the terminal clean."""
@@ -184,6 +177,20 @@ def cpu_allocation_trace(fn) -> Tuple[Any, AllocationTrace]:
     """Run ``fn()`` under the profiler; return (result, :class:`AllocationTrace`)."""
     result, net, peak, largest = _cpu_allocation_trace(fn)
     return result, AllocationTrace(net, peak, largest)
+
+
+def profiler_net_bytes(fn) -> Tuple[Any, int]:
+    """Run ``fn()`` under the profiler; return (result, net CPU bytes allocated and still alive after it).
+
+    Sums every event's *self* memory (allocations inside an op are attributed to it, frees outside ops
+    appear as "[memory]" events), so nothing is counted twice. The result's own storage is included.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    return result, int(sum(e.self_cpu_memory_usage for e in prof.events()))
 
 
 def _cpu_allocation_trace(fn) -> Tuple[Any, int, int, int]:
@@ -301,14 +308,14 @@ class Trainer:
                 out = model(x, ei)
             total, per_module = int(mem.total_bytes), {k: int(v) for k, v in dict(mem.per_module).items()}
             if model.checkpoint_layers:
-                skip = {_storage_key(t) for t in exclude}
-                skip |= {_storage_key(p) for p in model.parameters()}
-                skip.add(_storage_key(out))
+                skip = {storage_key(t) for t in exclude}
+                skip |= {storage_key(p) for p in model.parameters()}
+                skip.add(storage_key(out))
                 seen = {}
                 for t in model.checkpoint_inputs:
-                    k = _storage_key(t)
+                    k = storage_key(t)
                     if k not in skip:
-                        seen[k] = _storage_bytes(t)
+                        seen[k] = storage_bytes(t)
                 extra = sum(seen.values())
                 total += extra
                 per_module["checkpointed block inputs"] = extra
@@ -328,7 +335,7 @@ class Trainer:
         else:
             out, delta, _, _ = _cpu_allocation_trace(lambda: model(x, ei))
             method = "torch.profiler CPU allocation delta"
-        delta -= _storage_bytes(out)
+        delta -= storage_bytes(out)
         del out
         res.update(alloc_delta_bytes=int(delta), alloc_delta_method=method)
         if "track_saved_bytes" in res:

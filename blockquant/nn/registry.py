@@ -9,7 +9,7 @@ an optimizer built before conversion keeps working.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Type
+from typing import Dict, Optional
 
 import torch
 
@@ -30,11 +30,6 @@ def register_wrapper(original: type):
         return wrapper
 
     return deco
-
-
-def wrapper_for(module: torch.nn.Module) -> Optional[Type["CompressedModule"]]:
-    """The wrapper class for exactly ``type(module)`` (subclasses of supported types are not guessed)."""
-    return WRAPPERS.get(type(module))
 
 
 def lazy_reason(module: torch.nn.Module) -> Optional[str]:

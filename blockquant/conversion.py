@@ -24,6 +24,7 @@ import torch
 
 from .config import QuantConfig
 from .functional import mark_resident
+from .nested import flatten_tensors
 from .nn.registry import WRAPPERS, CompressedModule, lazy_reason
 
 __all__ = ["convert", "to_original", "summary", "ConversionWarning", "ConversionInfo"]
@@ -60,11 +61,7 @@ def _load_nn_wrappers() -> None:
     import importlib
 
     for mod in ("blockquant.nn.basic", "blockquant.nn.conv"):
-        try:
-            importlib.import_module(mod)
-        except ImportError as e:  # only tolerate the module itself being absent
-            if getattr(e, "name", None) != mod:
-                raise
+        importlib.import_module(mod)
 
 
 def _resolve_single(config: Any, where: str) -> Optional[QuantConfig]:
@@ -136,13 +133,10 @@ def _looks_like_compute(module: torch.nn.Module) -> bool:
         return False
     if any(p is not None for p in module._parameters.values()):
         return True
-    try:
-        from torch_geometric.nn.conv import MessagePassing
+    from torch_geometric.nn.conv import MessagePassing
 
-        if isinstance(module, MessagePassing):
-            return True
-    except ImportError:  # torch_geometric is optional for plain torch models
-        pass
+    if isinstance(module, MessagePassing):
+        return True
     if len(module._modules) == 0:
         mod = type(module).__module__ or ""
         return mod.startswith("torch.nn.modules.") and mod.rsplit(".", 1)[-1] in _COMPUTE_MODULE_FILES
@@ -293,7 +287,8 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
     if unknown or refused:
         lines = []
         if unknown:
-            lines.append("no compressed wrapper for: " + "; ".join(f"{n or '<root>'} ({t}: {r})" for n, t, r in unknown))
+            lines.append("no compressed wrapper for: "
+                         + "; ".join(f"{n or '<root>'} ({t}: {r})" for n, t, r in unknown))
         if refused:
             lines.append("wrapper refused: " + "; ".join(f"{n or '<root>'} ({t}: {r})" for n, t, r in refused))
         warnings.warn("blockquant.convert left these modules at full precision (their saved tensors are not "
@@ -333,25 +328,10 @@ def to_original(model: torch.nn.Module) -> torch.nn.Module:
     return root
 
 
-def _mark_tensors(obj, depth: int = 0) -> None:
-    if depth > 4:
-        return
-    if isinstance(obj, torch.Tensor):
-        mark_resident(obj)
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            _mark_tensors(item, depth + 1)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            _mark_tensors(item, depth + 1)
-    elif hasattr(obj, "stores") and hasattr(obj, "to_dict"):  # PyG Data / HeteroData
-        for item in obj.to_dict().values():
-            _mark_tensors(item, depth + 1)
-
-
 def _resident_inputs_hook(module, args, kwargs):
-    _mark_tensors(args)
-    _mark_tensors(kwargs)
+    tensors: list = []
+    flatten_tensors((args, kwargs), tensors)
+    mark_resident(*tensors)
 
 
 def _mark_inputs_resident_on_call(root: torch.nn.Module) -> None:
