@@ -845,22 +845,80 @@ def _square_estimator(xn: torch.Tensor, config: QuantConfig, count: int):
       (:class:`SquareSample`, ``4 p`` B per element): cheaper when ``count`` is large, e.g. a
       BatchNorm over many nodes (int2 over 169k nodes: 0.0002 B per element).
     """
+    form, param = _square_estimator_form(config, count)
+    if form == "sample":
+        return SquareSample(xn, param)
+    return SideRounding(_compress(xn, param))
+
+
+def _square_estimator_form(config: QuantConfig, count: int):
+    """Which estimator :func:`_square_estimator` keeps: ``("sample", fraction)`` or
+    ``("side", side_config)`` (the one rule, also read by :func:`square_estimator_nbytes`)."""
     side_bits = {1: 1, 2: 1, 4: 2, 8: 4}[config.bits]
     fraction = 2.0 * 4.0 ** (config.bits - 2) / max(count, 1)
     if 4.0 * fraction < side_bits / 8.0:
-        return SquareSample(xn, fraction)
-    return _compress(xn, config.replace(bits=side_bits, levels="uniform", rp_ratio=1))
+        return "sample", fraction
+    return "side", config.replace(bits=side_bits, levels="uniform", rp_ratio=1)
+
+
+class SideRounding:
+    """The second, independent rounding of ``xn`` that :func:`_square_estimator` keeps for
+    small channels / rows (a holder, so that byte accounting can tell it from the main rounding)."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, packed):
+        self.packed = packed
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+    def storages(self):
+        return self.packed.storages()
+
+    def dequantize(self) -> torch.Tensor:
+        return self.packed.dequantize()
+
+
+def _normalized_row_blocks(shape, config: QuantConfig) -> List[Tuple[int, int]]:
+    """Row ranges in which :func:`_keep_normalized` normalises and compresses an input of ``shape``."""
+    n = shape[0] if len(shape) else 1
+    rows = _rows_per_chunk(shape[1], config) if len(shape) == 2 and math.prod(shape) > CHUNK_ELEMENTS else n
+    if rows >= n:
+        return [(0, n)]
+    return [(a, min(a + rows, n)) for a in range(0, n, rows)]
+
+
+def square_estimator_nbytes(shape, config: QuantConfig, count: int, packed_nbytes) -> int:
+    """Exact bytes of what a normalisation over ``count`` elements keeps, beside ``xn``, for
+    the diagonal term of its input gradient (0 under nearest rounding); ``packed_nbytes(shape,
+    config)`` is the codec's byte formula. Mirrors :func:`_keep_normalized`."""
+    cfg = _no_proj(config)
+    if cfg.rounding != "stochastic":
+        return 0
+    form, param = _square_estimator_form(cfg, count)
+    total = 0
+    for a, b in _normalized_row_blocks(tuple(shape), cfg):
+        piece = (b - a, *shape[1:]) if len(shape) else ()
+        if form == "sample":
+            total += 4 * max(1, math.ceil(math.prod(piece) * param))
+        else:
+            total += packed_nbytes(piece, param)
+    return total
 
 
 class _EstimatorChunks:
-    """Per row block estimators of ``xn ** 2`` (see :func:`_square_estimator`), one for each
-    block of a normalisation input compressed in row blocks; each block's is unbiased on its rows."""
+    """Estimators of ``xn ** 2`` (see :func:`_square_estimator`), one per row block in which a
+    normalisation input was compressed (one block for small inputs); each is unbiased on its rows."""
 
-    __slots__ = ("parts", "bounds")
+    __slots__ = ("parts", "bounds", "shape", "count")
 
-    def __init__(self, parts, bounds):
+    def __init__(self, parts, bounds, shape, count):
         self.parts = parts
         self.bounds = bounds
+        self.shape = shape  # of the whole normalisation input
+        self.count = count  # elements per channel / row (the normalisation's reduction)
 
     @property
     def nbytes(self) -> int:
@@ -882,15 +940,14 @@ def _keep_normalized(ctx, x: torch.Tensor, normalize, config: QuantConfig, diago
         return [x], ()
     cfg = _no_proj(config)
     estimate = diagonal_count is not None and cfg.rounding == "stochastic"
-    n = x.shape[0]
-    rows = _rows_per_chunk(x.shape[1], cfg) if x.dim() == 2 and x.numel() > CHUNK_ELEMENTS else n
-    if rows >= n:
+    bounds = _normalized_row_blocks(tuple(x.shape), cfg)
+    if len(bounds) == 1:
         xn = normalize(slice(None))
         state = (_compress(xn, cfg),)
         if estimate:
-            state = state + (_square_estimator(xn, cfg, diagonal_count),)
+            state = state + (_EstimatorChunks([_square_estimator(xn, cfg, diagonal_count)], bounds,
+                                              tuple(x.shape), diagonal_count),)
         return [], state
-    bounds = [(a, min(a + rows, n)) for a in range(0, n, rows)]
     main, side = [], []
     for a, b in bounds:
         xn = normalize(slice(a, b))
@@ -899,7 +956,7 @@ def _keep_normalized(ctx, x: torch.Tensor, normalize, config: QuantConfig, diago
             side.append(_square_estimator(xn, cfg, diagonal_count))
     state = (_RowChunks(main, bounds, x.shape, xn.dtype, x.device),)
     if estimate:
-        state = state + (_EstimatorChunks(side, bounds),)
+        state = state + (_EstimatorChunks(side, bounds, tuple(x.shape), diagonal_count),)
     return [], state
 
 

@@ -51,6 +51,7 @@ import torch
 
 from .config import MAX_BLOCK_SIZE, ROW, QuantConfig
 from .plan import Plan
+from .functional import square_estimator_nbytes
 
 __all__ = ["tune", "TuneResult", "TuneError", "LayerChoice", "packed_nbytes", "candidate_configs",
            "gradient_error"]
@@ -189,11 +190,14 @@ class _CapturedTensor:
 
 
 def _find_packed(obj: Any, out: Dict[int, Any], depth: int = 0) -> None:
+    from .functional import _EstimatorChunks
     from .packed import PackedTensor
 
     if depth > 5 or obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
         return
-    if isinstance(obj, PackedTensor):
+    if isinstance(obj, _EstimatorChunks):  # a normalisation's xn**2 estimator: bytes from its own rule
+        out.setdefault(id(obj), obj)
+    elif isinstance(obj, PackedTensor):
         out.setdefault(id(obj), obj)
     elif callable(getattr(obj, "storages", None)):  # a holder of packed storage (saved-tensor hooks, float64)
         attrs = getattr(obj, "__dict__", None)
@@ -361,9 +365,12 @@ class _Prober:
         self.model.train()
         torch.manual_seed(self.seed)
         out = self.forward()
-        packed = _packed_in_graph([out])
+        from .functional import _EstimatorChunks
+
+        found = _packed_in_graph([out])
         del out
-        return packed
+        self.estimators = [(e.shape, e.count) for e in found if isinstance(e, _EstimatorChunks)]
+        return [p for p in found if not isinstance(p, _EstimatorChunks)]
 
 
 def gradient_error(model: torch.nn.Module, data, config, *, probe_steps: Sequence[int] = (0, 10), seed: int = 0,
@@ -397,6 +404,9 @@ class LayerChoice:
     chosen: Optional[Candidate] = None
     captured: List[_CapturedTensor] = dataclasses.field(default_factory=list, repr=False)
     """The captured tensors (with activation samples) while tuning; emptied when done."""
+    estimators: List[Tuple[Tuple[int, ...], int]] = dataclasses.field(default_factory=list, repr=False)
+    """``(input shape, count)`` of each normalisation whose input gradient keeps an estimate of
+    ``xn ** 2`` beside ``xn`` (its bytes: :func:`blockquant.functional.square_estimator_nbytes`)."""
 
     def to_dict(self) -> Dict[str, Any]:
         def cand(c: Candidate) -> Dict[str, Any]:
@@ -728,6 +738,7 @@ def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfi
         t0 = time.perf_counter()
         for name, tname in swapped:
             exact = prober.capture(alone(name, stats_cfg))
+            estimators = prober.estimators
             if not exact:
                 continue
             projected = prober.capture(alone(name, proj_cfg))
@@ -746,14 +757,16 @@ def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfi
                     raise TuneError(f"tune: the byte formula gives {t.nbytes(p.config)} B for a {p!r} holding "
                                     f"{p.nbytes} B; the codec's layout changed (update blockquant.tune.packed_nbytes)")
             layers.append(LayerChoice(name, tname, [(t.shape, t.dtype, t.projectable) for t in tensors], [],
-                                      len(grid), captured=tensors))
+                                      len(grid), captured=tensors, estimators=estimators))
         if not layers:
             raise TuneError("tune: no compressible layer found (convert swaps no module that compresses a "
                             "config-dependent tensor in this model)")
 
         # byte model: plain bytes of the converted model (independent of the configs) + layers' bytes
         def layer_bytes(layer: LayerChoice, cfg: QuantConfig) -> int:
-            return sum(t.nbytes(cfg) for t in layer.captured)
+            return (sum(t.nbytes(cfg) for t in layer.captured)
+                    + sum(square_estimator_nbytes(shape, cfg, count, packed_nbytes)
+                          for shape, count in layer.estimators))
 
         ref_plan = Plan({l.name: default_cfg for l in layers}, default=default_cfg)
         plain_bytes = prober.saved_bytes(ref_plan) - sum(layer_bytes(l, default_cfg) for l in layers)
