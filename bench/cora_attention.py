@@ -19,40 +19,13 @@ os.environ.setdefault("BLOCKQUANT_BACKEND", "torch")
 
 import torch  # noqa: E402
 
-import blockquant  # noqa: E402
 from blockquant import QuantConfig  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from shared_data import require_cora  # noqa: E402
+from test_cora_accuracy import train_eval  # noqa: E402  (the CI test's settings and loop, one home)
 
 CONFIGS = ("fp32", "iexact", "int2", "default")
-
-
-def train_eval(data, v2: bool, seed: int, config) -> float:
-    from torch_geometric.nn.models import GAT
-
-    torch.manual_seed(seed)
-    model = GAT(data.num_features, 64, 2, int(data.y.max()) + 1, heads=8, dropout=0.6, act="elu", v2=v2)
-    if config is not None:
-        model = blockquant.convert(model, config)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=5e-4)
-    best_val, test_at_best = -1.0, 0.0
-    for epoch in range(60):
-        model.train()
-        opt.zero_grad()
-        out = model(data.x, data.edge_index)
-        torch.nn.functional.cross_entropy(out[data.train_mask], data.y[data.train_mask]).backward()
-        opt.step()
-        if epoch < 30 or (epoch + 1) % 5:
-            continue
-        model.eval()
-        with torch.no_grad():
-            pred = model(data.x, data.edge_index).argmax(-1)
-        val = (pred[data.val_mask] == data.y[data.val_mask]).float().mean().item()
-        if val > best_val:
-            best_val = val
-            test_at_best = (pred[data.test_mask] == data.y[data.test_mask]).float().mean().item()
-    return 100.0 * test_at_best
 
 
 def main() -> None:
@@ -71,7 +44,7 @@ def main() -> None:
         cells = []
         for name in CONFIGS:
             config = None if name == "fp32" else QuantConfig.preset(name)
-            accs = torch.tensor([train_eval(data, v2, s, config) for s in range(args.seeds)])
+            accs = torch.tensor([train_eval(data, "gatv2" if v2 else "gat", s, config) for s in range(args.seeds)])
             cells.append(f"{accs.mean():.1f} ± {accs.std():.1f}")
             print("GATv2" if v2 else "GAT", name, [round(a, 1) for a in accs.tolist()], flush=True)
         lines.append(f"| {'GATv2' if v2 else 'GAT'} | " + " | ".join(cells) + " |")

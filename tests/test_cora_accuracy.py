@@ -41,8 +41,9 @@ def make_model(name: str, num_features: int, num_classes: int):
         return GCN(num_features, 16, 2, num_classes, dropout=0.5), 0.01, 5e-4, 100
     if name == "sage":
         return GraphSAGE(num_features, 64, 2, num_classes, dropout=0.5), 0.01, 5e-4, 50
-    if name == "gat":
-        return GAT(num_features, 64, 2, num_classes, heads=8, dropout=0.6, act="elu"), 0.01, 5e-4, 60
+    if name in ("gat", "gatv2"):
+        return (GAT(num_features, 64, 2, num_classes, heads=8, dropout=0.6, act="elu", v2=name == "gatv2"),
+                0.01, 5e-4, 60)
     raise ValueError(name)
 
 
