@@ -36,7 +36,8 @@ import torch
 
 from .datasets import GraphDataset
 from .errors import BenchError
-from .runner import BenchConfig, BenchOptions, Trainer, _is_oom, _mean_std, _rel_error, _sync, resolve_device
+from .runner import (BenchConfig, BenchOptions, Trainer, TrainingLog, _is_oom, _mean_std, _rel_error, _sync,
+                     resolve_device)
 
 LOADERS = ("random", "neighbor", "cluster")
 DEFAULT_LOADER = "random"
@@ -156,8 +157,8 @@ class MiniBatchTrainer:
         torch.manual_seed(seed)
         opt = torch.optim.Adam(model.parameters(), lr=self.opts.lr)
         loader = make_loader(self.data, self.mb, self.opts.layers, seed=seed)
-        epoch_times, step_times, losses, val_curve, test_curve = [], [], [], [], []
-        best_val, test_at_best, best_epoch = -math.inf, float("nan"), -1
+        epoch_times, step_times = [], []
+        log = TrainingLog(self.data, bar)
         for epoch in range(epochs):
             model.train()
             total, count, t_epoch = 0.0, 0, 0.0
@@ -179,27 +180,8 @@ class MiniBatchTrainer:
                 total += float(loss.item()) * idx.numel()
                 count += idx.numel()
             epoch_times.append(t_epoch)
-            losses.append(total / max(count, 1))
-            model.eval()
-            with torch.no_grad():
-                out = model(self.data.x, self.data.edge_index)
-            val = self.data.score(out, self.data.split["valid"])
-            test = self.data.score(out, self.data.split["test"])
-            del out
-            val_curve.append(val)
-            test_curve.append(test)
-            if val > best_val:
-                best_val, test_at_best, best_epoch = val, test, epoch
-            if bar is not None:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{val:.3f}", refresh=False)
-                bar.update(1)
-        if not all(math.isfinite(v) for v in losses):
-            raise BenchError(f"training diverged (non-finite loss) with seed {seed}; try a smaller --lr")
-        return {
-            "seed": seed, "epoch_times_s": epoch_times, "step_times_s": step_times, "loss": losses,
-            "val": val_curve, "test": test_curve, "best_val": best_val, "test_at_best_val": test_at_best,
-            "best_epoch": best_epoch,
-        }
+            log.epoch_end(model, epoch, total / max(count, 1), self.data.edge_index)
+        return log.result(seed, epoch_times_s=epoch_times, step_times_s=step_times)
 
 
 def run_minibatch_benchmark(data: GraphDataset, opts: BenchOptions, mb: MiniBatchOptions,

@@ -371,8 +371,8 @@ class Trainer:
         torch.manual_seed(seed)
         opt = torch.optim.Adam(model.parameters(), lr=self.opts.lr)
         x, ei = self.data.x, model.bench_graph
-        times, losses, val_curve, test_curve = [], [], [], []
-        best_val, test_at_best, best_epoch = -math.inf, float("nan"), -1
+        times = []
+        log = TrainingLog(self.data, bar)
         for epoch in range(epochs):
             model.train()
             _sync(self.device)
@@ -383,25 +383,42 @@ class Trainer:
             opt.step()
             _sync(self.device)
             times.append(time.perf_counter() - t0)
-            losses.append(float(loss.item()))
-            model.eval()
-            with torch.no_grad():
-                out = model(x, ei)
-            val = self.data.score(out, self.data.split["valid"])
-            test = self.data.score(out, self.data.split["test"])
-            val_curve.append(val)
-            test_curve.append(test)
-            if val > best_val:
-                best_val, test_at_best, best_epoch = val, test, epoch
-            if bar is not None:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{val:.3f}", refresh=False)
-                bar.update(1)
-        if not all(math.isfinite(v) for v in losses):
+            log.epoch_end(model, epoch, float(loss.item()), ei)
+        return log.result(seed, epoch_times_s=times)
+
+
+class TrainingLog:
+    """Per-epoch loss and validation/test curves of one training run, and the test score at
+    the epoch of best validation score (the full graph is evaluated after every epoch)."""
+
+    def __init__(self, data, bar=None):
+        self.data, self.bar = data, bar
+        self.losses: List[float] = []
+        self.val: List[float] = []
+        self.test: List[float] = []
+        self.best_val, self.test_at_best, self.best_epoch = -math.inf, float("nan"), -1
+
+    def epoch_end(self, model, epoch: int, loss: float, graph) -> None:
+        self.losses.append(loss)
+        model.eval()
+        with torch.no_grad():
+            out = model(self.data.x, graph)
+        val = self.data.score(out, self.data.split["valid"])
+        test = self.data.score(out, self.data.split["test"])
+        del out
+        self.val.append(val)
+        self.test.append(test)
+        if val > self.best_val:
+            self.best_val, self.test_at_best, self.best_epoch = val, test, epoch
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", val=f"{val:.3f}", refresh=False)
+            self.bar.update(1)
+
+    def result(self, seed: int, **timings) -> Dict[str, Any]:
+        if not all(math.isfinite(v) for v in self.losses):
             raise BenchError(f"training diverged (non-finite loss) with seed {seed}; try a smaller --lr")
-        return {
-            "seed": seed, "epoch_times_s": times, "loss": losses, "val": val_curve, "test": test_curve,
-            "best_val": best_val, "test_at_best_val": test_at_best, "best_epoch": best_epoch,
-        }
+        return {"seed": seed, **timings, "loss": self.losses, "val": self.val, "test": self.test,
+                "best_val": self.best_val, "test_at_best_val": self.test_at_best, "best_epoch": self.best_epoch}
 
 
 def _rel_error(grads: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> Dict[str, Any]:
