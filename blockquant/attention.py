@@ -43,8 +43,8 @@ from blockquant.kernels.bitmask import BitMask, pack_bits, unpack_bits
 
 from .adjacency import as_adjacency
 from .config import QuantConfig
-from . import functional as _functional
-from .functional import _dropout_noise, _no_proj, is_resident
+from .functional import _dropout_noise
+from .save_policy import keep
 from .packed import draw_seed
 
 __all__ = ["AttentionGraph", "attention_graph", "gat_attention", "gatv2_attention", "CHUNK_ELEMENTS"]
@@ -267,15 +267,8 @@ def _sampled_dot(graph: AttentionGraph, g: Tensor, x: Tensor, a: int, b: int) ->
     return out
 
 
-def _keep(x: Tensor, config: QuantConfig, independent: bool = False):
-    """``x`` for backward: by reference when resident, else compressed (no projection).
-    ``independent`` draws a fresh compression instead of reusing a shared one."""
-    if is_resident(x):
-        return x
-    return _functional._compress(x, config) if independent else _functional.compress_shared(x, config)
-
-
 def _load(kept) -> Tensor:
+    """A tensor kept by :func:`~blockquant.save_policy.keep`, decoded if it was compressed."""
     return kept if isinstance(kept, Tensor) else kept.dequantize()
 
 
@@ -343,7 +336,7 @@ class _GATAttention(torch.autograd.Function):
         ctx.bq_state = ()
         ctx.bq_x = None  # x_src compressed, when not kept by reference
         if need_ss or need_sd or need_se:
-            kept = _keep(x_src, _no_proj(config))
+            kept = keep(x_src, config, projection=False)
             refs = []
             if isinstance(kept, Tensor):
                 refs.append(kept)
@@ -550,11 +543,11 @@ class _GATv2Attention(torch.autograd.Function):
             # [0]: x_l for <g[dst], x_l[src]> (the score gradient); [1], [2]: x_l and x_r for z in
             # att's gradient, compressed independently of [0]: that gradient multiplies the score
             # gradient (linear in [0]) by z, and a product of two roundings of one tensor is biased
-            kept = [_keep(x_l, _no_proj(config))]
+            kept = [keep(x_l, config, projection=False)]
             if need_att:
-                kept.append(_keep(x_l, _no_proj(config), independent=True))
+                kept.append(keep(x_l, config, projection=False, shared=False))
                 if not ctx.bq_same_lr:
-                    kept.append(_keep(x_r, _no_proj(config), independent=True))
+                    kept.append(keep(x_r, config, projection=False, shared=False))
             ctx.bq_kept = tuple(None if isinstance(k, Tensor) else k for k in kept)
             ctx.bq_state = (BitMask(mask, (num_e, heads, channels)),) + tuple(k for k in ctx.bq_kept if k is not None)
             refs = [k for k in kept if isinstance(k, Tensor)]

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 from .config import QuantConfig
-from .functional import mark_resident
+from .save_policy import mark_resident
 from .nested import flatten_tensors
 from .nn.registry import WRAPPERS, CompressedModule, lazy_reason
 
@@ -168,8 +168,9 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
     ..."); the children of everything else are visited. Lazily initialised
     modules (``in_channels=-1``, ``torch.nn.Lazy*``) are refused until one
     forward pass has created their parameters. Tensors passed to the returned
-    model's ``forward`` are marked resident (:func:`blockquant.functional.mark_resident`):
-    they are saved by reference, not compressed.
+    model's ``forward`` are marked resident (:func:`blockquant.save_policy.mark_resident`):
+    every compressed op saves them by reference, not compressed (the rule:
+    :mod:`blockquant.save_policy`).
 
     Args:
         model: the module to convert. If ``model`` itself is supported, the

@@ -11,17 +11,11 @@ that are tensors or have ``.storages()`` (:class:`~blockquant.PackedTensor`,
 :class:`~blockquant.kernels.bitmask.BitMask`); plain tensors that are resident
 anyway (parameters, the input features) go through ``ctx.save_for_backward``.
 
-Resident inputs (:func:`is_resident`): a parameter, a leaf that requires grad,
-a tensor marked with :func:`mark_resident` (``blockquant.convert`` marks the
-converted model's inputs, e.g. ``data.x``), or a view of one of those, is held
-by its owner for the whole step, so it is saved by reference; compressing it
-would *add* memory. Having no ``grad_fn`` is not enough: ``dropout(data.x)``
-has none either, yet it is a fresh tensor that would be kept alive.
-
-Sharing: when one intermediate (a tensor with a ``grad_fn``) feeds several
-compressing ops (SAGE's ``x`` feeds the aggregation and ``lin_r``), it is
-compressed once per (tensor, version, config); a non-resident tensor without
-``grad_fn`` is compressed afresh at every use. See :func:`compress_shared`.
+What each op keeps of its inputs (by reference when resident, compressed once and
+shared, compressed independently, or exact when backward is not linear in it) is
+decided by one rule, :func:`blockquant.save_policy.keep`; its module docstring
+states it. :func:`is_resident`, :func:`mark_resident` and :func:`compress_shared`
+are re-exported here from :mod:`blockquant.save_policy`.
 """
 from __future__ import annotations
 
@@ -30,14 +24,14 @@ import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from blockquant.kernels.bitmask import BitMask
 
 from .adjacency import _CSR, Adjacency, _is_edge_index_type, as_adjacency
 from .config import QuantConfig
-from .packed import SUPPORTED_DTYPES, PackedTensor, draw_seed, quantize
-from .projection import projected_dim
+from .packed import SUPPORTED_DTYPES, draw_seed
+from . import save_policy
+from .save_policy import compress_shared, is_resident, keep_for_ctx, mark_resident, without_projection
 
 __all__ = [
     "linear", "aggregate", "relu", "leaky_relu", "dropout", "batch_norm", "layer_norm", "elu", "gelu",
@@ -47,16 +41,6 @@ __all__ = [
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
-
-#: Largest number of elements of one transient in chunked loops: the ``[chunk, F]`` gathers of
-#: max aggregation and edge-weight gradients, and the row blocks compressed (and decoded for
-#: weight gradients) at once. 1M elements, 4 MiB in float32, whatever the graph's size.
-CHUNK_ELEMENTS = 1 << 20
-
-# tensor -> {(version, config): PackedTensor}. Weak on the tensor: an entry goes
-# away with its tensor, so nothing here outlives the activation it describes.
-_SHARED: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
-
 
 def _config(config: Union[QuantConfig, str, None], op: str) -> QuantConfig:
     return QuantConfig.resolve(config, f"blockquant.functional.{op}")
@@ -74,210 +58,6 @@ def _untracked(*tensors) -> bool:
     if not torch.is_grad_enabled():
         return True
     return not any(t is not None and t.requires_grad for t in tensors)
-
-
-_RESIDENT: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
-
-
-def mark_resident(*tensors: torch.Tensor) -> None:
-    """Declare tensors that stay alive anyway (the graph's features, say), so compressed
-    ops save them by reference instead of storing a compressed copy.
-
-    :func:`blockquant.convert` marks every tensor passed to the converted model's
-    ``forward`` automatically. Marks vanish with the tensors (weak references).
-    """
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            _RESIDENT[t] = True
-
-
-def _held_anyway(t: torch.Tensor) -> bool:
-    return isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad) or t in _RESIDENT
-
-
-def is_resident(t: torch.Tensor) -> bool:
-    """True when saving ``t`` by reference costs nothing extra: it is a parameter, a
-    leaf that requires grad (held by the caller), a tensor marked with
-    :func:`mark_resident`, or a view of one of those (e.g. ``weight.t()``).
-
-    A tensor without ``grad_fn`` is not enough: ``dropout(data.x)`` or an
-    aggregation of ``data.x`` has none either, yet it is a fresh intermediate
-    that only the graph would keep alive. Guessing wrong that way would keep a
-    full-precision copy; guessing wrong the other way only compresses a tensor
-    that was resident, which costs a few percent of its size.
-    """
-    if _held_anyway(t):
-        return True
-    base = t._base
-    return base is not None and _held_anyway(base)
-
-
-class _Float64Packed:
-    """float64 tensors are compressed through float32 (the codec's widest input)."""
-
-    __slots__ = ("inner",)
-
-    def __init__(self, inner: PackedTensor):
-        self.inner = inner
-
-    @property
-    def nbytes(self) -> int:
-        return self.inner.nbytes
-
-    def storages(self):
-        return self.inner.storages()
-
-    def dequantize(self) -> torch.Tensor:
-        return self.inner.dequantize().to(torch.float64)
-
-    def dequantize_stored(self) -> torch.Tensor:
-        return self.inner.dequantize_stored().to(torch.float64)
-
-    @property
-    def proj_dims(self):
-        return self.inner.proj_dims
-
-    def projection(self, dtype=None) -> torch.Tensor:
-        return self.inner.projection(dtype)
-
-
-class _RowChunks:
-    """A 2-D tensor compressed as consecutive row blocks, each an independent packed tensor
-    (own rounding seed, own projection seed), so that neither compressing nor decoding ever
-    needs more than one block's transients. Row blocks hold a whole number of codec blocks,
-    so payload and metadata take exactly the bytes of a single packed tensor.
-
-    :meth:`dequantize` decodes everything (elementwise users need the whole input);
-    :meth:`chunks` lets linear users (weight gradients) decode one block at a time.
-    """
-
-    __slots__ = ("parts", "bounds", "shape", "dtype", "device")
-
-    def __init__(self, parts, bounds, shape, dtype, device):
-        self.parts = parts
-        self.bounds = bounds
-        self.shape = shape
-        self.dtype = dtype
-        self.device = device
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts)
-
-    def storages(self):
-        return tuple(t for p in self.parts for t in p.storages())
-
-    @property
-    def proj_dims(self):
-        return self.parts[0].proj_dims
-
-    def chunks(self):
-        """``(row_start, row_stop, part)`` for every row block."""
-        return ((a, b, p) for (a, b), p in zip(self.bounds, self.parts))
-
-    def dequantize(self) -> torch.Tensor:
-        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        for a, b, p in self.chunks():
-            out[a:b] = p.dequantize().view(b - a, *self.shape[1:])
-        return out
-
-
-def _compress_whole(x: torch.Tensor, config: QuantConfig):
-    if x.dtype in SUPPORTED_DTYPES:
-        return quantize(x.detach(), config)
-    if x.dtype == torch.float64:
-        return _Float64Packed(quantize(x.detach().to(torch.float32), config))
-    raise TypeError(f"cannot compress a tensor of dtype {x.dtype}; expected a floating dtype")
-
-
-def _rows_per_chunk(width: int, config: QuantConfig) -> int:
-    """Rows of a 2-D tensor of ``width`` columns compressed at once: about
-    :data:`CHUNK_ELEMENTS` elements, and a whole number of codec blocks."""
-    stored = width
-    if config.rp_ratio > 1 and width > 1:
-        r = projected_dim(width, config.rp_ratio)
-        stored = r if r < width else width
-    block = config.block_size_for(stored)
-    unit = block // math.gcd(block, stored)  # rows holding a whole number of blocks
-    return max(unit, (CHUNK_ELEMENTS // max(width, 1)) // unit * unit)
-
-
-def _compress(x: torch.Tensor, config: QuantConfig):
-    """Compress ``x``; a large 2-D tensor is compressed in row blocks (:class:`_RowChunks`) so the
-    codec's transients stay at :data:`CHUNK_ELEMENTS` elements whatever the graph's size."""
-    if x.dim() != 2 or x.numel() <= CHUNK_ELEMENTS or x.dtype not in SUPPORTED_DTYPES + (torch.float64,):
-        return _compress_whole(x, config)
-    rows = _rows_per_chunk(x.shape[1], config)
-    if rows >= x.shape[0]:
-        return _compress_whole(x, config)
-    x = x.detach()
-    bounds = [(a, min(a + rows, x.shape[0])) for a in range(0, x.shape[0], rows)]
-    parts = [_compress_whole(x[a:b], config) for a, b in bounds]
-    return _RowChunks(parts, bounds, x.shape, x.dtype, x.device)
-
-
-def _linear_weight_grad(packed, g2: torch.Tensor, in_dim: int) -> torch.Tensor:
-    """``g^T x_hat`` from a compressed ``x``, one row block at a time when it was compressed in
-    blocks (never a whole decoded ``x``); with projection ``(g^T Hp_hat) P^T`` per block."""
-    parts = packed.chunks() if isinstance(packed, _RowChunks) else [(0, g2.shape[0], packed)]
-    grad_w = None
-    for a, b, part in parts:
-        g = g2[a:b]
-        if part.proj_dims is not None:
-            hp = part.dequantize_stored().reshape(-1, part.proj_dims[1]).to(g.dtype)
-            term = g.t().mm(hp).mm(part.projection(g.dtype).t())
-        else:
-            term = g.t().mm(part.dequantize().reshape(-1, in_dim).to(g.dtype))
-        grad_w = term if grad_w is None else grad_w.add_(term)
-    return grad_w
-
-
-def compress_shared(x: torch.Tensor, config: QuantConfig, *, dtype: Optional[torch.dtype] = None):
-    """Compress ``x`` with ``config``, reusing an earlier result for the same tensor
-    object, unchanged (same ``_version``) and the same config. With ``dtype``,
-    ``x`` is cast to it first (autocast: the dtype the op computed in); the
-    result decodes to ``dtype`` and is shared per ``dtype``.
-
-    Only intermediates (tensors with a ``grad_fn``) are shared: they are rebuilt
-    every step, so a shared result never outlives the graph it serves. A
-    long-lived tensor without ``grad_fn`` that is not resident is compressed
-    afresh each time; reusing it would repeat the same rounding noise in every
-    step, and its gradient error would never average out.
-    """
-    source = x if dtype is None or dtype == x.dtype else x.detach().to(dtype)
-    if x.grad_fn is None:
-        return _compress(source, config)
-    key = (x._version, config, source.dtype)
-    per_tensor = _SHARED.get(x)
-    if per_tensor is not None:
-        hit = per_tensor.get(key)
-        if hit is not None:
-            return hit
-    else:
-        per_tensor = {}
-        _SHARED[x] = per_tensor
-    packed = _compress(source, config)
-    # entries for older versions can never hit again
-    for stale in [k for k in per_tensor if k[0] != x._version]:
-        del per_tensor[stale]
-    per_tensor[key] = packed
-    return packed
-
-
-def _keep_input(ctx, x: torch.Tensor, config: QuantConfig,
-                dtype: Optional[torch.dtype] = None) -> Tuple[List[torch.Tensor], Tuple[object, ...]]:
-    """How a Function keeps its input for backward: ``([x], ())`` by reference when
-    resident, else ``([], (packed,))`` compressed with ``config`` (as ``dtype``
-    when given: the dtype the op computed in under autocast; a resident ``x`` is
-    cast in backward instead). Sets ``ctx.bq_ref``.
-
-    The caller puts the first part into ``save_for_backward`` and the second into
-    ``ctx.bq_state``; backward takes ``x`` from the saved tensors when ``ctx.bq_ref``, else decompresses it.
-    """
-    ctx.bq_ref = is_resident(x)
-    if ctx.bq_ref:
-        return [x], ()
-    return [], (compress_shared(x, config, dtype=dtype),)
 
 
 DOUBLE_BACKWARD_MESSAGE = (
@@ -327,12 +107,6 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     return None if dtype == x.dtype else dtype
 
 
-def _no_proj(config: QuantConfig) -> QuantConfig:
-    # Random projection is only cheap-and-unbiased where the input enters backward
-    # linearly through a matmul; elementwise and normalisation ops get the plain codec.
-    return config if config.rp_ratio == 1 else config.replace(rp_ratio=1)
-
-
 # ----------------------------------------------------------------------------
 # linear
 # ----------------------------------------------------------------------------
@@ -341,9 +115,10 @@ class _Linear(torch.autograd.Function):
     """``y = x W^T + b`` (exact forward).
 
     Saves, only if the weight gradient is needed: ``x`` compressed with the
-    config (random projection included; backward forms ``(g^T Hp_hat) P^T``
-    with ``P`` regenerated from the seed), or ``x`` by reference if it is
-    resident. Saves ``W`` by reference only if the input gradient is needed
+    config (random projection included; backward forms ``g^T x_hat`` with
+    :meth:`~blockquant.PackedTensor.left_matmul`, which never decodes a
+    projected ``x`` to full width), or ``x`` by reference if it is resident.
+    Saves ``W`` by reference only if the input gradient is needed
     (``grad_x = g W`` is exact). The bias gradient needs nothing.
     """
 
@@ -358,7 +133,7 @@ class _Linear(torch.autograd.Function):
         state: Tuple[object, ...] = ()
         ctx.bq_ref = False
         if need_w:
-            to_save, state = _keep_input(ctx, x, config, dtype=_autocast_dtype(x))
+            to_save, state = keep_for_ctx(ctx, x, config, dtype=_autocast_dtype(x))
         if need_x:
             to_save.append(weight)
         ctx.save_for_backward(*to_save)
@@ -377,7 +152,7 @@ class _Linear(torch.autograd.Function):
                 x = saved.pop(0)
                 grad_w = g2.t().mm(x.reshape(-1, ctx.bq_in_dim).to(g2.dtype))
             else:
-                grad_w = _linear_weight_grad(ctx.bq_state[0], g2, ctx.bq_in_dim)
+                grad_w = ctx.bq_state[0].left_matmul(g2.t())
         if need_x:
             weight = saved.pop(0)
             grad_x = grad_out.matmul(weight.to(grad_out.dtype)).reshape(ctx.bq_x_shape)
@@ -426,7 +201,7 @@ def _trailing(shape) -> int:
 
 
 def _chunks(total: int, width: int):
-    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    step = max(1, save_policy.CHUNK_ELEMENTS // max(width, 1))
     for start in range(0, total, step):
         yield start, min(start + step, total)
 
@@ -550,7 +325,7 @@ class _Aggregate(torch.autograd.Function):
     equal to ``torch_geometric.utils.scatter`` up to summation order; targets without edges
     get 0). Sum and mean are sparse-dense products ``A x`` over the graph's cached CSR;
     max is an edge-chunked segment reduction. No step allocates an ``[E, F]`` tensor:
-    per-edge work runs in chunks of at most :data:`CHUNK_ELEMENTS` elements.
+    per-edge work runs in chunks of at most :data:`~blockquant.save_policy.CHUNK_ELEMENTS` elements.
 
     Saves:
       * sum / mean with constant weights: nothing of ``x``; backward is the
@@ -582,7 +357,7 @@ class _Aggregate(torch.autograd.Function):
         if need_w:
             # grad_w is a per-edge inner product over few channels (one GAT head):
             # projection would be unbiased but far too noisy there
-            refs, packed = _keep_input(ctx, x, _no_proj(config))
+            refs, packed = keep_for_ctx(ctx, x, config, projection=False)
             to_save = refs + to_save
             state.extend(packed)
         ctx.save_for_backward(*to_save)
@@ -848,7 +623,7 @@ def _square_estimator(xn: torch.Tensor, config: QuantConfig, count: int):
     form, param = _square_estimator_form(config, count)
     if form == "sample":
         return SquareSample(xn, param)
-    return SideRounding(_compress(xn, param))
+    return SideRounding(save_policy.compress(xn, param))
 
 
 def _square_estimator_form(config: QuantConfig, count: int):
@@ -884,7 +659,8 @@ class SideRounding:
 def _normalized_row_blocks(shape, config: QuantConfig) -> List[Tuple[int, int]]:
     """Row ranges in which :func:`_keep_normalized` normalises and compresses an input of ``shape``."""
     n = shape[0] if len(shape) else 1
-    rows = _rows_per_chunk(shape[1], config) if len(shape) == 2 and math.prod(shape) > CHUNK_ELEMENTS else n
+    rows = (save_policy.rows_per_chunk(shape[1], config)
+            if len(shape) == 2 and math.prod(shape) > save_policy.CHUNK_ELEMENTS else n)
     if rows >= n:
         return [(0, n)]
     return [(a, min(a + rows, n)) for a in range(0, n, rows)]
@@ -894,7 +670,7 @@ def square_estimator_nbytes(shape, config: QuantConfig, count: int, packed_nbyte
     """Exact bytes of what a normalisation over ``count`` elements keeps, beside ``xn``, for
     the diagonal term of its input gradient (0 under nearest rounding); ``packed_nbytes(shape,
     config)`` is the codec's byte formula. Mirrors :func:`_keep_normalized`."""
-    cfg = _no_proj(config)
+    cfg = without_projection(config)
     if cfg.rounding != "stochastic":
         return 0
     form, param = _square_estimator_form(cfg, count)
@@ -929,35 +705,37 @@ class _EstimatorChunks:
 
 
 def _keep_normalized(ctx, x: torch.Tensor, normalize, config: QuantConfig, diagonal_count: Optional[int]):
-    """How a normalisation keeps its input: ``x`` by reference when resident (backward recomputes
-    ``xn`` exactly), else ``xn = normalize(rows)`` compressed and, when ``diagonal_count`` is
-    given (the input gradient in training is needed), an independent estimator of ``xn ** 2``
-    for the diagonal term (:func:`_square_estimator`). A large 2-D input is normalised and
-    compressed one row block at a time (``normalize`` takes a slice of rows), so no full-size
-    ``xn`` is ever formed. Returns ``(tensors to save, state)``; sets ``ctx.bq_ref``."""
-    ctx.bq_ref = is_resident(x)
-    if ctx.bq_ref:
-        return [x], ()
-    cfg = _no_proj(config)
+    """How a normalisation keeps its input (:func:`~blockquant.save_policy.keep_for_ctx`): ``x`` by
+    reference when resident (backward recomputes ``xn`` exactly), else :func:`_compressed_normalized`.
+    Returns ``(tensors to save, state)``; sets ``ctx.bq_ref``."""
+    return keep_for_ctx(ctx, x, config, instead=lambda: _compressed_normalized(
+        x, normalize, without_projection(config), diagonal_count))
+
+
+def _compressed_normalized(x: torch.Tensor, normalize, cfg: QuantConfig, diagonal_count: Optional[int]):
+    """``xn = normalize(rows)`` compressed and, when ``diagonal_count`` is given (the input gradient
+    in training is needed), an independent estimator of ``xn ** 2`` for the diagonal term
+    (:func:`_square_estimator`). A large 2-D input is normalised and compressed one row block at a
+    time (``normalize`` takes a slice of rows), so no full-size ``xn`` is ever formed."""
     estimate = diagonal_count is not None and cfg.rounding == "stochastic"
     bounds = _normalized_row_blocks(tuple(x.shape), cfg)
     if len(bounds) == 1:
         xn = normalize(slice(None))
-        state = (_compress(xn, cfg),)
+        state = (save_policy.compress(xn, cfg),)
         if estimate:
             state = state + (_EstimatorChunks([_square_estimator(xn, cfg, diagonal_count)], bounds,
                                               tuple(x.shape), diagonal_count),)
-        return [], state
+        return state
     main, side = [], []
     for a, b in bounds:
         xn = normalize(slice(a, b))
-        main.append(_compress_whole(xn, cfg))
+        main.append(save_policy.compress_whole(xn, cfg))
         if estimate:
             side.append(_square_estimator(xn, cfg, diagonal_count))
-    state = (_RowChunks(main, bounds, x.shape, xn.dtype, x.device),)
+    state = (save_policy.RowChunks(main, bounds, x.shape, xn.dtype, x.device),)
     if estimate:
         state = state + (_EstimatorChunks(side, bounds, tuple(x.shape), diagonal_count),)
-    return [], state
+    return state
 
 
 def _add_diagonal_term_(gw: torch.Tensor, xn: torch.Tensor, estimator, count: int) -> None:
@@ -1257,11 +1035,9 @@ class _Smooth(torch.autograd.Function):
         ctx.bq_state = ()
         ctx.bq_ref = False
         if ctx.needs_input_grad[0]:
-            ctx.bq_ref = is_resident(x)
-            if ctx.bq_ref:
-                ctx.save_for_backward(x)
-            else:
-                ctx.bq_state = (_compress(_smooth_derivative(x.detach(), kind, param), _no_proj(config)),)
+            to_save, ctx.bq_state = keep_for_ctx(ctx, x, config, instead=lambda: save_policy.compress(
+                _smooth_derivative(x.detach(), kind, param), without_projection(config)))
+            ctx.save_for_backward(*to_save)
         return out
 
     @staticmethod

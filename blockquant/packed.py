@@ -16,6 +16,9 @@ from .levels import optimal_levels
 from .projection import projected_dim, rademacher
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""Dtypes the codec backends encode and decode."""
+INPUT_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
+"""Dtypes :func:`quantize` accepts: float64 is encoded through float32 (see :func:`quantize`)."""
 _SEED_MASK = (1 << 62) - 1
 
 
@@ -45,7 +48,9 @@ class PackedTensor:
     Holds the packed codes (``payload``), per-block metadata (``meta``, shape
     ``(2, num_blocks)``: lower bound and step) and, when a random projection
     was applied, only the projection's seed. :meth:`dequantize` returns a
-    tensor of the original shape and dtype.
+    tensor of the original shape and dtype (the back-projected estimate when
+    projected); :meth:`left_matmul` multiplies by it without decoding a
+    projected tensor to full width.
     """
 
     __slots__ = ("payload", "meta", "shape", "dtype", "config", "block", "seed",
@@ -112,17 +117,27 @@ class PackedTensor:
         if n == 0:
             return torch.empty(shape, dtype=self.dtype, device=self.device)
         backend = get_backend(self.device, self.backend)
+        decoded = self.dtype if self.dtype in SUPPORTED_DTYPES else torch.float32  # float64: through float32
         flat = backend.dequantize(self.payload, self.meta, n, self.block, self.bits,
-                                  _levels_for(self.config, self.block), self.dtype)
-        return flat.view(shape)
+                                  _levels_for(self.config, self.block), decoded)
+        return flat.view(shape).to(self.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        """Unbiased reconstruction with the original shape and dtype."""
+        """Unbiased reconstruction with the original shape and dtype (``stored @ P^T`` when projected)."""
         stored = self.dequantize_stored()
         if self.proj_dims is None:
             return stored
-        p = self.projection(torch.float32)
-        return (stored.to(torch.float32) @ p.t()).to(self.dtype)
+        acc = torch.promote_types(self.dtype, torch.float32)
+        return (stored.to(acc) @ self.projection(acc).t()).to(self.dtype)
+
+    def left_matmul(self, a: torch.Tensor) -> torch.Tensor:
+        """``a @ x_hat`` in ``a``'s dtype, ``x_hat`` the decoded tensor viewed as ``[-1, shape[-1]]``
+        (``a``: ``[k, rows]``); when projected, ``(a @ stored) @ P^T``, which never decodes ``x_hat``
+        to full width (a linear layer's weight gradient ``g^T x_hat``)."""
+        if self.proj_dims is None:
+            return a @ self.dequantize().reshape(-1, self.shape[-1]).to(a.dtype)
+        stored = self.dequantize_stored().reshape(-1, self.proj_dims[1]).to(a.dtype)
+        return (a @ stored) @ self.projection(a.dtype).t()
 
     def codes(self) -> torch.Tensor:
         """Unpacked integer codes of the stored tensor, flat (for inspection and tests)."""
@@ -136,8 +151,8 @@ def _check_input(x, config) -> None:
         raise TypeError(f"blockquant.quantize expects a torch.Tensor; got {type(x).__name__}")
     if not isinstance(config, QuantConfig):
         raise TypeError(f"blockquant.quantize expects a QuantConfig; got {type(config).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"blockquant.quantize expects a float32, float16 or bfloat16 tensor; got {x.dtype}")
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(f"blockquant.quantize expects a float32, float16, bfloat16 or float64 tensor; got {x.dtype}")
 
 
 def _raise_non_finite(x: torch.Tensor, meta_dtype: torch.dtype) -> None:
@@ -236,7 +251,9 @@ def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None, seed: Option
     """Compress ``x`` block-wise to ``config.bits`` bits per element.
 
     Args:
-        x: float32/float16/bfloat16 tensor of any shape (non-contiguous is fine).
+        x: float32/float16/bfloat16/float64 tensor of any shape (non-contiguous is fine).
+            float64 is encoded through float32 (the codec's arithmetic) and decodes to float64:
+            the float32 rounding of the input (2^-24 relative) is far below the codec's noise.
         config: a :class:`QuantConfig` (default ``QuantConfig()``).
         seed: integer seed for stochastic rounding and the projection; drawn
             from PyTorch's default generator when ``None``.
@@ -249,7 +266,8 @@ def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None, seed: Option
     """
     config = QuantConfig() if config is None else config
     _check_input(x, config)
-    x = x.detach()
+    dtype = x.dtype
+    x = x.detach() if dtype in SUPPORTED_DTYPES else x.detach().to(torch.float32)
     if seed is None:
         seed = draw_seed()
     seed = int(seed) & _SEED_MASK
@@ -283,7 +301,7 @@ def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None, seed: Option
         elif not bool(torch.isfinite(meta).all()):
             _raise_non_finite(x if not bool(torch.isfinite(x).all()) else data, config.meta_dtype)
         assert payload.numel() == payload_bytes(n, block, config.bits), "backend returned a malformed payload"
-    return PackedTensor(payload, meta, shape, x.dtype, config, block, seed, proj_seed, proj_dims,
+    return PackedTensor(payload, meta, shape, dtype, config, block, seed, proj_seed, proj_dims,
                         backend=backend)
 
 

@@ -11,17 +11,17 @@ saved values by each other) biases the gradient. So the rule is an allow-list:
 * floating tensors saved while one of :data:`COMPRESSED_OPS` runs (ops whose
   backward is linear in every tensor they save: matrix products, elementwise
   products, ``exp`` which saves its output, dropout which saves its noise)
-  are quantized with the config (random projection off), provided they are
-  produced inside the graph (not resident: see
-  :func:`blockquant.functional.is_resident`) and hold at least ``min_numel``
-  elements;
+  are quantized with the config (random projection off), each save rounded
+  independently, provided they are not resident and hold at least
+  ``min_numel`` elements: both are :func:`blockquant.save_policy.keep`'s
+  rule, the one every blockquant op follows;
 * floating tensors saved by :data:`SIGN_OPS` (``relu`` saves its output and
   ``leaky_relu`` its input, and backward only reads their sign) are kept as
   an exact 1-bit mask;
 * bool tensors are packed losslessly to 1 bit per element, whatever saved them;
 * everything else is kept exact: tensors saved by any other op (softmax, exp's
   relatives with curved derivatives, sigmoid, tanh, div, pow, sqrt, norms,
-  GELU, custom ``autograd.Function``s, ...), parameters and resident tensors,
+  GELU, custom ``autograd.Function``s, ...), resident tensors (by reference),
   integer tensors, sparse tensors, tensors below ``min_numel`` and tensors
   with non-finite values.
 
@@ -55,8 +55,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from blockquant.kernels.bitmask import BitMask
 
 from .config import QuantConfig
-from .functional import DOUBLE_BACKWARD_MESSAGE, is_resident
-from . import functional as _functional
+from .functional import DOUBLE_BACKWARD_MESSAGE
+from .packed import INPUT_DTYPES
+from .save_policy import is_resident, keep, without_projection
 
 DEFAULT_MIN_NUMEL = 1024
 
@@ -130,9 +131,6 @@ class _CurrentOp(TorchFunctionMode):
             self.names.pop()
 
 
-_QUANTIZABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
 @contextlib.contextmanager
 def compress_saved_tensors(config: Union[None, str, QuantConfig] = None, *, min_numel: int = DEFAULT_MIN_NUMEL,
                            record: Recorder = None) -> Iterator[None]:
@@ -162,7 +160,7 @@ def compress_saved_tensors(config: Union[None, str, QuantConfig] = None, *, min_
         raise ValueError(f"compress_saved_tensors: min_numel must be a non-negative int; got {min_numel!r}")
     if record is not None and not (callable(record) or hasattr(record, "append")):
         raise TypeError(f"compress_saved_tensors: record must be a list or a callable; got {type(record).__name__}")
-    config = config if config.rp_ratio == 1 else config.replace(rp_ratio=1)
+    config = without_projection(config)
     note = None if record is None else (record if callable(record) else record.append)
     op = _CurrentOp()
     # tensor -> version kept exact by some op in this context; tensor -> [(version, _Packed)] compressed
@@ -187,7 +185,7 @@ def compress_saved_tensors(config: Union[None, str, QuantConfig] = None, *, min_
                 note(obj)
             return _Packed(obj, "mask")
         name = op.current
-        if t.dtype not in _QUANTIZABLE or is_resident(t):
+        if t.dtype not in INPUT_DTYPES or is_resident(t):
             return t
         if name in SIGN_OPS and t.numel() >= min_numel:
             obj = BitMask.pack(t > 0)
@@ -199,7 +197,7 @@ def compress_saved_tensors(config: Union[None, str, QuantConfig] = None, *, min_
         if kept_exact.get(t) == t._version:
             return t
         try:
-            obj = _functional._compress(t, config)  # looked up at call time: one home for compression
+            obj = keep(t, config, projection=False, shared=False)  # not resident (checked above): compressed
         except ValueError:  # non-finite values: keep them exact rather than fail the forward pass
             return keep_exact(t)
         if note is not None:

@@ -7,6 +7,7 @@ import torch
 
 import blockquant
 import blockquant.functional as bqf
+from blockquant import save_policy
 from blockquant.bench.datasets import load_dataset
 from blockquant.bench.models import build_model
 from tolerances import max_rel_err
@@ -20,8 +21,6 @@ if torch.cuda.is_available():
 
 class _ExactPacked:
     """An exact 'codec': keeps the tensor it was given (isolates dtype handling from rounding error)."""
-
-    proj_dims = None
 
     def __init__(self, x):
         self.x = x.detach()
@@ -37,7 +36,9 @@ class _ExactPacked:
     def dequantize(self):
         return self.x
 
-    dequantize_stored = dequantize
+    def left_matmul(self, a):
+        x = self.dequantize()
+        return a @ x.reshape(-1, x.shape[-1]).to(a.dtype)
 
 
 def _data(device):
@@ -72,7 +73,7 @@ def test_gradients_match_plain_autocast_under_an_exact_codec(monkeypatch, device
         kept.append(x.dtype)
         return _ExactPacked(x)
 
-    monkeypatch.setattr(bqf, "_compress", exact)
+    monkeypatch.setattr(save_policy, "compress", exact)
     out_ref, g_ref = _grads(ref, ds, device, dtype)
     out_q, g_q = _grads(conv, ds, device, dtype)
     assert out_ref.dtype == out_q.dtype == dtype
@@ -92,14 +93,14 @@ def test_packed_activations_decode_to_the_autocast_dtype(monkeypatch, device, dt
     ds = _data(device)
     _, conv = _models(ds, "iexact", device)
     packed = []
-    real = bqf._compress
+    real = save_policy.compress
 
     def spy(x, config):
         p = real(x, config)
         packed.append((x.dtype, p))
         return p
 
-    monkeypatch.setattr(bqf, "_compress", spy)
+    monkeypatch.setattr(save_policy, "compress", spy)
     _grads(conv, ds, device, dtype)
     # each tensor is kept in the dtype its op computed in: the linears' inputs in the autocast
     # dtype; a normalisation's xn in its statistics' float32 (what its backward computes in)
@@ -138,13 +139,13 @@ def test_autocast_keeps_the_memory_saving_and_trains():
 def test_shared_input_is_compressed_once_per_autocast_dtype(monkeypatch):
     """A tensor feeding two linears is cast and compressed once, as without autocast."""
     calls = []
-    real = bqf._compress
+    real = save_policy.compress
 
     def spy(x, config):
         calls.append(x.dtype)
         return real(x, config)
 
-    monkeypatch.setattr(bqf, "_compress", spy)
+    monkeypatch.setattr(save_policy, "compress", spy)
     w1 = torch.randn(8, 16, requires_grad=True)
     w2 = torch.randn(4, 16, requires_grad=True)
     x = torch.randn(64, 16, requires_grad=True)

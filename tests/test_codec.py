@@ -133,7 +133,7 @@ def test_shapes_round_trip(shape, backend):
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("meta", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_dtypes_and_constant_blocks(dtype, meta, backend):
     x = torch.empty(4, 32, dtype=dtype)
@@ -148,6 +148,37 @@ def test_dtypes_and_constant_blocks(dtype, meta, backend):
     # constant blocks (values representable in every metadata dtype) decode exactly
     assert torch.equal(y[:3], x[:3])
     assert torch.all(y[3] >= -1.0 - 1e-2) and torch.all(y[3] <= 1.0 + 1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_float64_is_encoded_through_float32_unbiased_and_decodes_to_float64(backend):
+    torch.manual_seed(0)
+    x = torch.randn(3, 70, dtype=torch.float64) * 2 + 0.5
+    cfg = QuantConfig(bits=2, block_size=64, meta_dtype=torch.float16)
+    p, p32 = quantize(x, cfg, seed=7, backend=backend), quantize(x.float(), cfg, seed=7, backend=backend)
+    assert p.dtype == torch.float64 and p.dequantize().dtype == torch.float64 and "float64" in repr(p)
+    # the same codes and bytes as the float32 input: nothing of float64's width is stored
+    assert p.nbytes == p32.nbytes and torch.equal(p.payload, p32.payload) and torch.equal(p.meta, p32.meta)
+    assert torch.equal(p.dequantize(), p32.dequantize().double())
+    draws, var = _draws(x, cfg, backend)
+    k = draws.shape[0]
+    se = torch.sqrt(var.sum(0)) / k
+    err = (draws.mean(0) - x.reshape(-1)).abs()
+    # unbiased up to the float32 rounding of the input (2^-24 relative) and fp32 decode round-off
+    assert torch.all(err <= 5 * se + 1e-5) and err.mean() <= 1.5 * se.mean() + 1e-6
+
+
+def test_left_matmul_equals_the_product_with_the_decoded_tensor():
+    """``a @ x_hat`` without decoding a projected tensor to full width: the same product, in ``a``'s dtype."""
+    x, a = torch.randn(40, 64), torch.randn(5, 40, dtype=torch.float64)
+    for cfg in (QuantConfig(bits=2, block_size=64), QuantConfig(bits=2, block_size=ROW, rp_ratio=8)):
+        p = quantize(x, cfg, seed=1, backend="torch")
+        got = p.left_matmul(a)
+        assert got.dtype == torch.float64 and got.shape == (5, 64)
+        torch.testing.assert_close(got, a @ p.dequantize().double(), rtol=1e-5, atol=1e-5)
+    # a 3-D tensor is read as [-1, last dim]
+    p3 = quantize(x.view(4, 10, 64), QuantConfig(bits=4), seed=2, backend="torch")
+    torch.testing.assert_close(p3.left_matmul(a.float()), a.float() @ p3.dequantize().view(40, 64))
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -200,10 +231,10 @@ def test_metadata_overflow_raises_and_suggests_fix():
 
 
 def test_bad_input_types():
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16 tensor; got torch.int64"):
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64 tensor; got torch.int64"):
         quantize(torch.arange(10), QuantConfig())
-    with pytest.raises(TypeError, match="got torch.float64"):
-        quantize(torch.zeros(3, dtype=torch.float64), QuantConfig())
+    with pytest.raises(TypeError, match="got torch.complex64"):
+        quantize(torch.zeros(3, dtype=torch.complex64), QuantConfig())
     with pytest.raises(TypeError, match="expects a torch.Tensor; got list"):
         quantize([1.0, 2.0], QuantConfig())
     with pytest.raises(TypeError, match="expects a QuantConfig; got dict"):

@@ -7,7 +7,7 @@ import torch
 import torch_geometric.typing as pyg_typing
 
 import blockquant
-import blockquant.functional as bqf
+from blockquant import save_policy
 from blockquant.bench.datasets import load_dataset
 from blockquant.bench.minibatch import MiniBatchOptions, loss_nodes, make_loader, to_pyg
 from blockquant.bench.models import build_model
@@ -87,13 +87,13 @@ def test_batch_features_are_resident_not_compressed(monkeypatch):
     batch = next(iter(make_loader(ds, MiniBatchOptions("random", 1000), num_layers=3, seed=0)))
     assert batch.x.data_ptr() != ds.x.data_ptr()  # a fresh tensor, not a view of the dataset's
     quantized_ptrs = []
-    real = bqf.quantize
+    real = save_policy.quantize
 
     def spy(x, *args, **kwargs):
         quantized_ptrs.append(x.data_ptr())
         return real(x, *args, **kwargs)
 
-    monkeypatch.setattr(bqf, "quantize", spy)
+    monkeypatch.setattr(save_policy, "quantize", spy)
     model = _model(ds, "iexact")
     with_x, out = _held(model, batch.x, batch.edge_index, exclude=(batch.edge_index,))
     del out

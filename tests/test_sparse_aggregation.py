@@ -14,6 +14,7 @@ from torch_geometric.utils import scatter, to_torch_coo_tensor, to_torch_csc_ten
 import blockquant
 from blockquant import QuantConfig, as_adjacency
 from blockquant import functional as BF
+from blockquant import save_policy
 from blockquant.bench.runner import cpu_allocation_trace
 from blockquant.nn import WRAPPERS
 
@@ -26,8 +27,6 @@ EXACT = QuantConfig(bits=8, block_size=256, rounding="nearest")
 
 class _Lossless:
     """Test-only codec: 'compresses' by keeping the tensor, so gradients must equal full precision."""
-
-    proj_dims = None
 
     def __init__(self, t):
         self.t = t.detach().clone()
@@ -42,18 +41,20 @@ class _Lossless:
     def dequantize(self):
         return self.t
 
-    dequantize_stored = dequantize
+    def left_matmul(self, a):
+        x = self.dequantize()
+        return a @ x.reshape(-1, x.shape[-1]).to(a.dtype)
 
 
 @pytest.fixture
 def lossless(monkeypatch):
-    monkeypatch.setattr(BF, "_compress", lambda x, config: _Lossless(x))
+    monkeypatch.setattr(save_policy, "compress", lambda x, config: _Lossless(x))
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
     # the chunk bounds every per-edge transient; shrink it so that E x F is far out of reach
-    monkeypatch.setattr(BF, "CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr(save_policy, "CHUNK_ELEMENTS", 4096)
 
 
 def _graph(seed=0, n=N, e=E, n_dst=None):
@@ -323,7 +324,7 @@ def test_step_peak_below_half_of_plain_pyg_with_sparse_adj_t(monkeypatch):
     PyG's with a torch.sparse CSR adj_t, PyG's documented memory-efficient form (measured: 0.27x).
     The chunk is scaled down with the graph (1/16 of an [N, F] tensor, as 1M elements is of
     arxiv's), so the chunked regime of large graphs is what is tested."""
-    monkeypatch.setattr(BF, "CHUNK_ELEMENTS", 1 << 14)
+    monkeypatch.setattr(save_policy, "CHUNK_ELEMENTS", 1 << 14)
     from blockquant.bench.models import build_model
 
     n, e, f = 4_000, 80_000, 64
@@ -360,28 +361,28 @@ def test_step_peak_below_half_of_plain_pyg_with_sparse_adj_t(monkeypatch):
                                     QuantConfig(bits=2, block_size=1024, levels="optimal", rounding="nearest")],
                          ids=["int2_G64", "int4_row", "int2_G1024_optimal"])
 def test_row_chunked_compression_is_the_same_codes_and_bytes(config, monkeypatch):
-    monkeypatch.setattr(BF, "CHUNK_ELEMENTS", 3000)
+    monkeypatch.setattr(save_policy, "CHUNK_ELEMENTS", 3000)
     x = torch.randn(301, 48)  # 301 rows: the last row block is short
-    chunked, whole = BF._compress(x, config), BF._compress_whole(x, config)
-    assert isinstance(chunked, BF._RowChunks) and len(chunked.parts) > 3
+    chunked, whole = save_policy.compress(x, config), save_policy.compress_whole(x, config)
+    assert isinstance(chunked, save_policy.RowChunks) and len(chunked.parts) > 3
     assert chunked.nbytes == whole.nbytes
     assert torch.equal(chunked.dequantize(), whole.dequantize())
     g = torch.randn(301, 5)
     # block-by-block products sum in another order than one matmul: float32 rounding only
-    torch.testing.assert_close(BF._linear_weight_grad(chunked, g, 48), g.t() @ whole.dequantize(),
+    torch.testing.assert_close(chunked.left_matmul(g.t()), g.t() @ whole.dequantize(),
                                rtol=1e-4, atol=1e-4)
 
 
 def test_row_chunked_projected_weight_gradient_is_unbiased(monkeypatch):
     """Every row block has its own projection: the K-draw mean of g^T x_hat still converges
     to g^T x like 1/sqrt(K)."""
-    monkeypatch.setattr(BF, "CHUNK_ELEMENTS", 2048)
+    monkeypatch.setattr(save_policy, "CHUNK_ELEMENTS", 2048)
     config = QuantConfig(bits=2, block_size=64, rp_ratio=4)
     torch.manual_seed(0)
     x, g = torch.randn(200, 32), torch.randn(200, 6)
     exact = g.t() @ x
-    draws = [BF._linear_weight_grad(BF._compress(x, config), g, 32) for _ in range(64)]
-    assert isinstance(BF._compress(x, config), BF._RowChunks)
+    draws = [save_policy.compress(x, config).left_matmul(g.t()) for _ in range(64)]
+    assert isinstance(save_policy.compress(x, config), save_policy.RowChunks)
     err1 = _rel(draws[0], exact)
     err64 = _rel(torch.stack(draws).mean(0), exact)
     assert err64 < 2.5 * err1 / 8, (err1, err64)
