@@ -12,9 +12,9 @@ saved values by each other) biases the gradient. So the rule is an allow-list:
   backward is linear in every tensor they save: matrix products, elementwise
   products, ``exp`` which saves its output, dropout which saves its noise)
   are quantized with the config (random projection off), each save rounded
-  independently, provided they are not resident and hold at least
-  ``min_numel`` elements: both are :func:`blockquant.save_policy.keep`'s
-  rule, the one every blockquant op follows;
+  independently, provided they hold at least ``min_numel`` elements and are
+  not resident (:func:`blockquant.save_policy.keep`, the rule every
+  blockquant op follows, keeps those by reference);
 * floating tensors saved by :data:`SIGN_OPS` (``relu`` saves its output and
   ``leaky_relu`` its input, and backward only reads their sign) are kept as
   an exact 1-bit mask;

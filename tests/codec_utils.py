@@ -56,3 +56,25 @@ def theoretical_variance(x: torch.Tensor, packed) -> torch.Tensor:
     a, b = per_element_bounds(x, packed)
     flat = x.detach().reshape(-1).to(torch.float64)
     return ((flat - a) * (b - flat)).clamp_min(0)
+
+
+class ExactPacked:
+    """Test-only exact 'codec' (what ``blockquant.save_policy.compress`` returns, minus the rounding):
+    keeps a copy of the tensor, so gradients through it must equal full precision."""
+
+    def __init__(self, x):
+        self.x = x.detach().clone()
+        self.dtype = x.dtype
+
+    @property
+    def nbytes(self):
+        return self.x.untyped_storage().nbytes()
+
+    def storages(self):
+        return (self.x,)
+
+    def dequantize(self):
+        return self.x
+
+    def left_matmul(self, a):
+        return a @ self.x.reshape(-1, self.x.shape[-1]).to(a.dtype)

@@ -16,6 +16,7 @@ from blockquant import QuantConfig
 from blockquant import attention as BA
 from blockquant import save_policy
 from blockquant.nn import WRAPPERS
+from codec_utils import ExactPacked
 from tolerances import rel_err
 
 pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")
@@ -48,30 +49,9 @@ def _form(ei, form, n_src, n_dst):
     raise AssertionError(form)
 
 
-class _Lossless:
-    """Test-only exact 'codec': keeps the tensor itself."""
-
-    def __init__(self, x):
-        self.x = x.detach().clone()
-
-    def dequantize(self):
-        return self.x
-
-    def left_matmul(self, a):
-        x = self.dequantize()
-        return a @ x.reshape(-1, x.shape[-1]).to(a.dtype)
-
-    def storages(self):
-        return (self.x,)
-
-    @property
-    def nbytes(self):
-        return self.x.numel() * self.x.element_size()
-
-
 @pytest.fixture
 def lossless(monkeypatch):
-    monkeypatch.setattr(save_policy, "compress", lambda x, config: _Lossless(x))
+    monkeypatch.setattr(save_policy, "compress", lambda x, config: ExactPacked(x))
 
 
 # ------------------------------------------------------------------ unbiasedness

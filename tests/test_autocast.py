@@ -10,6 +10,7 @@ import blockquant.functional as bqf
 from blockquant import save_policy
 from blockquant.bench.datasets import load_dataset
 from blockquant.bench.models import build_model
+from codec_utils import ExactPacked
 from tolerances import max_rel_err
 
 pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")
@@ -17,28 +18,6 @@ pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")
 DEVICES = [("cpu", torch.bfloat16)]
 if torch.cuda.is_available():
     DEVICES += [("cuda", torch.bfloat16), ("cuda", torch.float16)]
-
-
-class _ExactPacked:
-    """An exact 'codec': keeps the tensor it was given (isolates dtype handling from rounding error)."""
-
-    def __init__(self, x):
-        self.x = x.detach()
-        self.dtype = x.dtype
-
-    @property
-    def nbytes(self):
-        return self.x.untyped_storage().nbytes()
-
-    def storages(self):
-        return (self.x,)
-
-    def dequantize(self):
-        return self.x
-
-    def left_matmul(self, a):
-        x = self.dequantize()
-        return a @ x.reshape(-1, x.shape[-1]).to(a.dtype)
 
 
 def _data(device):
@@ -71,7 +50,7 @@ def test_gradients_match_plain_autocast_under_an_exact_codec(monkeypatch, device
 
     def exact(x, config):
         kept.append(x.dtype)
-        return _ExactPacked(x)
+        return ExactPacked(x)
 
     monkeypatch.setattr(save_policy, "compress", exact)
     out_ref, g_ref = _grads(ref, ds, device, dtype)

@@ -15,6 +15,7 @@ import blockquant
 from blockquant import QuantConfig, as_adjacency
 from blockquant import functional as BF
 from blockquant import save_policy
+from codec_utils import ExactPacked
 from blockquant.bench.runner import cpu_allocation_trace
 from blockquant.nn import WRAPPERS
 
@@ -25,30 +26,9 @@ N, E, F = 40, 2_000, 32
 EXACT = QuantConfig(bits=8, block_size=256, rounding="nearest")
 
 
-class _Lossless:
-    """Test-only codec: 'compresses' by keeping the tensor, so gradients must equal full precision."""
-
-    def __init__(self, t):
-        self.t = t.detach().clone()
-
-    @property
-    def nbytes(self):
-        return self.t.numel() * self.t.element_size()
-
-    def storages(self):
-        return (self.t,)
-
-    def dequantize(self):
-        return self.t
-
-    def left_matmul(self, a):
-        x = self.dequantize()
-        return a @ x.reshape(-1, x.shape[-1]).to(a.dtype)
-
-
 @pytest.fixture
 def lossless(monkeypatch):
-    monkeypatch.setattr(save_policy, "compress", lambda x, config: _Lossless(x))
+    monkeypatch.setattr(save_policy, "compress", lambda x, config: ExactPacked(x))
 
 
 @pytest.fixture
