@@ -9,7 +9,7 @@ from .levels import optimal_levels
 from .packed import PackedTensor, defer_finite_check, dequantize, quantize
 from .conversion import ConversionWarning, convert, summary, to_original
 from .memory import SavedMemory, track_saved
-from . import functional
+from . import functional, save_policy
 from .adjacency import Adjacency, as_adjacency
 from .saved_hooks import compress_saved_tensors
 from .plan import Plan
@@ -26,6 +26,6 @@ __all__ = [
     "convert", "to_original", "summary", "ConversionWarning", "Plan", "tune", "TuneResult", "TuneError",
     # memory
     "track_saved", "SavedMemory", "compress_saved_tensors",
-    # functional building blocks
-    "functional", "Adjacency", "as_adjacency",
+    # functional building blocks, and the rule for what they keep for backward
+    "functional", "save_policy", "Adjacency", "as_adjacency",
 ]

@@ -1,8 +1,8 @@
 """What blockquant keeps of a tensor for backward: the one rule, and its one entry point, :func:`keep`.
 
-Every autograd op in :mod:`blockquant.functional` and :mod:`blockquant.attention`, and the hooks of
-:func:`blockquant.compress_saved_tensors`, ask :func:`keep` what to hold for a tensor that backward
-needs. The answer is one of:
+Every autograd op in :mod:`blockquant.functional` and :mod:`blockquant.attention` that keeps a
+tensor (or a function of it) for a linear use in backward, and the hooks of
+:func:`blockquant.compress_saved_tensors`, ask :func:`keep` what to hold. What is held is one of:
 
 1. **The tensor itself, by reference**, when it is *resident* (:func:`is_resident`): a parameter,
    a leaf that requires grad, a tensor marked with :func:`mark_resident` (:func:`blockquant.convert`
@@ -19,10 +19,11 @@ needs. The answer is one of:
    come from the same tensor (GATv2's attention gradient; every save of
    :func:`~blockquant.compress_saved_tensors`): a product of one rounding with itself is biased.
 4. **Kept exact**, when the op's backward is not linear in the tensor (softmax outputs, attention
-   coefficients, sign masks): stochastic rounding is unbiased only where backward uses the rounded
-   tensor linearly. That choice is the op's, made before it asks :func:`keep`; ops that need a
-   non-linear function of the input (ELU/GELU's derivative, a normalisation's ``xn``) compute it
-   exactly in forward and keep *that* compressed (``instead=``).
+   coefficients, the 1-bit sign masks of ReLU): stochastic rounding is unbiased only where backward
+   uses the rounded tensor linearly. That choice is the op's (for the hooks: their allow-list of
+   ops), and such tensors never reach :func:`keep`. Ops that need a non-linear function of the input
+   (ELU/GELU's derivative, a normalisation's ``xn``) compute it exactly in forward and keep *that*
+   compressed (``instead=``), or the input itself when it is resident.
 
 Random projection (``config.rp_ratio > 1``) is applied only where backward uses the tensor in a
 matrix product with the weight gradient (:func:`blockquant.functional.linear`); everywhere else
