@@ -489,6 +489,8 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
         cfg_bar.set_postfix_str(cfg.name)
         stage = "first-step measurements"
         rss_window = False
+        if not cfg.sparse_adj:
+            trainer._adj_t = None  # plain PyG's CSR adj_t is not this config's memory
         try:
             rec: Dict[str, Any] = {"config": cfg.name, **{f"config_{k}": v for k, v in cfg.describe().items()
                                                            if k != "name"}}
