@@ -5,10 +5,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from blockquant.bench.datasets import load_dataset
 from blockquant.bench.errors import BenchError
-from blockquant.bench.memlimit import address_space_bytes, apply_memory_limit, did_not_fit
+from blockquant.bench.memlimit import (address_space_bytes, apply_memory_limit, did_not_fit, peak_rss_bytes,
+                                       reset_peak_rss)
 from blockquant.bench.report import format_table, write_results
 from blockquant.bench.runner import BenchOptions, Trainer, resolve_configs, run_benchmark
 
@@ -67,6 +69,8 @@ def test_out_of_memory_under_a_limit_becomes_a_row(monkeypatch, tmp_path):
     fp32, q = recs
     assert fp32["status"] == "did not fit" and fp32["failed_stage"] == "first-step measurements"
     assert "status" not in q and q["activation_bytes"] > 0 and q["memory_ratio_fp32"] is None
+    if sys.platform.startswith("linux"):  # each row carries the process's peak RSS while that config ran
+        assert fp32["peak_rss_bytes"] > 0 and q["peak_rss_bytes"] > 0
     meta = {"dataset": data.describe(), "model": "sage", "device": "cpu", "metric": "acc", "epochs": 2}
     table = format_table(recs, meta)
     assert "fp32: did not fit: needs > 3 GiB (failed during first-step measurements, allocating 1.00 GiB more)" in table
@@ -90,3 +94,16 @@ def test_compressed_config_is_measured_when_the_fp32_reference_does_not_fit(monk
     (q,) = run_benchmark(data, opts, resolve_configs(["int2"]))
     assert "status" not in q and q["activation_bytes"] > 0
     assert q["grad_rel_error"] is None and "did not fit" in q["grad_rel_error_note"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak-RSS windows read /proc (Linux only)")
+def test_peak_rss_window_restarts_and_sees_a_new_allocation():
+    big = torch.ones(64 * 2 ** 20, dtype=torch.uint8)  # 64 MiB resident
+    del big
+    high = peak_rss_bytes()
+    assert reset_peak_rss()
+    low = peak_rss_bytes()
+    assert low < high - 32 * 2 ** 20  # the freed 64 MiB no longer counts in the new window
+    touched = torch.ones(128 * 2 ** 20, dtype=torch.uint8)
+    assert peak_rss_bytes() >= low + 100 * 2 ** 20
+    del touched

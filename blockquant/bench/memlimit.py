@@ -61,6 +61,31 @@ def apply_memory_limit(gib: float) -> int:
     return limit
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-resident-memory window for this process (Linux: ``/proc/self/clear_refs``).
+
+    Returns whether it could; :func:`peak_rss_bytes` then reports the peak since this call.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """Peak resident memory of this process (``VmHWM``) since start or the last :func:`reset_peak_rss`."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 _REQUEST = re.compile(r"allocate (?:memory: you tried to allocate )?(\d+) bytes")
 
 

@@ -68,6 +68,10 @@ def format_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     ]
     out += [line(row) for row in rows]
     out += unfit
+    rss = [f"{r['config']} {r['peak_rss_bytes'] / 2 ** 30:.2f} GiB" for r in records if r.get("peak_rss_bytes")]
+    if rss:
+        out.append("process peak RSS while each config ran (data, graph caches and libraries included): "
+                   + ", ".join(rss))
     out.append(
         f"peak = highest memory of one forward+loss+backward above the memory in use at its start "
         f"({first.get('peak_method', '?')}); act = bytes held for backward after forward (excl. data/model/output; "

@@ -41,6 +41,7 @@ import blockquant
 from ..memory import storage_bytes, storage_key
 from .datasets import GraphDataset
 from .errors import BenchError
+from .memlimit import peak_rss_bytes, reset_peak_rss
 from .models import GNN, build_model
 
 BASELINES = ("fp32", "fp32-sparse", "checkpoint")
@@ -487,19 +488,21 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
     for cfg in cfg_bar:
         cfg_bar.set_postfix_str(cfg.name)
         stage = "first-step measurements"
+        rss_window = False
+        if not cfg.sparse_adj:
+            trainer._adj_t = None  # plain PyG's CSR adj_t is not this config's memory
         try:
             rec: Dict[str, Any] = {"config": cfg.name, **{f"config_{k}": v for k, v in cfg.describe().items()
                                                            if k != "name"}}
+            reference = ref()
+            rss_window = reset_peak_rss()  # this config's peak resident memory, from here to its last epoch
             model = trainer.build(cfg, first_seed)
             init_state = copy.deepcopy(model.state_dict())
-            grads = trainer.weight_grads(model)
-            reference = ref()
-            if reference is None:  # a compressed config may fit where fp32 does not
+            if reference is None:  # a compressed config may fit where fp32 does not: no gradient pass then
                 rec.update(grad_rel_error=None, grad_rel_error_note="fp32 reference gradients did not fit in "
                                                                     f"--memory-limit-gib {opts.memory_limit_gib:g}")
             else:
-                rec.update(_rel_error(grads, reference))
-            del grads
+                rec.update(_rel_error(trainer.weight_grads(model), reference))
             rec.update(trainer.activation_memory(model))
             rec.update(trainer.step_peak(model))
             model.load_state_dict(init_state)
@@ -521,7 +524,8 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
             if _is_oom(e) and opts.memory_limit_gib is not None:
                 from .memlimit import did_not_fit
 
-                records.append({**rec, **did_not_fit(cfg.name, opts.memory_limit_gib, e, stage)})
+                records.append({**rec, **did_not_fit(cfg.name, opts.memory_limit_gib, e, stage),
+                                **({"peak_rss_bytes": peak_rss_bytes()} if rss_window else {})})
                 model = runs = None
                 continue
             if _is_oom(e):
@@ -529,6 +533,8 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
                                  f"({str(e).splitlines()[0][:120]}); try a smaller --hidden or --scale, fewer "
                                  f"--configs, or another --device") from None
             raise
+        if rss_window:
+            rec["peak_rss_bytes"] = peak_rss_bytes()
         all_times = [t for r in runs for t in r["epoch_times_s"]]
         val_m, val_s = _mean_std([r["best_val"] for r in runs])
         test_m, test_s = _mean_std([r["test_at_best_val"] for r in runs])
