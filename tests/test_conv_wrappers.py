@@ -135,20 +135,31 @@ def test_attention_weights_returned_like_the_original(name):
 
 
 # ------------------------------------------------------------------ eval / no_grad path
+ATTENTION = {"gat", "gat_mean_res", "gatv2", "gatv2_shared"}
+
+
 @pytest.mark.parametrize("name", list(CONVS))
-def test_eval_and_no_grad_run_the_original_forward(name, monkeypatch):
+def test_eval_runs_the_original_and_no_grad_the_sparse_path(name, monkeypatch):
     orig, wrapped = _build(name)
     call = CONVS[name][1]
     x, ei = _graph()
+    with torch.no_grad():  # no graph is recorded: the sparse path keeps nothing and equals PyG
+        out = call(wrapped, x, ei)
+        assert out.grad_fn is None
+        torch.testing.assert_close(out, call(orig, x, ei), rtol=1e-5, atol=1e-6)
 
     def boom(*a, **k):
-        raise AssertionError("a blockquant op ran outside compressed training")
+        raise AssertionError("a blockquant op ran")
 
     monkeypatch.setattr(BF, "linear", boom)
     monkeypatch.setattr(BF, "aggregate", boom)
     with torch.no_grad():
-        assert torch.equal(call(wrapped, x, ei), call(orig, x, ei))
-    wrapped.eval()
+        if name in ATTENTION:  # attention runs the original without gradients
+            assert torch.equal(call(wrapped, x, ei), call(orig, x, ei))
+        else:
+            with pytest.raises(AssertionError, match="a blockquant op ran"):
+                call(wrapped, x, ei)
+    wrapped.eval()  # eval with gradients on: the original forward, bit for bit
     orig.eval()
     xg = x.clone().requires_grad_()
     assert torch.equal(call(wrapped, xg, ei), call(orig, xg, ei))

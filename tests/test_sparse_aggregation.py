@@ -124,6 +124,23 @@ def test_no_edge_sized_allocation_pyg_outputs_exact_gradients(name, form, lossle
                                            f"E x F ({_ef_bytes(ei)} bytes)")
 
 
+@pytest.mark.parametrize("name", ["gcn", "sage_mean", "graph_add", "gin"])
+def test_evaluation_without_gradients_builds_no_edge_sized_tensor(name):
+    """Under no_grad (evaluation) a converted conv given edge_index still aggregates sparse-dense."""
+    factory, call, _ = CONVS[name]
+    torch.manual_seed(0)
+    orig = factory()
+    wrapped = WRAPPERS[type(orig)].from_module(orig, EXACT)
+    ei = _graph()
+    x = torch.randn(N, F, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = call(orig, x, ei)
+        call(wrapped, x, ei)  # the first call builds the graph's CSR
+        out, trace = cpu_allocation_trace(lambda: call(wrapped, x, ei))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert trace.largest < _ef_bytes(ei), f"{name}: an allocation of {trace.largest} bytes reached E x F"
+
+
 def test_the_allocation_bound_catches_message_tensors():
     # PyG's edge_index path gathers x[src] ([E, F]): the bound above would fail on it
     conv = SAGEConv(F, 8, aggr="max")

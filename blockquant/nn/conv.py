@@ -3,7 +3,11 @@
 Each wrapper subclasses the PyG layer it replaces and is built with
 ``from_module`` around the very same Parameter objects. Its behaviour:
 
-* ``eval()`` or gradients disabled: the original ``forward`` runs unchanged.
+* ``eval()`` with gradients on: the original ``forward`` runs unchanged.
+* gradients off (``torch.no_grad()``, evaluation): GCN, SAGE, GraphConv, GIN and
+  GCN2 run the sparse path below and keep nothing, so evaluating a large graph
+  never builds PyG's ``[E, F]`` message tensor (options or input shapes the sparse
+  path does not handle run the original); GAT and GATv2 run the original.
 * training: the output equals the original's up to floating-point summation
   order (aggregation is a sparse-dense product where PyG scatters messages;
   no ``[E, F]`` message tensor is ever built), and what autograd keeps for
@@ -113,6 +117,23 @@ class _QConv(CompressedModule):
             if bound is not None and getattr(bound, "__self__", None) is not self:
                 self.__dict__[name] = bound.__func__.__get__(self, type(self))
         self.bq_reduce = _reduce_of(self)
+
+    def _runs_original(self, x) -> bool:
+        """Whether ``forward`` runs the original PyG forward.
+
+        Training compresses. In ``eval()`` with gradients on, the original runs (it
+        saves exactly what PyG saves). With gradients off (``torch.no_grad()``,
+        ``torch.inference_mode()``: evaluation, inference) the sparse path runs and
+        keeps nothing, so it never builds the ``[E, F]`` message tensor that PyG's
+        ``edge_index`` path does; the original still runs for an option or an input
+        shape the sparse path does not handle.
+        """
+        if self.compressing():
+            return False
+        if torch.is_grad_enabled() or type(self)._settings_reason(self) is not None:
+            return True
+        x_src = x[0] if isinstance(x, (tuple, list)) else x
+        return not (isinstance(x_src, Tensor) and x_src.dim() == 2)
 
     def _bq_check_runtime(self) -> None:
         """Settings can change after conversion (``conv.flow = ...``, ``conv.aggr_module = ...``,
@@ -247,7 +268,7 @@ class QGCNConv(_QConv, GCNConv):
     _reduces = ("sum",)
 
     def forward(self, x: Tensor, edge_index, edge_weight: Optional[Tensor] = None) -> Tensor:
-        if not self.compressing():
+        if self._runs_original(x):
             return GCNConv.forward(self, x, edge_index, edge_weight)
         self._bq_check_runtime()
         if isinstance(x, (tuple, list)):
@@ -295,7 +316,7 @@ class QSAGEConv(_QConv, SAGEConv):
         return None
 
     def forward(self, x, edge_index, size=None) -> Tensor:
-        if not self.compressing():
+        if self._runs_original(x):
             return SAGEConv.forward(self, x, edge_index, size)
         out, x_dst = self._aggregate_pairs(x, edge_index, size, use_sparse_values=False)
         out = self._linear(out, self.lin_l)
@@ -329,7 +350,7 @@ class QGraphConv(_QConv, GraphConv):
     """
 
     def forward(self, x, edge_index, edge_weight: Optional[Tensor] = None, size=None) -> Tensor:
-        if not self.compressing():
+        if self._runs_original(x):
             return GraphConv.forward(self, x, edge_index, edge_weight, size)
         out, x_dst = self._aggregate_pairs(x, edge_index, size, edge_weight=edge_weight)
         out = self._linear(out, self.lin_rel)
@@ -363,7 +384,7 @@ class QGINConv(_QConv, GINConv):
     bq_convert_children = ("nn",)  # the MLP is ordinary modules: convert() swaps them
 
     def forward(self, x, edge_index, size=None) -> Tensor:
-        if not self.compressing():
+        if self._runs_original(x):
             return GINConv.forward(self, x, edge_index, size)
         out, x_dst = self._aggregate_pairs(x, edge_index, size, use_sparse_values=False)
         if x_dst is not None:
@@ -397,7 +418,7 @@ class QGCN2Conv(_QConv, GCN2Conv):
     _reduces = ("sum",)
 
     def forward(self, x: Tensor, x_0: Tensor, edge_index, edge_weight: Optional[Tensor] = None) -> Tensor:
-        if not self.compressing():
+        if self._runs_original(x):
             return GCN2Conv.forward(self, x, x_0, edge_index, edge_weight)
         self._bq_check_runtime()
         self._check_2d(x, "QGCN2Conv")
