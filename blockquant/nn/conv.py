@@ -142,11 +142,14 @@ class _QConv(CompressedModule):
     # ------------------------------------------------------------------ helpers
     def _linear(self, x: Tensor, lin, bias: bool = True) -> Tensor:
         """``lin(x)`` for a PyG/torch Linear (or a wrapper of one) with the input saved compressed."""
+        return BF.linear(x, self._weight_of(lin), lin.bias if bias else None, self.bq_config)
+
+    def _weight_of(self, lin) -> Tensor:
         weight = lin.weight
         if isinstance(weight, torch.nn.parameter.UninitializedParameter):
             raise RuntimeError(f"{type(self).__name__}: lazy (in_channels=-1) weights must be initialised by one "
                                "forward pass before conversion")
-        return BF.linear(x, weight, lin.bias if bias else None, self.bq_config)
+        return weight
 
     def _adjacency(self, edge_index, x_src: Tensor, x_dst: Optional[Tensor], size=None,
                    edge_weight: Optional[Tensor] = None, use_sparse_values: bool = True):
@@ -181,11 +184,25 @@ class _QConv(CompressedModule):
     def _aggregate_pairs(self, x, edge_index, size, **adjacency_options):
         """SAGE/GraphConv/GIN: aggregate source features over the adjacency (keeps nothing
         of ``x``); returns the aggregate and the target features (``x`` may be a pair)."""
+        x_src, x_dst, adj = self._source_adjacency(x, edge_index, size, **adjacency_options)
+        return BF.aggregate(x_src, adj, self.bq_reduce, self.bq_config), x_dst
+
+    def _source_adjacency(self, x, edge_index, size, **adjacency_options):
         self._bq_check_runtime()
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
         self._check_2d(x_src, type(self).__name__)
-        adj = self._adjacency(edge_index, x_src, x_dst, size, **adjacency_options)
-        return BF.aggregate(x_src, adj, self.bq_reduce, self.bq_config), x_dst
+        return x_src, x_dst, self._adjacency(edge_index, x_src, x_dst, size, **adjacency_options)
+
+    def _aggregate_linear_pairs(self, x, edge_index, size, lin, **adjacency_options):
+        """SAGE/GraphConv: ``lin(aggregate(x))`` and the target features. Sum / mean over a constant
+        adjacency run as one :func:`~blockquant.functional.aggregate_linear`, which keeps only
+        ``x`` (shared with the root weight's copy); max and learnable edge weights aggregate
+        first and keep the aggregate for ``lin``."""
+        x_src, x_dst, adj = self._source_adjacency(x, edge_index, size, **adjacency_options)
+        weight_grad = adj.edge_weight is not None and adj.edge_weight.requires_grad
+        if self.bq_reduce == "max" or weight_grad:
+            return self._linear(BF.aggregate(x_src, adj, self.bq_reduce, self.bq_config), lin), x_dst
+        return BF.aggregate_linear(x_src, adj, self._weight_of(lin), lin.bias, self.bq_reduce, self.bq_config), x_dst
 
     @staticmethod
     def _check_2d(x: Tensor, who: str) -> None:
@@ -297,8 +314,7 @@ class QSAGEConv(_QConv, SAGEConv):
     def forward(self, x, edge_index, size=None) -> Tensor:
         if not self.compressing():
             return SAGEConv.forward(self, x, edge_index, size)
-        out, x_dst = self._aggregate_pairs(x, edge_index, size, use_sparse_values=False)
-        out = self._linear(out, self.lin_l)
+        out, x_dst = self._aggregate_linear_pairs(x, edge_index, size, self.lin_l, use_sparse_values=False)
         if self.root_weight and x_dst is not None:
             out = out + self._linear(x_dst, self.lin_r, bias=False)
         if self.normalize:
@@ -331,8 +347,7 @@ class QGraphConv(_QConv, GraphConv):
     def forward(self, x, edge_index, edge_weight: Optional[Tensor] = None, size=None) -> Tensor:
         if not self.compressing():
             return GraphConv.forward(self, x, edge_index, edge_weight, size)
-        out, x_dst = self._aggregate_pairs(x, edge_index, size, edge_weight=edge_weight)
-        out = self._linear(out, self.lin_rel)
+        out, x_dst = self._aggregate_linear_pairs(x, edge_index, size, self.lin_rel, edge_weight=edge_weight)
         if x_dst is not None:
             out = out + self._linear(x_dst, self.lin_root, bias=False)
         return out
