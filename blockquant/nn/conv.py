@@ -14,7 +14,10 @@ Each wrapper subclasses the PyG layer it replaces and is built with
     a leaf input such as ``data.x`` is kept by reference);
   - aggregation over a constant adjacency goes through
     :func:`blockquant.functional.aggregate` (``A x`` forward, ``A^T g``
-    backward over the graph's cached CSR) and keeps nothing of ``x``;
+    backward over the graph's cached CSR) and keeps nothing of ``x``; a sum /
+    mean aggregation followed by a linear map (SAGE's ``lin_l``, GraphConv's
+    ``lin_rel``) goes through :func:`blockquant.functional.aggregate_linear`,
+    which keeps ``x`` (shared with the root weight's copy), not the aggregate;
   - attention (GAT, GATv2) goes through :mod:`blockquant.attention`: the
     attention coefficients (``[E, heads]``) and LeakyReLU signs are kept
     exact (backward uses them non-linearly), only node features
@@ -285,10 +288,13 @@ class QGCNConv(_QConv, GCNConv):
 class QSAGEConv(_QConv, SAGEConv):
     """:class:`~torch_geometric.nn.conv.SAGEConv` with compressed saved activations.
 
-    The neighbour aggregation keeps nothing of ``x`` (``mean``/``sum``) or the
-    winning edge per output element (``max``, integers); ``lin_l`` keeps the
-    aggregate compressed and ``lin_r`` keeps ``x`` compressed (by reference when
-    ``x`` is a leaf). ``normalize=True`` runs the L2 normalisation under
+    With ``mean``/``sum``, ``lin_l(aggr(x))`` runs as one
+    :func:`~blockquant.functional.aggregate_linear`: its gradients are linear in
+    ``x``, so the aggregate is never kept; ``x`` is kept once, compressed and
+    shared by ``lin_l`` and ``lin_r`` (by reference when ``x`` is resident, e.g.
+    ``data.x``: then both weight gradients are exact). With ``max`` the
+    aggregation keeps the winning edge per output element (integers) and
+    ``lin_l`` keeps the aggregate compressed. ``normalize=True`` runs the L2 normalisation under
     :func:`~blockquant.compress_saved_tensors`, which keeps what it saves exact
     (its backward is not linear in it).
     Supports ``aggr`` in ``"mean"``, ``"sum"``/``"add"``, ``"max"`` (as a string
@@ -299,9 +305,10 @@ class QSAGEConv(_QConv, SAGEConv):
     Operator: ``x_i' = W_1 x_i + W_2 aggr_(j in N(i)) x_j`` (PyG's SAGEConv, same Parameters).
 
     Saved for backward (bytes per element at the default config: 4 bits plus bf16 metadata per 1024 elements):
-      * ``x`` for ``lin_r``, compressed: ``[N, in_channels]`` at 0.504 B per element (0 B when resident);
-      * the aggregate for ``lin_l``, compressed: ``[N, in_channels]`` at 0.504 B per element;
-      * ``max`` aggregation: the winning edge, int32 (4 B per element of ``[N, in_channels]``);
+      * ``x`` for ``lin_l`` and ``lin_r``, compressed once: ``[N, in_channels]`` at 0.504 B per element (0 B when
+        resident); nothing of the ``mean``/``sum`` aggregate;
+      * ``max`` aggregation: the winning edge, int32 (4 B per element of ``[N, in_channels]``), and the aggregate
+        for ``lin_l``, compressed: ``[N, in_channels]`` at 0.504 B per element;
       * ``normalize=True``: what the L2 normalisation saves, exact (4 B per float32 element).
     """
 
@@ -328,9 +335,12 @@ class QSAGEConv(_QConv, SAGEConv):
 class QGraphConv(_QConv, GraphConv):
     """:class:`~torch_geometric.nn.conv.GraphConv` with compressed saved activations.
 
-    Aggregation over a constant adjacency keeps nothing of ``x``; with
-    learnable edge weights it keeps ``x`` compressed for their gradient.
-    ``lin_rel`` and ``lin_root`` keep their inputs compressed.
+    With ``add``/``mean`` over a constant adjacency, ``lin_rel(aggr(x))`` runs as
+    one :func:`~blockquant.functional.aggregate_linear`, which keeps only ``x``
+    (compressed once and shared with ``lin_root``; by reference when resident),
+    never the aggregate. With ``max`` or learnable edge weights the aggregation
+    runs first (keeping the winning edges, or ``x`` compressed for the edge
+    weights' gradient) and ``lin_rel`` keeps the aggregate compressed.
     Supports ``aggr`` in ``"add"``/``"sum"``, ``"mean"``, ``"max"``, ``bias``,
     edge weights, bipartite input and ``size``. Refuses other aggregations
     and ``flow="target_to_source"``.
@@ -338,10 +348,11 @@ class QGraphConv(_QConv, GraphConv):
     Operator: ``x_i' = W_1 x_i + W_2 aggr_(j in N(i)) e_ji x_j`` (PyG's GraphConv, same Parameters).
 
     Saved for backward (bytes per element at the default config: 4 bits plus bf16 metadata per 1024 elements):
-      * ``x`` for ``lin_root`` and the aggregate for ``lin_rel``, compressed: ``[N, in_channels]`` at 0.504 B per
-        element each (``x``: 0 B when resident);
-      * learnable edge weights: ``x`` compressed once more for their gradient (0.504 B per element);
-      * ``max`` aggregation: the winning edge, int32 (4 B per element of ``[N, in_channels]``).
+      * ``x`` for ``lin_rel`` and ``lin_root``, compressed once: ``[N, in_channels]`` at 0.504 B per element (0 B
+        when resident); constant edge weights by reference;
+      * ``max`` aggregation or learnable edge weights: also the aggregate for ``lin_rel``, compressed (0.504 B per
+        element); learnable edge weights: ``x`` compressed once more without projection for their gradient
+        (0.504 B per element); ``max``: the winning edge, int32 (4 B per element of ``[N, in_channels]``).
     """
 
     def forward(self, x, edge_index, edge_weight: Optional[Tensor] = None, size=None) -> Tensor:
