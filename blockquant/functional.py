@@ -34,8 +34,8 @@ from . import save_policy
 from .save_policy import compress_shared, is_resident, keep_for_ctx, mark_resident, without_projection
 
 __all__ = [
-    "linear", "aggregate", "relu", "leaky_relu", "dropout", "batch_norm", "layer_norm", "elu", "gelu",
-    "compress_shared", "is_resident", "mark_resident", "BitMask",
+    "linear", "aggregate", "aggregate_linear", "relu", "leaky_relu", "dropout", "batch_norm", "layer_norm", "elu",
+    "gelu", "compress_shared", "is_resident", "mark_resident", "BitMask",
 ]
 
 # ----------------------------------------------------------------------------
@@ -461,6 +461,166 @@ def aggregate(x: torch.Tensor, adj, reduce: str = "sum", config: Optional[QuantC
             out, _ = _aggregate_forward(x2, adj.edge_weight, adj, reduce, False)
             return out.view(adj.num_dst, *x.shape[1:])
     return _Aggregate.apply(x, adj.edge_weight, adj, reduce, config)
+
+
+# ----------------------------------------------------------------------------
+# aggregation followed by a linear map
+# ----------------------------------------------------------------------------
+
+class _AggregateLinear(torch.autograd.Function):
+    """``y = (A x) W^T + b`` with ``A`` a constant sum / mean aggregation (exact forward, equal
+    to :func:`aggregate` then :func:`linear` up to summation order).
+
+    Both gradients that need an activation are linear in ``x`` itself, not in the aggregate:
+    ``grad_W = (A^T g)^T x`` and ``grad_x = (A^T g) W``. So the aggregate is never kept:
+
+    Saves (only what the requested gradients need):
+      * for the weight gradient: ``x`` by reference when resident, else compressed with the
+        config (projection included) through :func:`compress_shared`, so a layer that also
+        feeds ``x`` to :func:`linear` (SAGE's ``lin_r``) keeps one copy for both;
+      * for the input gradient: ``W`` by reference;
+      * the constant edge weights (``[E]``) by reference when the graph has them; the
+        adjacency's cached CSR.
+
+    The forward multiplies by ``W`` first when that narrows the features (``out < in``), so
+    the ``[num_dst, in]`` aggregate is not even formed then. Backward forms ``h = A^T g``
+    (``g`` divided by the in-degree first for mean) with one sparse product over the cached
+    transposed CSR, then ``grad_W = h^T x_hat`` one compressed row block at a time and
+    ``grad_x = h W``; only when the input gradient alone is needed and ``in < out`` does it
+    use the narrower ``A^T (g W)`` instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, edge_weight, adj: Adjacency, reduce: str, config: QuantConfig):
+        need_x, need_w = ctx.needs_input_grad[:2]
+        out = _aggregate_linear_forward(x, weight, bias, edge_weight, adj, reduce)
+        ctx.bq_adj = adj
+        ctx.bq_reduce = reduce
+        ctx.bq_in_dim = x.shape[1]
+        ctx.bq_has_bias = bias is not None
+        ctx.bq_has_edge_weight = edge_weight is not None
+        to_save: List[torch.Tensor] = []
+        state: Tuple[object, ...] = ()
+        ctx.bq_ref = False
+        if need_w:
+            to_save, state = keep_for_ctx(ctx, x, config, dtype=_autocast_dtype(x))
+        if need_x:
+            to_save.append(weight)
+        if edge_weight is not None and (need_x or need_w):
+            to_save.append(edge_weight)
+        ctx.save_for_backward(*to_save)
+        ctx.bq_state = state
+        return out
+
+    @staticmethod
+    @_first_order_only
+    def backward(ctx, grad_out):
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        adj: Adjacency = ctx.bq_adj
+        saved = list(ctx.saved_tensors)
+        x_ref = saved.pop(0) if (need_w and ctx.bq_ref) else None
+        weight = saved.pop(0) if need_x else None
+        edge_weight = saved.pop(0) if (ctx.bq_has_edge_weight and (need_x or need_w)) else None
+        grad_x = grad_w = grad_b = None
+        if need_b and ctx.bq_has_bias:
+            grad_b = grad_out.sum(0)
+        if not (need_x or need_w):
+            return grad_x, grad_w, grad_b, None, None, None, None
+        g = grad_out
+        if ctx.bq_reduce == "mean":
+            g = g / adj.in_degree(g.dtype).clamp_(min=1).view(-1, 1)
+        bwd = adj._structure.bwd
+        if not need_w and ctx.bq_in_dim < g.shape[1]:
+            grad_x = _spmm(bwd, bwd.values(edge_weight, g.dtype), g.mm(weight.to(g.dtype)))
+            return grad_x, None, grad_b, None, None, None, None
+        h = _spmm(bwd, bwd.values(edge_weight, g.dtype), g)  # A^T g: [num_src, out]
+        del g
+        if need_w:
+            if x_ref is not None:
+                grad_w = h.t().mm(x_ref.to(h.dtype))
+            else:
+                grad_w = ctx.bq_state[0].left_matmul(h.t())
+        if need_x:
+            grad_x = h.mm(weight.to(h.dtype))
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _aggregate_linear_forward(x, weight, bias, edge_weight, adj: Adjacency, reduce: str) -> torch.Tensor:
+    fwd = adj._structure.fwd
+    if weight.shape[0] < weight.shape[1]:  # narrow first: A (x W^T), no [num_dst, in] aggregate
+        h = torch.nn.functional.linear(x, weight)
+        out = _spmm(fwd, fwd.values(edge_weight, h.dtype), h)
+        if reduce == "mean":
+            out = out.div_(adj.in_degree(out.dtype).clamp_(min=1).view(-1, 1))
+        return out if bias is None else out.add_(bias.to(out.dtype))
+    agg = _spmm(fwd, fwd.values(edge_weight, x.dtype), x)
+    if reduce == "mean":
+        agg = agg.div_(adj.in_degree(agg.dtype).clamp_(min=1).view(-1, 1))
+    return torch.nn.functional.linear(agg, weight, bias)
+
+
+def aggregate_linear(x: torch.Tensor, adj, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     reduce: str = "sum", config: Optional[QuantConfig] = None, *, num_nodes=None) -> torch.Tensor:
+    """``linear(aggregate(x, adj, reduce), weight, bias)`` for a constant sum / mean aggregation,
+    keeping only ``x`` for backward (never the aggregate).
+
+    The weight gradient ``(A^T g)^T x`` and the input gradient ``(A^T g) W`` are both linear in
+    ``x``, so the ``[num_dst, in]`` aggregate that ``aggregate`` then ``linear`` would keep
+    compressed is not needed: a resident ``x`` (the graph's features) makes the weight gradient
+    exact, and an intermediate ``x`` is compressed once and shared with other ops that keep the
+    same ``x`` at the same config (SAGE's root weight, :func:`linear`). Memory is ``O(N x F)``:
+    no ``[E, F]`` tensor in forward or backward.
+
+    Args:
+        x: source-node features ``[num_src, in_features]``.
+        adj: any form :func:`aggregate` accepts; its edge weights, if any, must not require grad
+            (learnable edge weights: use :func:`aggregate` then :func:`linear`).
+        weight: ``[out_features, in_features]``.
+        bias: optional ``[out_features]``.
+        reduce: ``"sum"`` (alias ``"add"``) or ``"mean"`` (max is not linear: use :func:`aggregate`).
+        config: :class:`QuantConfig` or preset name for ``x`` (default: the ``"default"`` preset).
+        num_nodes: as for :func:`aggregate`.
+
+    Returns: ``[num_dst, out_features]``.
+
+    Saved for backward (only what the requested gradients need):
+      * ``x`` for the weight gradient: by reference, 0 B, when resident (:func:`is_resident`), else compressed,
+        0.504 B per element at the default config (a projected copy when ``config.rp_ratio > 1``), shared with
+        any other op of this step that keeps the same ``x`` at the same config;
+      * ``weight`` by reference (0 B extra) for the input gradient; constant edge weights by reference;
+      * nothing of the aggregate; the bias gradient needs nothing.
+    """
+    _check_float(x, "aggregate_linear")
+    _check_float(weight, "aggregate_linear", "weight")
+    if reduce not in ("sum", "add", "mean"):
+        raise ValueError(f"blockquant.functional.aggregate_linear: reduce must be 'sum', 'add' or 'mean'; got "
+                         f"{reduce!r} (for max use aggregate() then linear())")
+    reduce = "sum" if reduce == "add" else reduce
+    config = _config(config, "aggregate_linear")
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"blockquant.functional.aggregate_linear: expected x [num_nodes, in_features] and weight "
+                         f"[out_features, in_features]; got x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"blockquant.functional.aggregate_linear: expected bias of shape ({weight.shape[0]},); "
+                         f"got {tuple(bias.shape)}")
+    if not isinstance(adj, Adjacency):
+        if num_nodes is None and _sizes_unknown(adj):
+            num_nodes = x.size(0)
+        adj = as_adjacency(adj, num_nodes=num_nodes)
+    if adj.num_src != x.size(0):
+        raise ValueError(f"blockquant.functional.aggregate_linear: the adjacency has {adj.num_src} source nodes but "
+                         f"x has {x.size(0)} rows")
+    if adj.device != x.device:
+        raise ValueError(f"blockquant.functional.aggregate_linear: the adjacency is on {adj.device} but x is on "
+                         f"{x.device}; move both to one device")
+    edge_weight = adj.edge_weight
+    if edge_weight is not None and edge_weight.requires_grad:
+        raise ValueError("blockquant.functional.aggregate_linear: the edge weights require grad; their gradient "
+                         "needs the messages: use aggregate() then linear() for learnable edge weights")
+    if _untracked(x, weight, bias):
+        with torch.no_grad():
+            return _aggregate_linear_forward(x, weight, bias, edge_weight, adj, reduce)
+    return _AggregateLinear.apply(x, weight, bias, edge_weight, adj, reduce, config)
 
 
 # ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from blockquant import QuantConfig
 from blockquant import functional as BF
 from blockquant.nn import WRAPPERS
 from blockquant.nn.conv import QGCNConv, QSAGEConv
+from blockquant.tune import packed_nbytes
 from tolerances import rel_err
 
 N, E, F_IN, F_OUT = 60, 320, 16, 12
@@ -400,3 +401,26 @@ def test_saved_bytes_far_below_full_precision(name):
     assert comp.per_kind["compressed"] > 0
     assert comp.total_bytes < 0.3 * full.total_bytes, (name, comp, full)
     assert comp.per_kind["plain"] < node_feat_fp32 / 2, (name, comp)
+
+
+@pytest.mark.parametrize("name, copies", [("sage_mean", 1), ("sage_sum", 1), ("graph_add", 1), ("graph_mean", 1),
+                                          ("sage_max", 2)])
+def test_sum_mean_aggregation_keeps_x_once_and_never_the_aggregate(name, copies):
+    """SAGE's lin_l / GraphConv's lin_rel read x through aggregate_linear: the layer keeps one compressed
+    [N, F] tensor (x, shared with the root weight), not the aggregate beside it; a resident x makes it
+    keep nothing compressed. Max aggregation still keeps the aggregate for lin_l (copies=2)."""
+    f = 32
+    make = {"sage_mean": lambda: SAGEConv(f, f), "sage_sum": lambda: SAGEConv(f, f, aggr="sum"),
+            "graph_add": lambda: GraphConv(f, f), "graph_mean": lambda: GraphConv(f, f, aggr="mean"),
+            "sage_max": lambda: SAGEConv(f, f, aggr="max")}[name]
+    torch.manual_seed(0)
+    cfg = QuantConfig(bits=2, block_size=1024, rp_ratio=4)
+    wrapped = WRAPPERS[type(make())].from_module(make(), cfg)
+    x_leaf, ei = _graph(n=400, e=1600, f=f)
+    x_leaf.requires_grad_()
+    call = CONVS["gcn"][1]
+    one_copy = packed_nbytes((400, f), cfg)
+    mem = _saved_bytes(wrapped, call, torch.relu(x_leaf * 1.0), x_leaf, ei)
+    assert mem.per_kind["compressed"] == copies * one_copy, (name, mem.per_kind, one_copy)
+    resident = _saved_bytes(wrapped, call, x_leaf, x_leaf, ei)
+    assert resident.per_kind["compressed"] == (copies - 1) * one_copy, (name, resident.per_kind)

@@ -83,6 +83,16 @@ def _ops():
         ops[f"aggregate_{reduce}_weighted"] = (
             lambda x, c, r=reduce: BF.aggregate(x, as_adjacency(ei, 37, ew), r, c),
             lambda x, r=reduce: _pyg_scatter(x, ei, ew, r), (ew,))
+    # aggregation then a linear map; 13 -> 5 narrows before aggregating, 13 -> 20 after
+    wide = torch.randn(20, 13, requires_grad=True)
+    cw = torch.rand(ei.size(1))  # constant edge weights
+    for reduce in ("sum", "mean"):
+        ops[f"aggregate_linear_{reduce}"] = (
+            lambda x, c, r=reduce: BF.aggregate_linear(x, ei, W, bias, r, c),
+            lambda x, r=reduce: F.linear(_pyg_scatter(x, ei, None, r), W, bias), (W, bias))
+        ops[f"aggregate_linear_{reduce}_wide_weighted"] = (
+            lambda x, c, r=reduce: BF.aggregate_linear(x, as_adjacency(ei, 37, cw), wide, None, r, c),
+            lambda x, r=reduce: F.linear(_pyg_scatter(x, ei, cw, r), wide), (wide,))
     return ops
 
 
@@ -443,7 +453,10 @@ def test_empty_inputs(name):
     ours, ref, params = _ops()[name]
     leaf = torch.randn(0, 13, requires_grad=True)
     x = leaf * 1.0
-    if name.startswith("aggregate"):
+    if name.startswith("aggregate_linear"):
+        y = BF.aggregate_linear(x, torch.empty(2, 0, dtype=torch.long), params[0], None, name.split("_")[2], FINE)
+        assert y.shape == (0, params[0].shape[0])
+    elif name.startswith("aggregate"):
         y = BF.aggregate(x, torch.empty(2, 0, dtype=torch.long), name.split("_")[1], FINE)
         assert y.shape == (0, 13)
     else:

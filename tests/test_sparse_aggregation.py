@@ -314,6 +314,87 @@ def test_bipartite_size_mismatch_is_refused():
         wrapped((torch.randn(N, F, requires_grad=True), torch.randn(7, F)), ei, size=(N, 3))
 
 
+# ------------------------------------------------------------------ aggregation fused with a linear map
+INT2 = QuantConfig(bits=2, block_size=256)
+
+
+def _aggregate_then_linear(x, ei, weight, bias, reduce, edge_weight=None, n_dst=None):
+    """The reference: PyG's scatter of messages, then ``F.linear``."""
+    msg = x[ei[0]] if edge_weight is None else x[ei[0]] * edge_weight.view(-1, 1)
+    n_dst = x.size(0) if n_dst is None else n_dst
+    return torch.nn.functional.linear(scatter(msg, ei[1], 0, n_dst, reduce=reduce), weight, bias)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize("out_dim", [8, 48], ids=["narrowing", "widening"])
+@pytest.mark.parametrize("needs", ["all", "weight", "input"])
+def test_aggregate_linear_exact_gradients_without_edge_sized_allocation(reduce, out_dim, needs, lossless,
+                                                                       small_chunks):
+    ei = _graph(n_dst=25)
+    ew = torch.rand(ei.size(1), generator=torch.Generator().manual_seed(5))  # constant edge weights
+    adj = as_adjacency(ei, (N, 25), edge_weight=ew)
+    g = torch.Generator().manual_seed(3)
+    x_leaf = torch.randn(N, F, generator=g).requires_grad_(needs != "weight")
+    w = (torch.randn(out_dim, F, generator=g) * 0.3).requires_grad_(needs != "input")
+    b = torch.randn(out_dim, generator=g).requires_grad_(needs != "input")
+    inputs = [t for t in (x_leaf, w, b) if t.requires_grad]
+    go = torch.randn(25, out_dim, generator=g)
+
+    def step():
+        out = BF.aggregate_linear(x_leaf * 1.0, adj, w, b, reduce, EXACT)
+        return out.detach(), torch.autograd.grad(out, inputs, go)
+
+    step()  # builds the graph's CSR and its transpose (cached with the graph)
+    (out, grads), trace = cpu_allocation_trace(step)
+    ref = _aggregate_then_linear(x_leaf * 1.0, ei, w, b, reduce, ew, n_dst=25)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(grads, torch.autograd.grad(ref, inputs, go)):
+        assert _rel(a, r) < 1e-5
+    assert trace.largest < _ef_bytes(ei), f"an allocation of {trace.largest} bytes reached E x F"
+
+
+def test_aggregate_linear_keeps_only_x_and_a_resident_x_makes_the_weight_gradient_exact():
+    ei = _graph()
+    x_leaf = torch.randn(N, F, requires_grad=True)
+    w = torch.randn(8, F, requires_grad=True)
+    go = torch.randn(N, 8)
+    ref = torch.autograd.grad(_aggregate_then_linear(x_leaf, ei, w, None, "mean"), w, go)[0]
+    # resident x (a leaf here, data.x under convert): saved by reference, nothing compressed, exact at int2
+    out = BF.aggregate_linear(x_leaf, ei, w, None, "mean", INT2)
+    assert out.grad_fn.bq_state == ()
+    assert _rel(torch.autograd.grad(out, w, go)[0], ref) < 1e-6
+    # an intermediate x: one compressed copy of x ([N, F]), shared with a linear map of the same x
+    x = x_leaf * 1.0
+    out = BF.aggregate_linear(x, ei, w, None, "mean", INT2)
+    root = BF.linear(x, w, None, INT2)
+    (packed,) = out.grad_fn.bq_state
+    assert tuple(packed.shape) == (N, F) and root.grad_fn.bq_state[0] is packed
+    # and its weight gradient is unbiased: the mean of many roundings approaches the exact one
+    draws = [torch.autograd.grad(BF.aggregate_linear(x_leaf * 1.0, ei, w, None, "mean", INT2), w, go)[0]
+             for _ in range(64)]
+    single = sum(_rel(d, ref) for d in draws) / len(draws)
+    assert single > 1e-3 and _rel(torch.stack(draws).mean(0), ref) < 0.3 * single
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda: BF.aggregate_linear(torch.randn(4, 3), torch.tensor([[0, 1], [1, 0]]), torch.randn(2, 3), None, "max"),
+     ValueError, "'sum', 'add' or 'mean'; got 'max'"),
+    (lambda: BF.aggregate_linear(torch.randn(4, 3), torch.tensor([[0, 1], [1, 0]]), torch.randn(2, 5)),
+     ValueError, r"got x \(4, 3\) and weight \(2, 5\)"),
+    (lambda: BF.aggregate_linear(torch.randn(4, 3), torch.tensor([[0, 1], [1, 0]]), torch.randn(2, 3),
+                                 torch.randn(3)), ValueError, r"bias of shape \(2,\); got \(3,\)"),
+    (lambda: BF.aggregate_linear(torch.randn(4, 3), as_adjacency(torch.tensor([[0, 1], [1, 0]]), 4,
+                                                                 torch.rand(2, requires_grad=True)),
+                                 torch.randn(2, 3)), ValueError, "use aggregate\\(\\) then linear"),
+    (lambda: BF.aggregate_linear(torch.randn(5, 3), as_adjacency(torch.tensor([[0, 1], [1, 0]]), 4),
+                                 torch.randn(2, 3)), ValueError, "4 source nodes but x has 5 rows"),
+])
+def test_aggregate_linear_bad_input_is_a_one_line_error(bad, error, match):
+    with pytest.raises(error, match=match) as info:
+        bad()
+    assert "\n" not in str(info.value)
+
+
 # ------------------------------------------------------------------ peak of a training step
 def test_step_peak_below_half_of_plain_pyg_with_sparse_adj_t(monkeypatch):
     """Mid-sized graph (4,000 nodes, 80,000 edges, 64 features), GraphSAGE 3x64 + BatchNorm, ReLU,

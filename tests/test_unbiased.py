@@ -226,6 +226,15 @@ FUNCTIONAL_CASES = {
         lambda x, p, c: BF.aggregate(x, blockquant.as_adjacency(_graph(), num_nodes=N, edge_weight=p["w"]),
                                      "sum", c),
         lambda x, p: _exact_aggregate(x, p["w"], "sum"), {"w": _edge_weight()})),
+    # the weight gradient (A^T g)^T x_hat reads the compressed x, not a compressed aggregate
+    "aggregate_linear_mean": Case(_functional_case(
+        lambda x, p, c: BF.aggregate_linear(x, _graph(), p["w"], p["b"], "mean", c),
+        lambda x, p: torch.nn.functional.linear(_exact_aggregate(x, None, "mean"), p["w"], p["b"]),
+        {"w": _W, "b": torch.zeros(12)})),
+    "aggregate_linear_sum_rp4_wide": Case(_functional_case(
+        lambda x, p, c: BF.aggregate_linear(x, _graph(), p["w"], None, "sum", c.replace(rp_ratio=4)),
+        lambda x, p: torch.nn.functional.linear(_exact_aggregate(x, None, "sum"), p["w"]),
+        {"w": _features(24, F, seed=7) * 0.3})),
     "relu": Case(_functional_case(lambda x, p, c: BF.relu(x), lambda x, p: torch.relu(x), {})),
     "leaky_relu": Case(_functional_case(lambda x, p, c: BF.leaky_relu(x, 0.1),
                                         lambda x, p: torch.nn.functional.leaky_relu(x, 0.1), {})),

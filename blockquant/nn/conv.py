@@ -18,7 +18,10 @@ Each wrapper subclasses the PyG layer it replaces and is built with
     a leaf input such as ``data.x`` is kept by reference);
   - aggregation over a constant adjacency goes through
     :func:`blockquant.functional.aggregate` (``A x`` forward, ``A^T g``
-    backward over the graph's cached CSR) and keeps nothing of ``x``;
+    backward over the graph's cached CSR) and keeps nothing of ``x``; a sum /
+    mean aggregation followed by a linear map (SAGE's ``lin_l``, GraphConv's
+    ``lin_rel``) goes through :func:`blockquant.functional.aggregate_linear`,
+    which keeps ``x`` (shared with the root weight's copy), not the aggregate;
   - attention (GAT, GATv2) goes through :mod:`blockquant.attention`: the
     attention coefficients (``[E, heads]``) and LeakyReLU signs are kept
     exact (backward uses them non-linearly), only node features
@@ -163,11 +166,14 @@ class _QConv(CompressedModule):
     # ------------------------------------------------------------------ helpers
     def _linear(self, x: Tensor, lin, bias: bool = True) -> Tensor:
         """``lin(x)`` for a PyG/torch Linear (or a wrapper of one) with the input saved compressed."""
+        return BF.linear(x, self._weight_of(lin), lin.bias if bias else None, self.bq_config)
+
+    def _weight_of(self, lin) -> Tensor:
         weight = lin.weight
         if isinstance(weight, torch.nn.parameter.UninitializedParameter):
             raise RuntimeError(f"{type(self).__name__}: lazy (in_channels=-1) weights must be initialised by one "
                                "forward pass before conversion")
-        return BF.linear(x, weight, lin.bias if bias else None, self.bq_config)
+        return weight
 
     def _adjacency(self, edge_index, x_src: Tensor, x_dst: Optional[Tensor], size=None,
                    edge_weight: Optional[Tensor] = None, use_sparse_values: bool = True):
@@ -202,11 +208,25 @@ class _QConv(CompressedModule):
     def _aggregate_pairs(self, x, edge_index, size, **adjacency_options):
         """SAGE/GraphConv/GIN: aggregate source features over the adjacency (keeps nothing
         of ``x``); returns the aggregate and the target features (``x`` may be a pair)."""
+        x_src, x_dst, adj = self._source_adjacency(x, edge_index, size, **adjacency_options)
+        return BF.aggregate(x_src, adj, self.bq_reduce, self.bq_config), x_dst
+
+    def _source_adjacency(self, x, edge_index, size, **adjacency_options):
         self._bq_check_runtime()
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
         self._check_2d(x_src, type(self).__name__)
-        adj = self._adjacency(edge_index, x_src, x_dst, size, **adjacency_options)
-        return BF.aggregate(x_src, adj, self.bq_reduce, self.bq_config), x_dst
+        return x_src, x_dst, self._adjacency(edge_index, x_src, x_dst, size, **adjacency_options)
+
+    def _aggregate_linear_pairs(self, x, edge_index, size, lin, **adjacency_options):
+        """SAGE/GraphConv: ``lin(aggregate(x))`` and the target features. Sum / mean over a constant
+        adjacency run as one :func:`~blockquant.functional.aggregate_linear`, which keeps only
+        ``x`` (shared with the root weight's copy); max and learnable edge weights aggregate
+        first and keep the aggregate for ``lin``."""
+        x_src, x_dst, adj = self._source_adjacency(x, edge_index, size, **adjacency_options)
+        weight_grad = adj.edge_weight is not None and adj.edge_weight.requires_grad
+        if self.bq_reduce == "max" or weight_grad:
+            return self._linear(BF.aggregate(x_src, adj, self.bq_reduce, self.bq_config), lin), x_dst
+        return BF.aggregate_linear(x_src, adj, self._weight_of(lin), lin.bias, self.bq_reduce, self.bq_config), x_dst
 
     @staticmethod
     def _check_2d(x: Tensor, who: str) -> None:
@@ -289,10 +309,13 @@ class QGCNConv(_QConv, GCNConv):
 class QSAGEConv(_QConv, SAGEConv):
     """:class:`~torch_geometric.nn.conv.SAGEConv` with compressed saved activations.
 
-    The neighbour aggregation keeps nothing of ``x`` (``mean``/``sum``) or the
-    winning edge per output element (``max``, integers); ``lin_l`` keeps the
-    aggregate compressed and ``lin_r`` keeps ``x`` compressed (by reference when
-    ``x`` is a leaf). ``normalize=True`` runs the L2 normalisation under
+    With ``mean``/``sum``, ``lin_l(aggr(x))`` runs as one
+    :func:`~blockquant.functional.aggregate_linear`: its gradients are linear in
+    ``x``, so the aggregate is never kept; ``x`` is kept once, compressed and
+    shared by ``lin_l`` and ``lin_r`` (by reference when ``x`` is resident, e.g.
+    ``data.x``: then both weight gradients are exact). With ``max`` the
+    aggregation keeps the winning edge per output element (integers) and
+    ``lin_l`` keeps the aggregate compressed. ``normalize=True`` runs the L2 normalisation under
     :func:`~blockquant.compress_saved_tensors`, which keeps what it saves exact
     (its backward is not linear in it).
     Supports ``aggr`` in ``"mean"``, ``"sum"``/``"add"``, ``"max"`` (as a string
@@ -303,9 +326,10 @@ class QSAGEConv(_QConv, SAGEConv):
     Operator: ``x_i' = W_1 x_i + W_2 aggr_(j in N(i)) x_j`` (PyG's SAGEConv, same Parameters).
 
     Saved for backward (bytes per element at the default config: 4 bits plus bf16 metadata per 1024 elements):
-      * ``x`` for ``lin_r``, compressed: ``[N, in_channels]`` at 0.504 B per element (0 B when resident);
-      * the aggregate for ``lin_l``, compressed: ``[N, in_channels]`` at 0.504 B per element;
-      * ``max`` aggregation: the winning edge, int32 (4 B per element of ``[N, in_channels]``);
+      * ``x`` for ``lin_l`` and ``lin_r``, compressed once: ``[N, in_channels]`` at 0.504 B per element (0 B when
+        resident); nothing of the ``mean``/``sum`` aggregate;
+      * ``max`` aggregation: the winning edge, int32 (4 B per element of ``[N, in_channels]``), and the aggregate
+        for ``lin_l``, compressed: ``[N, in_channels]`` at 0.504 B per element;
       * ``normalize=True``: what the L2 normalisation saves, exact (4 B per float32 element).
     """
 
@@ -318,8 +342,7 @@ class QSAGEConv(_QConv, SAGEConv):
     def forward(self, x, edge_index, size=None) -> Tensor:
         if self._runs_original(x):
             return SAGEConv.forward(self, x, edge_index, size)
-        out, x_dst = self._aggregate_pairs(x, edge_index, size, use_sparse_values=False)
-        out = self._linear(out, self.lin_l)
+        out, x_dst = self._aggregate_linear_pairs(x, edge_index, size, self.lin_l, use_sparse_values=False)
         if self.root_weight and x_dst is not None:
             out = out + self._linear(x_dst, self.lin_r, bias=False)
         if self.normalize:
@@ -333,9 +356,12 @@ class QSAGEConv(_QConv, SAGEConv):
 class QGraphConv(_QConv, GraphConv):
     """:class:`~torch_geometric.nn.conv.GraphConv` with compressed saved activations.
 
-    Aggregation over a constant adjacency keeps nothing of ``x``; with
-    learnable edge weights it keeps ``x`` compressed for their gradient.
-    ``lin_rel`` and ``lin_root`` keep their inputs compressed.
+    With ``add``/``mean`` over a constant adjacency, ``lin_rel(aggr(x))`` runs as
+    one :func:`~blockquant.functional.aggregate_linear`, which keeps only ``x``
+    (compressed once and shared with ``lin_root``; by reference when resident),
+    never the aggregate. With ``max`` or learnable edge weights the aggregation
+    runs first (keeping the winning edges, or ``x`` compressed for the edge
+    weights' gradient) and ``lin_rel`` keeps the aggregate compressed.
     Supports ``aggr`` in ``"add"``/``"sum"``, ``"mean"``, ``"max"``, ``bias``,
     edge weights, bipartite input and ``size``. Refuses other aggregations
     and ``flow="target_to_source"``.
@@ -343,17 +369,17 @@ class QGraphConv(_QConv, GraphConv):
     Operator: ``x_i' = W_1 x_i + W_2 aggr_(j in N(i)) e_ji x_j`` (PyG's GraphConv, same Parameters).
 
     Saved for backward (bytes per element at the default config: 4 bits plus bf16 metadata per 1024 elements):
-      * ``x`` for ``lin_root`` and the aggregate for ``lin_rel``, compressed: ``[N, in_channels]`` at 0.504 B per
-        element each (``x``: 0 B when resident);
-      * learnable edge weights: ``x`` compressed once more for their gradient (0.504 B per element);
-      * ``max`` aggregation: the winning edge, int32 (4 B per element of ``[N, in_channels]``).
+      * ``x`` for ``lin_rel`` and ``lin_root``, compressed once: ``[N, in_channels]`` at 0.504 B per element (0 B
+        when resident); constant edge weights by reference;
+      * ``max`` aggregation or learnable edge weights: also the aggregate for ``lin_rel``, compressed (0.504 B per
+        element); learnable edge weights: ``x`` compressed once more without projection for their gradient
+        (0.504 B per element); ``max``: the winning edge, int32 (4 B per element of ``[N, in_channels]``).
     """
 
     def forward(self, x, edge_index, edge_weight: Optional[Tensor] = None, size=None) -> Tensor:
         if self._runs_original(x):
             return GraphConv.forward(self, x, edge_index, edge_weight, size)
-        out, x_dst = self._aggregate_pairs(x, edge_index, size, edge_weight=edge_weight)
-        out = self._linear(out, self.lin_rel)
+        out, x_dst = self._aggregate_linear_pairs(x, edge_index, size, self.lin_rel, edge_weight=edge_weight)
         if x_dst is not None:
             out = out + self._linear(x_dst, self.lin_root, bias=False)
         return out
