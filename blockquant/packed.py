@@ -108,9 +108,15 @@ def _(proj_seed, in_dim, out_dim, device, dtype):
 @torch.library.custom_op("blockquant::quantize", mutates_args=())
 def _quantize_op(x: torch.Tensor, seed: torch.Tensor, bits: int, block: int, meta_dtype: torch.dtype,
                  levels: Optional[List[float]], stochastic: bool, proj_dim: int, check_finite: bool,
-                 backend: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+                 backend: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode non-empty ``x`` (projected to ``proj_dim`` columns first when ``proj_dim > 0``);
-    returns ``(payload, meta)``. With ``check_finite``, non-finite metadata raises ``ValueError`` here."""
+    returns ``(payload, meta, projection seed)``. With ``check_finite``, non-finite metadata raises
+    ``ValueError`` here.
+
+    The projection seed comes out of the op (rather than being computed beside it) so that a
+    compiled graph saves it for backward like the codes: traced beside the op, the random draw
+    it derives from could be replayed in the backward graph, giving another projection.
+    """
     data = x
     if proj_dim:
         d = x.shape[-1]
@@ -125,14 +131,15 @@ def _quantize_op(x: torch.Tensor, seed: torch.Tensor, bits: int, block: int, met
     if check_finite and not bool(torch.isfinite(meta).all()):
         _raise_non_finite(x if not bool(torch.isfinite(x).all()) else data, meta_dtype)
     assert payload.numel() == payload_bytes(n, block, bits), "backend returned a malformed payload"
-    return payload, meta
+    return payload, meta, projection_seed(seed)
 
 
 @_quantize_op.register_fake
 def _(x, seed, bits, block, meta_dtype, levels, stochastic, proj_dim, check_finite, backend):
     n = _stored_numel(x, proj_dim)
     nb = (n + block - 1) // block
-    return x.new_empty(payload_bytes(n, block, bits), dtype=torch.uint8), x.new_empty((2, nb), dtype=meta_dtype)
+    return (x.new_empty(payload_bytes(n, block, bits), dtype=torch.uint8), x.new_empty((2, nb), dtype=meta_dtype),
+            torch.empty((), dtype=torch.int64))
 
 
 @torch.library.custom_op("blockquant::dequantize", mutates_args=())
@@ -401,11 +408,13 @@ def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None,
         # a compiled graph cannot defer (the check object lives outside it): it checks in the op
         deferred = None if torch.compiler.is_compiling() else _ACTIVE_CHECK.get()
         levels = _levels_for(config.bits, block, config.levels == "optimal")
-        payload, meta = _quantize_op(x, seed, config.bits, block, config.meta_dtype, levels,
+        payload, meta, op_proj_seed = _quantize_op(x, seed, config.bits, block, config.meta_dtype, levels,
                                      config.rounding == "stochastic", 0 if proj_dims is None else proj_dims[1],
                                      deferred is None, backend)
         if deferred is not None:
             deferred.record(meta, shape, config.meta_dtype)
+        if proj_dims is not None:
+            proj_seed = op_proj_seed
     return PackedTensor(payload, meta, shape, dtype, config, block, seed, proj_seed, proj_dims,
                         backend=backend)
 

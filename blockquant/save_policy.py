@@ -204,9 +204,14 @@ def compress_shared(x: torch.Tensor, config: QuantConfig, *, dtype: Optional[tor
     long-lived tensor without ``grad_fn`` that is not resident is compressed
     afresh each time; reusing it would repeat the same rounding noise in every
     step, and its gradient error would never average out.
+
+    Under ``torch.compile`` nothing is shared: the table is keyed on tensor identity (a weak
+    dictionary dynamo cannot trace, and ``grad_fn`` is not readable inside a compiled graph),
+    so every use compresses afresh, which costs one more compressed copy where a tensor feeds
+    two compressing ops and never biases a gradient.
     """
     source = x if dtype is None or dtype == x.dtype else x.detach().to(dtype)
-    if x.grad_fn is None:
+    if torch.compiler.is_compiling() or x.grad_fn is None:
         return compress(source, config)
     key = (x._version, config, source.dtype)
     per_tensor = _SHARED.get(x)
