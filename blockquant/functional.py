@@ -555,6 +555,19 @@ def _(seed, shape, dtype, device, p):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@torch.library.custom_op("blockquant::seeded_dropout", mutates_args=())
+def _seeded_dropout(t: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """``t`` times the keep-mask of ``seed``: the forward on ``x`` and the backward on ``grad_out``.
+    One op for both, so that a compiled graph cannot merge the two mask draws into one
+    saved mask (its common-subexpression pass would for two identical noise calls)."""
+    return t * _dropout_noise_op(seed, list(t.shape), t.dtype, t.device, float(p))
+
+
+@_seeded_dropout.register_fake
+def _(t, seed, p):
+    return torch.empty_like(t)
+
+
 class _Dropout(torch.autograd.Function):
     """Dropout that saves one seed (a 0-d int64 CPU tensor, 8 bytes); backward
     regenerates the mask with the same generator type on the same device."""
@@ -565,13 +578,13 @@ class _Dropout(torch.autograd.Function):
         ctx.bq_seed = seed
         ctx.bq_p = p
         ctx.bq_state = ()
-        return x * _dropout_noise(x, p, seed)
+        return _seeded_dropout(x, seed, p)
 
     @staticmethod
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad_out * _dropout_noise(grad_out, ctx.bq_p, ctx.bq_seed), None
+        return _seeded_dropout(grad_out, ctx.bq_seed, ctx.bq_p), None
 
 
 def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Tensor:
