@@ -8,7 +8,6 @@ break reason with its place in the code. ``--json PATH`` also writes them.
 
     python bench/compile_graph_breaks.py                   # PyTorch codec backend
     python bench/compile_graph_breaks.py --backend native  # the compiled CPU codec
-    python bench/compile_graph_breaks.py --stub-residency  # without the resident-tensor registry's breaks
 
 The result is recorded in ``bench/results/compile_graph_breaks_cpu.md``.
 """
@@ -70,19 +69,12 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default=None, help="codec backend (BLOCKQUANT_BACKEND); default: by device")
     p.add_argument("--only", default=None, help="substring of the module names to run")
     p.add_argument("--json", default=None, help="also write the counts here")
-    p.add_argument("--stub-residency", action="store_true",
-                   help="count without the resident-tensor registry's breaks: replace its weak-dictionary "
-                        "lookup by a traceable stand-in (parameters and grad-requiring leaves only; for counting)")
     a = p.parse_args(argv)
     if a.backend:
         os.environ["BLOCKQUANT_BACKEND"] = a.backend
     import blockquant
     from blockquant.bench.datasets import load_dataset
 
-    if a.stub_residency:
-        import blockquant.functional as bf
-
-        bf._held_anyway = lambda t: isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad)
     data = load_dataset("synthetic:tiny")
     torch.manual_seed(0)
     results = {}
@@ -106,8 +98,7 @@ def main(argv=None) -> int:
             print(f"    {r['count']} x {r['reason']}  @ {r['where']}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"torch": torch.__version__, "config": a.config, "backend": a.backend,
-                       "stub_residency": a.stub_residency, "modules": results},
+            json.dump({"torch": torch.__version__, "config": a.config, "backend": a.backend, "modules": results},
                       f, indent=1)
     return 0
 
