@@ -52,6 +52,26 @@ def _where(reason) -> str:
     return "(outside blockquant)"
 
 
+def eager_functions(module: torch.nn.Module, args) -> List[str]:
+    """blockquant autograd Functions that ran outside the compiled graphs (``aot_eager``): explain
+    does not count a Function whose forward dynamo could not trace (it runs it as one eager call)."""
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(module, backend="aot_eager")(*args)
+    except Exception as e:  # noqa: BLE001 -- recorded: a failed compile is a result here
+        return [f"compile failed: {type(e).__name__}: {str(e).splitlines()[-1][:120]}"]
+    seen, names, todo = set(), [], [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__.startswith("_") and type(node).__name__.endswith("Backward"):
+            names.append(type(node).__name__)  # blockquant's Functions are private classes (_Linear, ...)
+        todo.extend(n for n, _ in node.next_functions)
+    return sorted(names)
+
+
 def count(module: torch.nn.Module, args) -> Dict[str, object]:
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(module)(*args)
@@ -91,9 +111,11 @@ def main(argv=None) -> int:
             x = data.x * w  # an intermediate, as inside a model
             args = (x, data.edge_index) if graph else (x,)
             row[kind] = count(m, args)
+            row[kind]["eager_functions"] = eager_functions(m, args)
         results[name] = row
         o, c = row["original"], row["converted"]
-        print(f"{name}: original {o['graphs']} / {o['breaks']}, converted {c['graphs']} / {c['breaks']}", flush=True)
+        print(f"{name}: original {o['graphs']} / {o['breaks']}, converted {c['graphs']} / {c['breaks']}; "
+              f"Functions outside the compiled graphs: {', '.join(c['eager_functions']) or 'none'}", flush=True)
         for r in c["reasons"]:
             print(f"    {r['count']} x {r['reason']}  @ {r['where']}")
     if a.json:

@@ -517,5 +517,9 @@ def _as_adjacency_outside_the_graph(edge_index_or_sparse, num_nodes: NumNodes,
     CSR tensors. The transpose is built now as well, for the compiled backward.
     """
     adj = _as_adjacency(edge_index_or_sparse, num_nodes, edge_weight)
-    adj._structure.bwd  # noqa: B018 -- builds and caches the transposed CSR
+    structure = adj._structure
+    for csr in (structure.fwd, structure.bwd):  # builds and caches the transposed CSR
+        # the unit edge values float32 products use, cached now: created inside a compiled
+        # autograd Function, the cache write would make dynamo run that Function eagerly
+        csr.values(None, torch.float32)
     return adj
