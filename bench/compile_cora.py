@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                    help="folder holding Cora/raw (copied to a temporary folder first)")
     p.add_argument("--config", default="iexact")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--backend", default="inductor", help="torch.compile backend")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
