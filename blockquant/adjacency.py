@@ -472,6 +472,12 @@ def as_adjacency(edge_index_or_sparse, num_nodes: NumNodes = None,
         TypeError: an unsupported adjacency type or dtype.
         ValueError: a malformed shape or out-of-range node indices.
     """
+    if torch.compiler.is_compiling():
+        return _as_adjacency_outside_the_graph(edge_index_or_sparse, num_nodes, edge_weight)
+    return _as_adjacency(edge_index_or_sparse, num_nodes, edge_weight)
+
+
+def _as_adjacency(edge_index_or_sparse, num_nodes: NumNodes, edge_weight: Optional[torch.Tensor]) -> Adjacency:
     obj = edge_index_or_sparse
     if isinstance(obj, Adjacency):
         adj = obj
@@ -496,4 +502,24 @@ def as_adjacency(edge_index_or_sparse, num_nodes: NumNodes = None,
         adj = adj.with_weight(edge_weight)
     else:
         _check_weight(adj.edge_weight, adj.num_edges)
+    return adj
+
+
+@torch.compiler.disable
+def _as_adjacency_outside_the_graph(edge_index_or_sparse, num_nodes: NumNodes,
+                                    edge_weight: Optional[torch.Tensor]) -> Adjacency:
+    """:func:`as_adjacency` under ``torch.compile``: run eagerly, one graph break per call.
+
+    The CSR is cached per graph object (a weak dictionary keyed on its identity, which
+    dynamo cannot trace), and building it has data-dependent steps (the bounds check reads
+    the indices' extremes, the row counts come from a bincount): done here, eagerly and once
+    per graph, it keeps the clear eager errors and leaves the compiled graph with fixed-size
+    CSR tensors. The transpose is built now as well, for the compiled backward.
+    """
+    adj = _as_adjacency(edge_index_or_sparse, num_nodes, edge_weight)
+    structure = adj._structure
+    for csr in (structure.fwd, structure.bwd):  # builds and caches the transposed CSR
+        # the unit edge values float32 products use, cached now: created inside a compiled
+        # autograd Function, the cache write would make dynamo run that Function eagerly
+        csr.values(None, torch.float32)
     return adj

@@ -45,7 +45,7 @@ from .adjacency import as_adjacency
 from .config import QuantConfig
 from .functional import _dropout_noise
 from .save_policy import keep
-from .packed import draw_seed
+from .packed import draw_seed_tensor
 
 __all__ = ["AttentionGraph", "attention_graph", "gat_attention", "gatv2_attention", "CHUNK_ELEMENTS"]
 
@@ -162,6 +162,21 @@ def attention_graph(adjacency, num_src: int, num_dst: int, *, key=None, variant=
     An entry is rebuilt when the key tensor is changed in place (its ``_version``
     moves) and dies with the key object.
     """
+    if torch.compiler.is_compiling():
+        return _attention_graph_outside_the_graph(adjacency, num_src, num_dst, key=key, variant=variant)
+    return _attention_graph(adjacency, num_src, num_dst, key=key, variant=variant)
+
+
+@torch.compiler.disable
+def _attention_graph_outside_the_graph(adjacency, num_src: int, num_dst: int, *, key=None,
+                                       variant=None) -> AttentionGraph:
+    """:func:`attention_graph` under ``torch.compile``: one graph break per call. The cache is keyed
+    on the graph object's identity (a weak dictionary dynamo cannot trace) and building the sorted
+    edges is data-dependent; done eagerly, once per graph, the compiled graph gets fixed-size tensors."""
+    return _attention_graph(adjacency, num_src, num_dst, key=key, variant=variant)
+
+
+def _attention_graph(adjacency, num_src: int, num_dst: int, *, key=None, variant=None) -> AttentionGraph:
     key = adjacency if key is None else key
     entry = (getattr(key, "_version", 0), int(num_src), int(num_dst), variant)
     try:
@@ -196,7 +211,16 @@ def _chunk_edges(graph: AttentionGraph, width: int) -> int:
 
 
 def _target_chunks(graph: AttentionGraph, heads: int):
+    if torch.compiler.is_compiling():
+        return _target_chunks_outside_the_graph(graph, _chunk_edges(graph, heads))
     return graph.target_chunks(_chunk_edges(graph, heads))
+
+
+@torch.compiler.disable
+def _target_chunks_outside_the_graph(graph: AttentionGraph, edges: int):
+    # the chunk bounds are read from the row pointers (data-dependent Python ints): computed
+    # eagerly and cached on the graph; the compiled code specialises on them
+    return graph.target_chunks(edges)
 
 
 def _segments(graph: AttentionGraph, a: int, da: int, db: int) -> Tuple[Tensor, Tensor]:
@@ -277,7 +301,7 @@ class _DropMask:
 
     def __init__(self, p: float):
         self.p = p
-        self.seed = draw_seed() if p > 0 else None
+        self.seed = draw_seed_tensor() if p > 0 else None
 
     def chunk(self, like: Tensor, k: int) -> Optional[Tensor]:
         if self.seed is None:

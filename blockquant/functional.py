@@ -29,7 +29,7 @@ from blockquant.kernels.bitmask import BitMask
 
 from .adjacency import _CSR, Adjacency, _is_edge_index_type, as_adjacency
 from .config import QuantConfig
-from .packed import SUPPORTED_DTYPES, draw_seed
+from .packed import SUPPORTED_DTYPES, draw_seed_tensor
 from . import save_policy
 from .save_policy import compress_shared, is_resident, keep_for_ctx, mark_resident, without_projection
 
@@ -208,6 +208,14 @@ def _chunks(total: int, width: int):
 
 def _spmm(csr: _CSR, values: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     """``csr(values) @ x2`` as one sparse-dense product (``[R, F]``; no per-edge tensor)."""
+    return _csr_spmm(csr.rowptr, csr.col, values, x2, csr.num_cols)
+
+
+# a custom op (with a shape-only fake) so that torch.compile keeps the product in its graph
+@torch.library.custom_op("blockquant::csr_spmm", mutates_args=())
+def _csr_spmm(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, x2: torch.Tensor,
+              num_cols: int) -> torch.Tensor:
+    csr = _CSR(rowptr, col, None, rowptr.numel() - 1, num_cols)
     if x2.shape[1] == 0 or csr.num_edges == 0:
         return x2.new_zeros((csr.num_rows, x2.shape[1]))
     a = csr.matrix(values)
@@ -220,6 +228,11 @@ def _spmm(csr: _CSR, values: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         if "not implemented" not in str(e) and "not supported" not in str(e):
             raise
         return _chunked_sum(csr, values, x2)
+
+
+@_csr_spmm.register_fake
+def _(rowptr, col, values, x2, num_cols):
+    return x2.new_empty((rowptr.shape[0] - 1, x2.shape[1]))
 
 
 def _chunked_sum(csr: _CSR, values: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -678,34 +691,60 @@ def leaky_relu(x: torch.Tensor, negative_slope: float = 0.01) -> torch.Tensor:
 # dropout: the seed only
 # ----------------------------------------------------------------------------
 
-def _dropout_noise(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def _dropout_noise(like: torch.Tensor, p: float, seed: Union[int, torch.Tensor]) -> torch.Tensor:
     """Scaled keep-mask ``bernoulli(1 - p) / (1 - p)``, regenerated identically from ``seed``."""
-    gen = torch.Generator(device=like.device)
-    gen.manual_seed(seed)
-    noise = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    seed = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
+    return _dropout_noise_op(seed, list(like.shape), like.dtype, like.device, float(p))
+
+
+# a custom op (with a shape-only fake) so that torch.compile keeps the seeded generator out of its graph
+@torch.library.custom_op("blockquant::dropout_noise", mutates_args=())
+def _dropout_noise_op(seed: torch.Tensor, shape: List[int], dtype: torch.dtype, device: torch.device,
+                      p: float) -> torch.Tensor:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    noise = torch.empty(shape, dtype=dtype, device=device)
     if p == 1.0:
         return noise.zero_()
     noise.bernoulli_(1.0 - p, generator=gen)
     return noise.div_(1.0 - p)
 
 
+@_dropout_noise_op.register_fake
+def _(seed, shape, dtype, device, p):
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@torch.library.custom_op("blockquant::seeded_dropout", mutates_args=())
+def _seeded_dropout(t: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """``t`` times the keep-mask of ``seed``: the forward on ``x`` and the backward on ``grad_out``.
+    One op for both, so that a compiled graph cannot merge the two mask draws into one
+    saved mask (its common-subexpression pass would for two identical noise calls)."""
+    return t * _dropout_noise_op(seed, list(t.shape), t.dtype, t.device, float(p))
+
+
+@_seeded_dropout.register_fake
+def _(t, seed, p):
+    return torch.empty_like(t)
+
+
 class _Dropout(torch.autograd.Function):
-    """Dropout that saves one integer seed (0 tensor bytes); backward
+    """Dropout that saves one seed (a 0-d int64 CPU tensor, 8 bytes); backward
     regenerates the mask with the same generator type on the same device."""
 
     @staticmethod
     def forward(ctx, x, p):
-        seed = draw_seed()
+        seed = draw_seed_tensor()
         ctx.bq_seed = seed
         ctx.bq_p = p
         ctx.bq_state = ()
-        return x * _dropout_noise(x, p, seed)
+        return _seeded_dropout(x, seed, p)
 
     @staticmethod
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad_out * _dropout_noise(grad_out, ctx.bq_p, ctx.bq_seed), None
+        return _seeded_dropout(grad_out, ctx.bq_seed, ctx.bq_p), None
 
 
 def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Tensor:
@@ -744,13 +783,11 @@ class SquareSample:
         flat = xn.detach().reshape(-1)
         self.numel = flat.numel()
         k = max(1, math.ceil(self.numel * fraction))
-        self.seed = draw_seed()
+        self.seed = draw_seed_tensor()
         self.values = flat.index_select(0, self._positions(k, flat.device)).to(torch.float32)
 
     def _positions(self, k: int, device) -> torch.Tensor:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(self.seed)
-        return torch.randint(0, self.numel, (k,), generator=gen, device=device)
+        return _seeded_positions(self.seed, self.numel, k, device)
 
     @property
     def nbytes(self) -> int:
@@ -765,6 +802,20 @@ class SquareSample:
         out = torch.zeros(self.numel, dtype=dtype, device=self.values.device)
         out.index_add_(0, idx, self.values.to(dtype).square())
         return out.mul_(self.numel / k).view(shape)
+
+
+# a custom op (with a shape-only fake) so that torch.compile keeps the seeded generator out of its graph
+@torch.library.custom_op("blockquant::seeded_positions", mutates_args=())
+def _seeded_positions(seed: torch.Tensor, numel: int, k: int, device: torch.device) -> torch.Tensor:
+    """``k`` positions in ``[0, numel)`` drawn uniformly with replacement from ``seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.randint(0, numel, (k,), generator=gen, device=device)
+
+
+@_seeded_positions.register_fake
+def _(seed, numel, k, device):
+    return torch.empty(k, dtype=torch.int64, device=device)
 
 
 def _square_estimator(xn: torch.Tensor, config: QuantConfig, count: int):

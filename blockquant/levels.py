@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 from typing import Tuple
 
 import torch
@@ -35,7 +36,8 @@ def block_sigma(bits: int, d: int) -> float:
         # Phi^-1(1/2) = 0: with two values or fewer both sit on the block ends,
         # so the inner levels never matter; any finite spread will do
         return half
-    q = torch.special.ndtri(torch.tensor(1.0 / d, dtype=torch.float64)).abs().item()
+    # plain Python (Wichura's AS241, double precision): no tensor read back, nothing for dynamo to break on
+    q = abs(statistics.NormalDist().inv_cdf(1.0 / d))
     return half / q
 
 

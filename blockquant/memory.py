@@ -43,7 +43,7 @@ from torch.overrides import TorchFunctionMode
 from .nested import flatten_tensors
 from .packed import storage_bytes
 
-__all__ = ["track_saved", "SavedMemory", "storage_key", "storage_bytes"]
+__all__ = ["track_saved", "SavedMemory", "storage_key", "storage_bytes", "graph_saved_bytes"]
 
 COMPRESSED = "compressed"
 PLAIN = "plain"
@@ -121,6 +121,47 @@ def _node_held(node) -> List[Tuple[torch.Tensor, str]]:
             if k not in _CTX_SKIP:
                 _held(v, PLAIN, out)
     return out
+
+
+def graph_saved_bytes(outputs: Any, exclude: Any = ()) -> int:
+    """Bytes the autograd graph behind ``outputs`` holds for backward, found by walking it
+    after the fact (unique storages; leaf tensors, ``exclude`` and the outputs themselves
+    not counted).
+
+    The same walk as :class:`track_saved`, without its module hooks and function mode:
+    for a compiled model (``torch.compile``), where those hooks would add graph breaks and
+    change what the compiled graphs save. Counts the whole graph reachable from
+    ``outputs``, so build it from inputs that have no history of their own.
+    """
+    roots: List[torch.Tensor] = []
+    flatten_tensors(outputs, roots)
+    excluded = set()
+    ex: List[torch.Tensor] = list(roots)
+    flatten_tensors(exclude, ex)
+    nodes: Dict[int, Any] = {}
+    todo = [t.grad_fn for t in roots if t.grad_fn is not None]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in nodes:
+            continue
+        nodes[id(node)] = node
+        if _is_leaf_node(node):
+            ex.append(node.variable)
+            continue
+        todo.extend(n for n, _ in node.next_functions)
+    for t in ex:
+        k = storage_key(t)
+        if k is not None:
+            excluded.add(k)
+    counted: Dict[Tuple[str, int], int] = {}
+    for node in nodes.values():
+        if _is_leaf_node(node):
+            continue
+        for t, _ in _node_held(node):
+            k = storage_key(t)
+            if k is not None and k not in excluded and k not in counted:
+                counted[k] = storage_bytes(t)
+    return sum(counted.values())
 
 
 def _current_sequence_nr() -> Optional[int]:

@@ -1,9 +1,16 @@
-"""The public codec: :func:`quantize` and the :class:`PackedTensor` it returns."""
+"""The public codec: :func:`quantize` and the :class:`PackedTensor` it returns.
+
+The codec itself runs as three ``torch.library`` custom ops (namespace
+``blockquant``): ``quantize``, ``dequantize`` and ``projection``. Each has a
+fake (shape-only) implementation, so ``torch.compile`` traces a compressing
+model through them without a graph break; the seeds they take are 0-d int64
+CPU tensors, never Python ints read back from a tensor.
+"""
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -20,6 +27,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INPUT_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
 """Dtypes :func:`quantize` accepts: float64 is encoded through float32 (see :func:`quantize`)."""
 _SEED_MASK = (1 << 62) - 1
+# the projection's seed is the rounding seed XOR this (62-bit) constant: tensor arithmetic
+# without overflow, so it is computed inside a compiled graph as well as eagerly
+_PROJ_SEED_SALT = 0x232BE59BD9B4E019
 
 
 def draw_seed() -> int:
@@ -33,8 +43,115 @@ def draw_seed() -> int:
     return rank_seed(int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64).item()), process_rank())
 
 
-def _levels_for(config: QuantConfig, block: int) -> Optional[Tuple[float, ...]]:
-    return optimal_levels(config.bits, block) if config.levels == "optimal" else None
+def draw_seed_tensor() -> torch.Tensor:
+    """:func:`draw_seed` as a 0-d int64 CPU tensor: the same draw and the same value eagerly,
+    and under ``torch.compile`` a random op inside the graph instead of a ``.item()`` graph break."""
+    seed = torch.randint(0, 1 << 62, (1,), dtype=torch.int64).view(())
+    rank = process_rank()
+    return seed if rank == 0 else _rank_seed_op(seed, rank)
+
+
+def as_seed_tensor(seed: Union[int, torch.Tensor]) -> torch.Tensor:
+    """A user's seed (a Python int or an integer tensor) as the codec's 0-d int64 CPU tensor in ``[0, 2**62)``."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
+            raise TypeError(f"blockquant.quantize expects seed to be an int or a one-element integer tensor; "
+                            f"got a {seed.dtype} tensor of shape {tuple(seed.shape)}")
+        return seed.reshape(()).to(device="cpu", dtype=torch.int64) & _SEED_MASK
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"blockquant.quantize expects seed to be an int or a one-element integer tensor; "
+                        f"got {type(seed).__name__}")
+    return torch.tensor(seed & _SEED_MASK, dtype=torch.int64)
+
+
+def projection_seed(seed: torch.Tensor) -> torch.Tensor:
+    """The random projection's seed, derived from the rounding seed (a 0-d int64 tensor)."""
+    return seed ^ _PROJ_SEED_SALT
+
+
+# ----------------------------------------------------------------------------
+# the codec as custom ops (eager: the registered backend; compiled: an opaque call)
+# ----------------------------------------------------------------------------
+
+@torch.library.custom_op("blockquant::rank_seed", mutates_args=())
+def _rank_seed_op(seed: torch.Tensor, rank: int) -> torch.Tensor:
+    return torch.tensor(rank_seed(int(seed), rank), dtype=torch.int64)
+
+
+@_rank_seed_op.register_fake
+def _(seed, rank):
+    return torch.empty((), dtype=torch.int64)
+
+
+@torch.compiler.assume_constant_result
+def _levels_for(bits: int, block: int, optimal: bool) -> Optional[List[float]]:
+    # a pure function of its arguments, solved once (lru_cache) by an optimizer that needs autograd:
+    # outside the op (whose body runs below autograd) and, under torch.compile, a constant of the graph
+    return list(optimal_levels(bits, block)) if optimal else None
+
+
+def _stored_numel(x: torch.Tensor, proj_dim: int):
+    return x.numel() if proj_dim == 0 else x.numel() // x.shape[-1] * proj_dim
+
+
+@torch.library.custom_op("blockquant::projection", mutates_args=())
+def _projection_op(proj_seed: torch.Tensor, in_dim: int, out_dim: int, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+    return rademacher(in_dim, out_dim, int(proj_seed), device, dtype)
+
+
+@_projection_op.register_fake
+def _(proj_seed, in_dim, out_dim, device, dtype):
+    return torch.empty((in_dim, out_dim), device=device, dtype=dtype)
+
+
+@torch.library.custom_op("blockquant::quantize", mutates_args=())
+def _quantize_op(x: torch.Tensor, seed: torch.Tensor, bits: int, block: int, meta_dtype: torch.dtype,
+                 levels: Optional[List[float]], stochastic: bool, proj_dim: int, check_finite: bool,
+                 backend: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode non-empty ``x`` (projected to ``proj_dim`` columns first when ``proj_dim > 0``);
+    returns ``(payload, meta, projection seed)``. With ``check_finite``, non-finite metadata raises
+    ``ValueError`` here.
+
+    The projection seed comes out of the op (rather than being computed beside it) so that a
+    compiled graph saves it for backward like the codes: traced beside the op, the random draw
+    it derives from could be replayed in the backward graph, giving another projection.
+    """
+    data = x
+    if proj_dim:
+        d = x.shape[-1]
+        p = rademacher(d, proj_dim, int(projection_seed(seed)), x.device, torch.float32)
+        data = (x.reshape(-1, d).to(torch.float32) @ p).to(x.dtype)
+    flat = data.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    n = flat.numel()
+    payload, meta = get_backend(x.device, backend).quantize(flat, block, bits, meta_dtype, levels, stochastic,
+                                                            int(seed))
+    if check_finite and not bool(torch.isfinite(meta).all()):
+        _raise_non_finite(x if not bool(torch.isfinite(x).all()) else data, meta_dtype)
+    assert payload.numel() == payload_bytes(n, block, bits), "backend returned a malformed payload"
+    return payload, meta, projection_seed(seed)
+
+
+@_quantize_op.register_fake
+def _(x, seed, bits, block, meta_dtype, levels, stochastic, proj_dim, check_finite, backend):
+    n = _stored_numel(x, proj_dim)
+    nb = (n + block - 1) // block
+    return (x.new_empty(payload_bytes(n, block, bits), dtype=torch.uint8), x.new_empty((2, nb), dtype=meta_dtype),
+            torch.empty((), dtype=torch.int64))
+
+
+@torch.library.custom_op("blockquant::dequantize", mutates_args=())
+def _dequantize_op(payload: torch.Tensor, meta: torch.Tensor, n: int, bits: int, block: int,
+                   levels: Optional[List[float]], out_dtype: torch.dtype, backend: Optional[str]) -> torch.Tensor:
+    """Decode ``n`` values (flat, ``out_dtype``) from a payload and metadata made by ``blockquant::quantize``."""
+    return get_backend(payload.device, backend).dequantize(payload, meta, n, block, bits, levels, out_dtype)
+
+
+@_dequantize_op.register_fake
+def _(payload, meta, n, bits, block, levels, out_dtype, backend):
+    return payload.new_empty(n, dtype=out_dtype)
 
 
 def storage_bytes(*tensors: torch.Tensor) -> int:
@@ -46,11 +163,12 @@ class PackedTensor:
     """A tensor stored in block-wise low-bit form.
 
     Holds the packed codes (``payload``), per-block metadata (``meta``, shape
-    ``(2, num_blocks)``: lower bound and step) and, when a random projection
-    was applied, only the projection's seed. :meth:`dequantize` returns a
-    tensor of the original shape and dtype (the back-projected estimate when
-    projected); :meth:`left_matmul` multiplies by it without decoding a
-    projected tensor to full width.
+    ``(2, num_blocks)``: lower bound and step), the rounding ``seed`` and, when
+    a random projection was applied, only the projection's seed
+    (``proj_seed``); both seeds are 0-d int64 CPU tensors. :meth:`dequantize`
+    returns a tensor of the original shape and dtype (the back-projected
+    estimate when projected); :meth:`left_matmul` multiplies by it without
+    decoding a projected tensor to full width.
     """
 
     __slots__ = ("payload", "meta", "shape", "dtype", "config", "block", "seed",
@@ -108,7 +226,7 @@ class PackedTensor:
         """The ``in_dim x out_dim`` projection matrix, regenerated from its seed."""
         if self.proj_dims is None:
             raise ValueError("this PackedTensor was stored without random projection")
-        return rademacher(*self.proj_dims, self.proj_seed, self.device, dtype or torch.float32)
+        return _projection_op(self.proj_seed, *self.proj_dims, self.device, dtype or torch.float32)
 
     def dequantize_stored(self) -> torch.Tensor:
         """Decode the stored codes only (the projected tensor when projected)."""
@@ -116,10 +234,9 @@ class PackedTensor:
         n = shape.numel()
         if n == 0:
             return torch.empty(shape, dtype=self.dtype, device=self.device)
-        backend = get_backend(self.device, self.backend)
         decoded = self.dtype if self.dtype in SUPPORTED_DTYPES else torch.float32  # float64: through float32
-        flat = backend.dequantize(self.payload, self.meta, n, self.block, self.bits,
-                                  _levels_for(self.config, self.block), decoded)
+        levels = _levels_for(self.bits, self.block, self.config.levels == "optimal")
+        flat = _dequantize_op(self.payload, self.meta, n, self.bits, self.block, levels, decoded, self.backend)
         return flat.view(shape).to(self.dtype)
 
     def dequantize(self) -> torch.Tensor:
@@ -246,8 +363,8 @@ def defer_finite_check() -> Iterator[FiniteCheck]:
     check.check()  # not reached when the block raised: that error is the one to see
 
 
-def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None, seed: Optional[int] = None, *,
-             backend: Optional[str] = None) -> PackedTensor:
+def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None,
+             seed: Optional[Union[int, torch.Tensor]] = None, *, backend: Optional[str] = None) -> PackedTensor:
     """Compress ``x`` block-wise to ``config.bits`` bits per element.
 
     Args:
@@ -255,52 +372,49 @@ def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None, seed: Option
             float64 is encoded through float32 (the codec's arithmetic) and decodes to float64:
             the float32 rounding of the input (2^-24 relative) is far below the codec's noise.
         config: a :class:`QuantConfig` (default ``QuantConfig()``).
-        seed: integer seed for stochastic rounding and the projection; drawn
-            from PyTorch's default generator when ``None``.
-        backend: force ``"torch"`` or ``"triton"``; default picks by device.
+        seed: seed for stochastic rounding and the projection, an int or a
+            one-element integer tensor; drawn from PyTorch's default generator
+            when ``None``. Kept as a 0-d int64 CPU tensor (``PackedTensor.seed``).
+        backend: force ``"torch"``, ``"native"`` or ``"triton"``; default picks by device.
 
     Raises:
         TypeError: wrong input or config type or dtype.
         ValueError: non-finite values, or a range the metadata dtype cannot hold
-            (at once; inside :func:`defer_finite_check`, when that block ends).
+            (at once; inside :func:`defer_finite_check`, when that block ends; under
+            ``torch.compile`` always at once, from inside the compiled codec op).
     """
     config = QuantConfig() if config is None else config
     _check_input(x, config)
     dtype = x.dtype
     x = x.detach() if dtype in SUPPORTED_DTYPES else x.detach().to(torch.float32)
-    if seed is None:
-        seed = draw_seed()
-    seed = int(seed) & _SEED_MASK
+    seed = draw_seed_tensor() if seed is None else as_seed_tensor(seed)
     shape = x.shape
     proj_seed = proj_dims = None
-    data = x
+    row = x.shape[-1] if x.dim() >= 1 else 1
     if config.rp_ratio > 1 and x.dim() >= 1 and x.shape[-1] > 1:
         d = x.shape[-1]
         r = projected_dim(d, config.rp_ratio)
         if r < d:
-            proj_seed = (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _SEED_MASK
+            proj_seed = projection_seed(seed)
             proj_dims = (d, r)
-            p = rademacher(d, r, proj_seed, x.device, torch.float32)
-            data = (x.reshape(-1, d).to(torch.float32) @ p).to(x.dtype).view(*shape[:-1], r)
-    row = data.shape[-1] if data.dim() >= 1 else 1
+            row = r
     block = config.block_size_for(row)
-    flat = data.reshape(-1)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
-    n = flat.numel()
-    chosen = get_backend(x.device, backend)
-    if n == 0:
+    if x.numel() == 0:
+        if not torch.compiler.is_compiling():
+            get_backend(x.device, backend)  # an unknown backend name fails here too
         payload = torch.empty(0, dtype=torch.uint8, device=x.device)
         meta = torch.empty(2, 0, dtype=config.meta_dtype, device=x.device)
     else:
-        payload, meta = chosen.quantize(flat, block, config.bits, config.meta_dtype, _levels_for(config, block),
-                                        config.rounding == "stochastic", seed)
-        deferred = _ACTIVE_CHECK.get()
+        # a compiled graph cannot defer (the check object lives outside it): it checks in the op
+        deferred = None if torch.compiler.is_compiling() else _ACTIVE_CHECK.get()
+        levels = _levels_for(config.bits, block, config.levels == "optimal")
+        payload, meta, op_proj_seed = _quantize_op(x, seed, config.bits, block, config.meta_dtype, levels,
+                                     config.rounding == "stochastic", 0 if proj_dims is None else proj_dims[1],
+                                     deferred is None, backend)
         if deferred is not None:
             deferred.record(meta, shape, config.meta_dtype)
-        elif not bool(torch.isfinite(meta).all()):
-            _raise_non_finite(x if not bool(torch.isfinite(x).all()) else data, config.meta_dtype)
-        assert payload.numel() == payload_bytes(n, block, config.bits), "backend returned a malformed payload"
+        if proj_dims is not None:
+            proj_seed = op_proj_seed
     return PackedTensor(payload, meta, shape, dtype, config, block, seed, proj_seed, proj_dims,
                         backend=backend)
 

@@ -35,7 +35,8 @@ the tensor (nothing leaks), and ``torch.compile`` reads it without a graph break
 ``clone()`` and every op result do not. One limit under ``torch.compile``: a view taken *inside* the
 compiled region of a marked tensor reads as not resident (dynamo does not expose the base's
 attributes), so it is compressed, which costs its compressed size and never biases a gradient;
-views of parameters and of leaves that require grad, and marked tensors themselves, are recognised.
+the same holds for every view inside a compiled graph (its ``_base`` cannot be read there);
+parameters, leaves that require grad and marked tensors themselves are recognised.
 
 Large 2-D tensors are compressed in row blocks (:class:`RowChunks`) so that the codec's transients
 stay at :data:`CHUNK_ELEMENTS` elements whatever the graph's size.
@@ -98,6 +99,11 @@ def is_resident(t: torch.Tensor) -> bool:
     """
     if _held_anyway(t):
         return True
+    if torch.compiler.is_compiling():
+        # a view's ``_base`` is not readable inside a compiled graph (AOTAutograd's functional
+        # trace replays the lookup and gets None): a view is compressed there, which costs its
+        # compressed size and never biases a gradient
+        return False
     base = t._base
     return base is not None and _held_anyway(base)
 
@@ -204,9 +210,14 @@ def compress_shared(x: torch.Tensor, config: QuantConfig, *, dtype: Optional[tor
     long-lived tensor without ``grad_fn`` that is not resident is compressed
     afresh each time; reusing it would repeat the same rounding noise in every
     step, and its gradient error would never average out.
+
+    Under ``torch.compile`` nothing is shared: the table is keyed on tensor identity (a weak
+    dictionary dynamo cannot trace, and ``grad_fn`` is not readable inside a compiled graph),
+    so every use compresses afresh, which costs one more compressed copy where a tensor feeds
+    two compressing ops and never biases a gradient.
     """
     source = x if dtype is None or dtype == x.dtype else x.detach().to(dtype)
-    if x.grad_fn is None:
+    if torch.compiler.is_compiling() or x.grad_fn is None:
         return compress(source, config)
     key = (x._version, config, source.dtype)
     per_tensor = _SHARED.get(x)
