@@ -423,6 +423,21 @@ def _sizes_unknown(adj) -> bool:
     return isinstance(adj, torch.Tensor)
 
 
+def _adjacency_for(x: torch.Tensor, adj, num_nodes, op: str) -> Adjacency:
+    """``adj`` as an :class:`Adjacency` whose sources are the rows of ``x``, on ``x``'s device."""
+    if not isinstance(adj, Adjacency):
+        if num_nodes is None and _sizes_unknown(adj):
+            num_nodes = x.size(0)
+        adj = as_adjacency(adj, num_nodes=num_nodes)
+    if adj.num_src != x.size(0):
+        raise ValueError(f"blockquant.functional.{op}: the adjacency has {adj.num_src} source nodes but x has "
+                         f"{x.size(0)} rows")
+    if adj.device != x.device:
+        raise ValueError(f"blockquant.functional.{op}: the adjacency is on {adj.device} but x is on {x.device}; "
+                         "move both to one device")
+    return adj
+
+
 def aggregate(x: torch.Tensor, adj, reduce: str = "sum", config: Optional[QuantConfig] = None, *,
               num_nodes=None) -> torch.Tensor:
     """Neighbourhood aggregation ``out[j] = reduce over edges i -> j of w_ij * x[i]``.
@@ -458,16 +473,7 @@ def aggregate(x: torch.Tensor, adj, reduce: str = "sum", config: Optional[QuantC
     config = _config(config, "aggregate")
     if x.dim() < 1:
         raise ValueError("blockquant.functional.aggregate expects x of shape [num_nodes, ...]; got a scalar")
-    if not isinstance(adj, Adjacency):
-        if num_nodes is None and _sizes_unknown(adj):
-            num_nodes = x.size(0)
-        adj = as_adjacency(adj, num_nodes=num_nodes)
-    if adj.num_src != x.size(0):
-        raise ValueError(f"blockquant.functional.aggregate: the adjacency has {adj.num_src} source nodes but x "
-                         f"has {x.size(0)} rows")
-    if adj.device != x.device:
-        raise ValueError(f"blockquant.functional.aggregate: the adjacency is on {adj.device} but x is on "
-                         f"{x.device}; move both to one device")
+    adj = _adjacency_for(x, adj, num_nodes, "aggregate")
     if _untracked(x, adj.edge_weight):
         with torch.no_grad():
             x2 = x.reshape(x.shape[0], _trailing(x.shape))
@@ -616,16 +622,7 @@ def aggregate_linear(x: torch.Tensor, adj, weight: torch.Tensor, bias: Optional[
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"blockquant.functional.aggregate_linear: expected bias of shape ({weight.shape[0]},); "
                          f"got {tuple(bias.shape)}")
-    if not isinstance(adj, Adjacency):
-        if num_nodes is None and _sizes_unknown(adj):
-            num_nodes = x.size(0)
-        adj = as_adjacency(adj, num_nodes=num_nodes)
-    if adj.num_src != x.size(0):
-        raise ValueError(f"blockquant.functional.aggregate_linear: the adjacency has {adj.num_src} source nodes but "
-                         f"x has {x.size(0)} rows")
-    if adj.device != x.device:
-        raise ValueError(f"blockquant.functional.aggregate_linear: the adjacency is on {adj.device} but x is on "
-                         f"{x.device}; move both to one device")
+    adj = _adjacency_for(x, adj, num_nodes, "aggregate_linear")
     edge_weight = adj.edge_weight
     if edge_weight is not None and edge_weight.requires_grad:
         raise ValueError("blockquant.functional.aggregate_linear: the edge weights require grad; their gradient "
