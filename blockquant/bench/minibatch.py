@@ -37,7 +37,7 @@ import torch
 from .datasets import GraphDataset
 from .errors import BenchError
 from .runner import (BenchConfig, BenchOptions, Trainer, TrainingLog, _is_oom, _mean_std, _rel_error, _sync,
-                     resolve_device)
+                     add_fp32_ratios, resolve_device)
 
 LOADERS = ("random", "neighbor", "cluster")
 DEFAULT_LOADER = "random"
@@ -252,12 +252,5 @@ def run_minibatch_benchmark(data: GraphDataset, opts: BenchOptions, mb: MiniBatc
         )
         records.append(rec)
     cfg_bar.close()
-    base = next((r for r in records if r["config"] == "fp32" and "status" not in r), None)
-    for r in records:
-        if "status" in r:
-            continue
-        r["memory_ratio_fp32"] = (r["activation_bytes"] / base["activation_bytes"]
-                                  if base and base["activation_bytes"] > 0 else None)
-        r["time_ratio_fp32"] = (r["epoch_time_median_s"] / base["epoch_time_median_s"]
-                                if base and base["epoch_time_median_s"] > 0 else None)
+    add_fp32_ratios(records)
     return records

@@ -553,14 +553,17 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
         records.append(rec)
     cfg_bar.close()
 
+    add_fp32_ratios(records)
+    return records
+
+
+def add_fp32_ratios(records: List[Dict[str, Any]]) -> None:
+    """Each measured row's activation memory, step peak and epoch time as a ratio to the ``fp32`` row's
+    (``None`` without a measured fp32 row)."""
     base = next((r for r in records if r["config"] == "fp32" and "status" not in r), None)
     for r in records:
         if "status" in r:
             continue
-        r["memory_ratio_fp32"] = (r["activation_bytes"] / base["activation_bytes"]
-                                  if base and base["activation_bytes"] > 0 else None)
-        r["peak_ratio_fp32"] = (r["peak_step_bytes"] / base["peak_step_bytes"]
-                                if base and base["peak_step_bytes"] > 0 else None)
-        r["time_ratio_fp32"] = (r["epoch_time_median_s"] / base["epoch_time_median_s"]
-                                if base and base["epoch_time_median_s"] > 0 else None)
-    return records
+        for ratio, key in (("memory_ratio_fp32", "activation_bytes"), ("peak_ratio_fp32", "peak_step_bytes"),
+                           ("time_ratio_fp32", "epoch_time_median_s")):
+            r[ratio] = r[key] / base[key] if base and base[key] > 0 else None
