@@ -98,16 +98,21 @@ def _step(module, call, x_leaf, adj, seed=1):
     return out.detach(), grads
 
 
+def _pair(name):
+    """A seeded PyG conv of ``CONVS``, its wrapper under the lossless ``EXACT`` config, and how to call them."""
+    factory, call, _ = CONVS[name]
+    torch.manual_seed(0)
+    orig = factory()
+    return orig, WRAPPERS[type(orig)].from_module(orig, EXACT), call
+
+
 def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
 @pytest.mark.parametrize("name, form", CASES, ids=[f"{c}-{f}" for c, f in CASES])
 def test_no_edge_sized_allocation_pyg_outputs_exact_gradients(name, form, lossless, small_chunks):
-    factory, call, _ = CONVS[name]
-    torch.manual_seed(0)
-    orig = factory()
-    wrapped = WRAPPERS[type(orig)].from_module(orig, EXACT)
+    orig, wrapped, call = _pair(name)
     ei = _graph()
     x = torch.randn(N, F, generator=torch.Generator().manual_seed(2)).requires_grad_()
     with warnings.catch_warnings():
@@ -127,10 +132,7 @@ def test_no_edge_sized_allocation_pyg_outputs_exact_gradients(name, form, lossle
 @pytest.mark.parametrize("name", ["gcn", "sage_mean", "graph_add", "gin"])
 def test_evaluation_without_gradients_builds_no_edge_sized_tensor(name):
     """Under no_grad (evaluation) a converted conv given edge_index still aggregates sparse-dense."""
-    factory, call, _ = CONVS[name]
-    torch.manual_seed(0)
-    orig = factory()
-    wrapped = WRAPPERS[type(orig)].from_module(orig, EXACT)
+    orig, wrapped, call = _pair(name)
     ei = _graph()
     x = torch.randn(N, F, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -152,10 +154,7 @@ def test_the_allocation_bound_catches_message_tensors():
 
 @pytest.mark.parametrize("name", ["gcn", "graph_add", "sage_mean", "gin"])
 def test_gradients_close_with_the_real_8bit_codec(name):
-    factory, call, _ = CONVS[name]
-    torch.manual_seed(0)
-    orig = factory()
-    wrapped = WRAPPERS[type(orig)].from_module(orig, EXACT)
+    orig, wrapped, call = _pair(name)
     ei = _graph()
     x = torch.randn(N, F, requires_grad=True)
     _, ref = _step(orig, call, x, ei)

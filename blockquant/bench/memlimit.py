@@ -24,16 +24,21 @@ from .errors import BenchError
 GIB = 1 << 30
 
 
-def address_space_bytes() -> Optional[int]:
-    """This process's current virtual size (``VmSize``), or ``None`` where /proc is unavailable."""
+def _status_bytes(field: str) -> Optional[int]:
+    """A ``kB`` field of ``/proc/self/status`` in bytes, or ``None`` where /proc is unavailable."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmSize:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def address_space_bytes() -> Optional[int]:
+    """This process's current virtual size (``VmSize``), or ``None`` where /proc is unavailable."""
+    return _status_bytes("VmSize")
 
 
 def apply_memory_limit(gib: float) -> int:
@@ -76,14 +81,7 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> Optional[int]:
     """Peak resident memory of this process (``VmHWM``) since start or the last :func:`reset_peak_rss`."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _status_bytes("VmHWM")
 
 
 _REQUEST = re.compile(r"allocate (?:memory: you tried to allocate )?(\d+) bytes")
