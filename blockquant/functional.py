@@ -111,6 +111,22 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 # linear
 # ----------------------------------------------------------------------------
 
+def _keep_linear_operands(ctx, x: torch.Tensor, weight: torch.Tensor, config: QuantConfig, need_x: bool,
+                          need_w: bool) -> List[torch.Tensor]:
+    """What a product with ``weight`` keeps: ``x`` for the weight gradient (through :func:`keep_for_ctx`:
+    by reference when resident, else compressed into ``ctx.bq_state``) and ``weight`` for the input
+    gradient. Returns the tensors for ``ctx.save_for_backward`` (``x`` first when kept by reference)."""
+    to_save: List[torch.Tensor] = []
+    state: Tuple[object, ...] = ()
+    ctx.bq_ref = False
+    if need_w:
+        to_save, state = keep_for_ctx(ctx, x, config, dtype=_autocast_dtype(x))
+    if need_x:
+        to_save.append(weight)
+    ctx.bq_state = state
+    return to_save
+
+
 class _Linear(torch.autograd.Function):
     """``y = x W^T + b`` (exact forward).
 
@@ -129,15 +145,7 @@ class _Linear(torch.autograd.Function):
         ctx.bq_in_dim = x.shape[-1]
         ctx.bq_x_shape = x.shape
         ctx.bq_has_bias = bias is not None
-        to_save: List[torch.Tensor] = []
-        state: Tuple[object, ...] = ()
-        ctx.bq_ref = False
-        if need_w:
-            to_save, state = keep_for_ctx(ctx, x, config, dtype=_autocast_dtype(x))
-        if need_x:
-            to_save.append(weight)
-        ctx.save_for_backward(*to_save)
-        ctx.bq_state = state
+        ctx.save_for_backward(*_keep_linear_operands(ctx, x, weight, config, need_x, need_w))
         return out
 
     @staticmethod
@@ -518,17 +526,10 @@ class _AggregateLinear(torch.autograd.Function):
         ctx.bq_in_dim = x.shape[1]
         ctx.bq_has_bias = bias is not None
         ctx.bq_has_edge_weight = edge_weight is not None
-        to_save: List[torch.Tensor] = []
-        state: Tuple[object, ...] = ()
-        ctx.bq_ref = False
-        if need_w:
-            to_save, state = keep_for_ctx(ctx, x, config, dtype=_autocast_dtype(x))
-        if need_x:
-            to_save.append(weight)
+        to_save = _keep_linear_operands(ctx, x, weight, config, need_x, need_w)
         if edge_weight is not None and (need_x or need_w):
             to_save.append(edge_weight)
         ctx.save_for_backward(*to_save)
-        ctx.bq_state = state
         return out
 
     @staticmethod
