@@ -152,14 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full-batch training epochs per seed (default: %(default)s)")
     b.add_argument("--seeds", type=_seeds, default=d.seeds, metavar="N|LIST",
                    help="number of seeds (0..N-1) or an explicit list like 0,3,7 (default: 2)")
-    b.add_argument("--hidden", type=_positive_int("--hidden"), default=d.hidden, metavar="H",
-                   help="hidden channels (default: %(default)s)")
-    b.add_argument("--layers", type=_positive_int("--layers"), default=d.layers, metavar="L",
-                   help="message-passing layers (default: %(default)s)")
+    _add_model_shape_arguments(b, d)
     b.add_argument("--lr", type=_positive_float("--lr"), default=d.lr, metavar="LR",
                    help="Adam learning rate (default: %(default)s)")
-    b.add_argument("--dropout", type=_dropout, default=d.dropout, metavar="P",
-                   help="dropout probability (default: %(default)s)")
     b.add_argument("--device", default=d.device, metavar="DEV",
                    help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     b.add_argument("--out", default=None, metavar="DIR",
@@ -199,6 +194,16 @@ examples:
 """
 
 
+def _add_model_shape_arguments(parser, d) -> None:
+    """``--hidden``, ``--layers`` and ``--dropout``: the model's shape, the same for ``bench`` and ``tune``."""
+    parser.add_argument("--hidden", type=_positive_int("--hidden"), default=d.hidden, metavar="H",
+                        help="hidden channels (default: %(default)s)")
+    parser.add_argument("--layers", type=_positive_int("--layers"), default=d.layers, metavar="L",
+                        help="message-passing layers (default: %(default)s)")
+    parser.add_argument("--dropout", type=_dropout, default=d.dropout, metavar="P",
+                        help="dropout probability (default: %(default)s)")
+
+
 def _add_tune_parser(sub, d) -> None:
     t = sub.add_parser(
         "tune", help="choose bits, block size, projection and levels per layer under a memory budget",
@@ -212,12 +217,7 @@ def _add_tune_parser(sub, d) -> None:
     t.add_argument("--scale", type=_positive_float("--scale"), default=d.scale, metavar="F",
                    help="multiply the node and edge counts of a synthetic preset (default: %(default)s)")
     t.add_argument("--model", default=d.model, metavar="NAME", help="as for 'blockquant bench' (default: %(default)s)")
-    t.add_argument("--hidden", type=_positive_int("--hidden"), default=d.hidden, metavar="H",
-                   help="hidden channels (default: %(default)s)")
-    t.add_argument("--layers", type=_positive_int("--layers"), default=d.layers, metavar="L",
-                   help="message-passing layers (default: %(default)s)")
-    t.add_argument("--dropout", type=_dropout, default=d.dropout, metavar="P",
-                   help="dropout probability (default: %(default)s)")
+    _add_model_shape_arguments(t, d)
     g = t.add_mutually_exclusive_group()
     g.add_argument("--budget-mib", type=_positive_float("--budget-mib"), metavar="X",
                    help="memory budget in MiB held for backward")

@@ -78,3 +78,19 @@ class ExactPacked:
 
     def left_matmul(self, a):
         return a @ self.x.reshape(-1, self.x.shape[-1]).to(a.dtype)
+
+
+def check_launcher_rejects_bad_arguments(quantize, dequantize) -> None:
+    """A codec backend's launchers refuse bad bits, block, dtype, levels and mismatched payload/meta."""
+    x = torch.randn(100)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        quantize(x, 16, 3, torch.float32, None, False, 0)
+    with pytest.raises(ValueError, match="block must be a positive integer"):
+        quantize(x, 0, 2, torch.float32, None, False, 0)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        quantize(x.double(), 16, 2, torch.float32, None, False, 0)
+    with pytest.raises(ValueError, match="4 values"):
+        quantize(x, 16, 2, torch.float32, (0.0, 1.0, 3.0), False, 0)
+    p, m = quantize(x, 16, 2, torch.float32, None, False, 0)
+    with pytest.raises(ValueError, match="payload/meta do not match"):
+        dequantize(p[:-1], m, 100, 16, 2, None, torch.float32)

@@ -16,6 +16,7 @@ from blockquant import ROW, QuantConfig
 from blockquant.kernels import blockwise as bw
 from blockquant.kernels import get_backend, native, registry
 from blockquant.levels import optimal_levels
+from codec_utils import check_launcher_rejects_bad_arguments
 
 needs_native = pytest.mark.skipif(not native.available(),
                                   reason=f"compiled CPU codec unavailable: {native.unavailable_reason()}")
@@ -154,18 +155,7 @@ def test_non_finite_value_poisons_only_its_block(bad):
 
 @needs_native
 def test_launcher_rejects_bad_arguments():
-    x = torch.randn(100)
-    with pytest.raises(ValueError, match="bits must be one of"):
-        native.quantize_native(x, 16, 3, torch.float32, None, False, 0)
-    with pytest.raises(ValueError, match="block must be a positive integer"):
-        native.quantize_native(x, 0, 2, torch.float32, None, False, 0)
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        native.quantize_native(x.double(), 16, 2, torch.float32, None, False, 0)
-    with pytest.raises(ValueError, match="4 values"):
-        native.quantize_native(x, 16, 2, torch.float32, (0.0, 1.0, 3.0), False, 0)
-    p, m = native.quantize_native(x, 16, 2, torch.float32, None, False, 0)
-    with pytest.raises(ValueError, match="payload/meta do not match"):
-        native.dequantize_native(p[:-1], m, 100, 16, 2, None, torch.float32)
+    check_launcher_rejects_bad_arguments(native.quantize_native, native.dequantize_native)
 
 
 # ---------------------------------------------------------------- selection and fallback

@@ -20,7 +20,7 @@ import blockquant
 from blockquant import ROW, QuantConfig
 from blockquant.kernels import blockwise as bw
 from blockquant.levels import optimal_levels
-from codec_utils import per_element_bounds, theoretical_variance
+from codec_utils import check_launcher_rejects_bad_arguments, per_element_bounds, theoretical_variance
 
 pytestmark = [
     pytest.mark.skipif(not bw.HAS_TRITON, reason="triton is not installed"),
@@ -340,18 +340,7 @@ def test_nan_only_block_raises():
 def test_launcher_rejects_bad_arguments():
     if not bw.triton_supports("cpu"):
         pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
-    x = torch.randn(100)
-    with pytest.raises(ValueError, match="bits must be one of"):
-        bw.quantize_triton(x, 16, 3, torch.float32, None, False, 0)
-    with pytest.raises(ValueError, match="block must be a positive integer"):
-        bw.quantize_triton(x, 0, 2, torch.float32, None, False, 0)
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        bw.quantize_triton(x.double(), 16, 2, torch.float32, None, False, 0)
-    with pytest.raises(ValueError, match="4 values"):
-        bw.quantize_triton(x, 16, 2, torch.float32, (0.0, 1.0, 3.0), False, 0)
-    p, m = bw.quantize_triton(x, 16, 2, torch.float32, None, False, 0)
-    with pytest.raises(ValueError, match="payload/meta do not match"):
-        bw.dequantize_triton(p[:-1], m, 100, 16, 2, None, torch.float32)
+    check_launcher_rejects_bad_arguments(bw.quantize_triton, bw.dequantize_triton)
 
 
 def test_triton_supports_devices():
