@@ -19,7 +19,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["blockquant", "blockquant.nn", "blockquant.bench", "blockquant.kernels"],
+    packages=["blockquant", "blockquant.functional", "blockquant.nn", "blockquant.bench", "blockquant.kernels"],
     # kernels/ lives at the top of the repository but installs as blockquant.kernels:
     # a PyPI package called ``kernels`` already exists and would collide.
     package_dir={"blockquant": "blockquant", "blockquant.kernels": "kernels"},

@@ -43,7 +43,7 @@ from blockquant.kernels.bitmask import BitMask, pack_bits, unpack_bits
 
 from .adjacency import as_adjacency
 from .config import QuantConfig
-from .functional import _dropout_noise
+from .functional.masked import _dropout_noise
 from .save_policy import keep
 from .packed import draw_seed_tensor
 

@@ -55,7 +55,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from blockquant.kernels.bitmask import BitMask
 
 from .config import QuantConfig
-from .functional import DOUBLE_BACKWARD_MESSAGE
+from .functional._common import DOUBLE_BACKWARD_MESSAGE
 from .packed import INPUT_DTYPES
 from .save_policy import is_resident, keep, without_projection
 

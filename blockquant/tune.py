@@ -51,7 +51,7 @@ import torch
 
 from .config import MAX_BLOCK_SIZE, ROW, QuantConfig
 from .plan import Plan
-from .functional import square_estimator_nbytes
+from .functional.normalization import square_estimator_nbytes
 
 __all__ = ["tune", "TuneResult", "TuneError", "LayerChoice", "packed_nbytes", "candidate_configs",
            "gradient_error"]
@@ -190,7 +190,7 @@ class _CapturedTensor:
 
 
 def _find_packed(obj: Any, out: Dict[int, Any], depth: int = 0) -> None:
-    from .functional import _EstimatorChunks
+    from .functional.normalization import _EstimatorChunks
     from .packed import PackedTensor
 
     if depth > 5 or obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
@@ -365,7 +365,7 @@ class _Prober:
         self.model.train()
         torch.manual_seed(self.seed)
         out = self.forward()
-        from .functional import _EstimatorChunks
+        from .functional.normalization import _EstimatorChunks
 
         found = _packed_in_graph([out])
         del out
