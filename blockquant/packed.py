@@ -371,7 +371,7 @@ def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None,
         x: float32/float16/bfloat16/float64 tensor of any shape (non-contiguous is fine).
             float64 is encoded through float32 (the codec's arithmetic) and decodes to float64:
             the float32 rounding of the input (2^-24 relative) is far below the codec's noise.
-        config: a :class:`QuantConfig` (default ``QuantConfig()``).
+        config: a :class:`QuantConfig` (default ``QuantConfig()``, the ``"default"`` preset).
         seed: seed for stochastic rounding and the projection, an int or a
             one-element integer tensor; drawn from PyTorch's default generator
             when ``None``. Kept as a 0-d int64 CPU tensor (``PackedTensor.seed``).
