@@ -456,6 +456,7 @@ def as_adjacency(edge_index_or_sparse, num_nodes: NumNodes = None,
 
     Args:
         edge_index_or_sparse: one of
+
             * ``edge_index``: int64 tensor ``[2, E]`` (row 0 sources, row 1 targets);
             * a PyG ``EdgeIndex`` (its ``sparse_size`` is used when known, its CSR/CSC
               caches when it is sorted);

@@ -461,6 +461,7 @@ def gat_attention(x_src: Tensor, score_src: Tensor, score_dst: Optional[Tensor],
       * ``x_src`` compressed (or by reference when resident) only for the score
         gradients: they use it in ``<g[dst_e], x_src[src_e]>``, linear in ``x_src``;
       * the graph (shared by every layer using it).
+
     Transients: ``[E, H]`` tensors (the coefficients with dropout, one head's
     values at a time), ``[N, H, C]`` tensors, and chunks of edges bounded by
     :data:`CHUNK_ELEMENTS`; never ``[E, H, C]``.
@@ -681,6 +682,7 @@ def gatv2_attention(x_l: Tensor, x_r: Tensor, att: Tensor, graph: AttentionGraph
         chunk, its sign from the mask): a second, independent compression of
         ``x_l`` and one of ``x_r`` (one when they are the same tensor);
       * ``att``, ``edge_attr`` and ``lin_edge_weight`` by reference.
+
       Resident inputs are kept by reference instead of compressed.
     """
     who = "blockquant.attention.gatv2_attention"

@@ -209,7 +209,7 @@ class PackedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Exact bytes of every buffer held (whole storages: codes, metadata, padding)."""
+        """Exact bytes of every buffer held, counted by whole storages (codes, metadata and padding)."""
         return storage_bytes(self.payload, self.meta)
 
     def storages(self):

@@ -56,9 +56,9 @@ from .projection import projected_dim
 __all__ = ["keep", "keep_for_ctx", "is_resident", "mark_resident", "compress_shared", "compress",
            "without_projection", "RowChunks", "CHUNK_ELEMENTS"]
 
-#: Largest number of elements of one transient in chunked loops: the ``[chunk, F]`` gathers of
+#: Largest number of elements of one transient in chunked loops (the ``[chunk, F]`` gathers of
 #: max aggregation and edge-weight gradients, and the row blocks compressed (and decoded for
-#: weight gradients) at once. 1M elements, 4 MiB in float32, whatever the graph's size.
+#: weight gradients) at once). 1M elements, 4 MiB in float32, whatever the graph's size.
 CHUNK_ELEMENTS = 1 << 20
 
 Compressed = Union[PackedTensor, "RowChunks"]
@@ -148,6 +148,7 @@ class RowChunks:
         return ((a, b, p) for (a, b), p in zip(self.bounds, self.parts))
 
     def dequantize(self) -> torch.Tensor:
+        """The whole decoded tensor, decoded one row block at a time."""
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         for a, b, p in self.chunks():
             out[a:b] = p.dequantize().view(b - a, *self.shape[1:])

@@ -406,7 +406,7 @@ class LayerChoice:
     """The captured tensors (with activation samples) while tuning; emptied when done."""
     estimators: List[Tuple[Tuple[int, ...], int]] = dataclasses.field(default_factory=list, repr=False)
     """``(input shape, count)`` of each normalisation whose input gradient keeps an estimate of
-    ``xn ** 2`` beside ``xn`` (its bytes: :func:`blockquant.functional.square_estimator_nbytes`)."""
+    ``xn ** 2`` beside ``xn`` (its bytes: ``blockquant.functional.square_estimator_nbytes``)."""
 
     def to_dict(self) -> Dict[str, Any]:
         def cand(c: Candidate) -> Dict[str, Any]:
@@ -499,9 +499,9 @@ class TuneResult:
 
     def plot(self, path: str, title: str = "") -> str:
         """PNG: gradient error vs bytes of the uniform configs (and their Pareto front) and the tuned plan."""
-        import matplotlib
+        from ._optional import require
 
-        matplotlib.use("Agg", force=True)
+        require("matplotlib", "tune's plot (pareto.png)").use("Agg", force=True)
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7.5, 5))

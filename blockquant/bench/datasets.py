@@ -20,6 +20,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .._optional import require
 from .errors import BenchError
 
 
@@ -283,8 +284,8 @@ OGB = ("ogbn-arxiv", "ogbn-products", "ogbn-proteins")
 
 
 def _ogb_meta(name: str) -> Dict[str, str]:
-    import pandas as pd
-    import ogb.nodeproppred as onp
+    pd = require("pandas", f"the {name} dataset")
+    onp = require("ogb.nodeproppred", f"the {name} dataset")
 
     master = pd.read_csv(osp.join(osp.dirname(onp.__file__), "master.csv"), index_col=0, keep_default_na=False)
     return dict(master[name])

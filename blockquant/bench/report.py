@@ -120,9 +120,9 @@ def write_results(out_dir: str, records: List[Dict[str, Any]], meta: Dict[str, A
 
 
 def write_plots(out_dir: str, records: List[Dict[str, Any]], meta: Dict[str, Any]) -> List[str]:
-    import matplotlib
+    from .._optional import require
 
-    matplotlib.use("Agg", force=True)
+    require("matplotlib", "bench's plots (--out)").use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     records = [r for r in records if not r.get("status")]  # rows stopped by --memory-limit-gib have no figures
