@@ -20,7 +20,8 @@ import weakref
 from typing import Dict, Optional, Tuple, Union
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
+
+from ._compat import WeakIdKeyDictionary, tensor_version
 
 try:  # optional dependency; not installed everywhere
     from torch_sparse import SparseTensor as _TorchSparseTensor  # type: ignore
@@ -303,7 +304,7 @@ def _check_range(src, dst, num_src, num_dst, what: str = "edge_index") -> None:
 
 def _cached(key_obj, sizes: Tuple[int, int], build) -> _Structure:
     """The structure cached for ``key_obj`` at ``sizes``, rebuilt when the object changed in place."""
-    version = getattr(key_obj, "_version", 0)
+    version = tensor_version(key_obj) if isinstance(key_obj, torch.Tensor) else 0
     per_obj = _STRUCTURES.get(key_obj)
     if per_obj is not None:
         hit = per_obj.get(sizes)

@@ -37,8 +37,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
+from ._compat import WeakIdKeyDictionary, tensor_version
 from blockquant.kernels.bitmask import BitMask, pack_bits, unpack_bits
 
 from .adjacency import as_adjacency
@@ -178,7 +178,7 @@ def _attention_graph_outside_the_graph(adjacency, num_src: int, num_dst: int, *,
 
 def _attention_graph(adjacency, num_src: int, num_dst: int, *, key=None, variant=None) -> AttentionGraph:
     key = adjacency if key is None else key
-    entry = (getattr(key, "_version", 0), int(num_src), int(num_dst), variant)
+    entry = (tensor_version(key) if isinstance(key, torch.Tensor) else 0, int(num_src), int(num_dst), variant)
     try:
         per_obj = _GRAPHS.get(key)
     except TypeError:  # not weak-referenceable: no caching

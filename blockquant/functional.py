@@ -28,6 +28,7 @@ import torch
 from blockquant.kernels.bitmask import BitMask
 
 from .adjacency import _CSR, Adjacency, _is_edge_index_type, as_adjacency
+from ._compat import batch_norm_with_update, delayed_error
 from .config import QuantConfig
 from .packed import SUPPORTED_DTYPES, draw_seed_tensor
 from . import save_policy
@@ -85,7 +86,7 @@ def _first_order_only(backward):
         tensors = [i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)]
         if not tensors:
             return outputs[0] if single else outputs
-        err = torch._C._functions.DelayedError(DOUBLE_BACKWARD_MESSAGE, len(tensors))
+        err = delayed_error(DOUBLE_BACKWARD_MESSAGE, len(tensors))
         wrapped = err(*[outputs[i].detach().requires_grad_() for i in tensors])
         wrapped = (wrapped,) if isinstance(wrapped, torch.Tensor) else wrapped
         result = list(outputs)
@@ -1024,8 +1025,8 @@ class _BatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, config):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if training and running_mean is not None:
-            out, save_mean, save_invstd, _ = torch.ops.aten._batch_norm_with_update(
-                x, weight, bias, running_mean, running_var, momentum, eps)
+            out, save_mean, save_invstd = batch_norm_with_update(x, weight, bias, running_mean, running_var,
+                                                                 momentum, eps)
         else:
             out, save_mean, save_invstd = torch.native_batch_norm(
                 x, weight, bias, running_mean, running_var, training, momentum, eps)

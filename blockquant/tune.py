@@ -49,6 +49,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._compat import is_saved_tensor, raw_saved_slots, saved_tensor_data, sequence_nr
 from .config import MAX_BLOCK_SIZE, ROW, QuantConfig
 from .plan import Plan
 from .functional import square_estimator_nbytes
@@ -211,8 +212,8 @@ def _find_packed(obj: Any, out: Dict[int, Any], depth: int = 0) -> None:
     elif isinstance(obj, dict):
         for v in obj.values():
             _find_packed(v, out, depth + 1)
-    elif isinstance(obj, torch._C._autograd.SavedTensor):
-        _find_packed(obj.data, out, depth + 1)
+    elif is_saved_tensor(obj):
+        _find_packed(saved_tensor_data(obj), out, depth + 1)
 
 
 def _packed_in_graph(outputs: Sequence[torch.Tensor]) -> List[Any]:
@@ -228,13 +229,12 @@ def _packed_in_graph(outputs: Sequence[torch.Tensor]) -> List[Any]:
         seen.add(id(node))
         order.append(node)
         todo.extend(n for n, _ in node.next_functions)
-    for node in sorted(order, key=lambda n: n._sequence_nr()):
-        for name in dir(node):
-            if name.startswith("_raw_saved_"):
-                try:
-                    _find_packed(getattr(node, name), found)
-                except RuntimeError:
-                    pass
+    for node in sorted(order, key=sequence_nr):
+        for name in raw_saved_slots(node):
+            try:
+                _find_packed(getattr(node, name), found)
+            except RuntimeError:
+                pass
         for v in getattr(node, "__dict__", {}).values():
             _find_packed(v, found)
     return list(found.values())
