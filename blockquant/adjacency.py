@@ -15,6 +15,7 @@ user passed, and rebuilt when that tensor is modified in place).
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from typing import Dict, Optional, Tuple, Union
@@ -29,6 +30,20 @@ except Exception:  # pragma: no cover - depends on the environment
     _TorchSparseTensor = None
 
 NumNodes = Optional[Union[int, Tuple[int, int]]]
+
+
+@contextlib.contextmanager
+def quiet_sparse_warnings():
+    """Silence the two warnings PyTorch gives when a sparse compressed (CSR/CSC) tensor is built: that the
+    layout is in beta, and that invariant checks are off. blockquant (and its benchmark, for plain PyG's
+    ``adj_t``) builds these from indices it made itself; a user can do nothing about either. Nothing else is
+    silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Sparse (CSR|CSC|BSR|BSC) tensor support is in beta state",
+                                category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"Sparse invariant checks are implicitly disabled",
+                                category=UserWarning)
+        yield
 
 _SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc)
 
@@ -100,8 +115,7 @@ class _CSR:
         return w if self.perm is None else w.index_select(0, self.perm)
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta state"
+        with quiet_sparse_warnings():
             return torch.sparse_csr_tensor(self.rowptr, self.col, values, (self.num_rows, self.num_cols),
                                            check_invariants=False)
 

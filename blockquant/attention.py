@@ -32,7 +32,6 @@ reused while that object lives unchanged.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -41,7 +40,7 @@ from torch import Tensor
 from ._compat import WeakIdKeyDictionary, tensor_version
 from blockquant.kernels.bitmask import BitMask, pack_bits, unpack_bits
 
-from .adjacency import as_adjacency
+from .adjacency import as_adjacency, quiet_sparse_warnings
 from .config import QuantConfig
 from .functional import _dropout_noise
 from .save_policy import keep
@@ -250,8 +249,7 @@ def _softmax_backward_chunk(alpha: Tensor, grad_alpha: Tensor, offsets: Tensor, 
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
+    with quiet_sparse_warnings():
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
