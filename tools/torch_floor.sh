@@ -82,7 +82,9 @@ set +e
 (cd "$SRC" && OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PY" -m pytest -q -p no:cacheprovider -rfE "${PYTEST_ARGS[@]}") > "$log" 2>&1
 rc=$?
 set -e
-summary=$(grep -E "^=+ .*(passed|failed|error|skipped|no tests ran).* =+$" "$log" | tail -n 1 | sed -E 's/^=+ //; s/ =+$//')
+# pytest's last line: "1 failed, 1500 passed, 80 skipped in 600.00s" (with -q, no "=" around it)
+summary=$(grep -E "(passed|failed|errors?|skipped|no tests ran).* in [0-9.]+s" "$log" | tail -n 1 \
+          | sed -E 's/^=+ //; s/ =+$//' || true)
 first=$(grep -m 1 -E "^(FAILED|ERROR) " "$log" | cut -c 1-300 || true)
 echo "== $summary"
 [ -n "$first" ] && echo "== first failure: $first"
