@@ -73,7 +73,9 @@ print(", ".join(f"{p} {m.version(p)}" for p in ("torch", "torch-geometric", "tri
                 if any(d.metadata["Name"] == p for d in m.distributions())))')
 echo "== $versions"
 # the private PyTorch APIs of blockquant/_compat.py, each tried on this release
-compat=$(cd "$SRC" && "$PY" -c "import blockquant._compat as c; c.report()" 2>&1 | tail -n 12 || true)
+# (loaded as a file: it imports only torch, so it reports even where `import blockquant` fails)
+compat=$(cd "$SRC" && "$PY" -c "import importlib.util as u; s = u.spec_from_file_location('c', 'blockquant/_compat.py')
+m = u.module_from_spec(s); s.loader.exec_module(m); m.report()" 2>&1 | tail -n 12 || true)
 echo "$compat" | sed 's/^/== /'
 missing=$(echo "$compat" | grep -E "^MISSING|Error" | cut -c 1-200 | paste -sd ';' - || true)
 
