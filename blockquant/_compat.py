@@ -6,41 +6,56 @@ torch (``python -c "import blockquant._compat as c; c.report()"`` prints it; ``t
 for every release it tests).
 
 =====================================  ==============================================  ==============
-private API                            what blockquant uses it for                     torch release
+private API                            what blockquant uses it for                     needs torch
 =====================================  ==============================================  ==============
-``torch._C._functions.DelayedError``   a compressed backward's outputs raise when       1.x
+``torch._C._functions.DelayedError``   a compressed backward's outputs raise when       <= 2.4
                                        differentiated again (``create_graph=True``)
-``torch.ops.aten.                      BatchNorm's training forward: output, batch      2.3
+``torch.ops.aten.                      BatchNorm's training forward: output, batch      <= 2.4
 _batch_norm_with_update``              statistics and the running-stat update in one
                                        op (what ``F.batch_norm`` dispatches to)
-``torch._C._autograd.SavedTensor``     ``track_saved`` and ``tune`` read what a graph   1.13
-and its ``.data``                      node saved without unpacking it (a pack hook's
-                                       result stays packed)
-``Node._raw_saved_<name>``             the saved tensors of built-in autograd nodes     1.10
-``Node._sequence_nr()``                the order of graph nodes: which module's         1.x
+``torch._C._autograd.SavedTensor``     ``track_saved`` and ``tune`` read what a graph   > 2.6 (2.4,
+and its ``.data``                      node saved without unpacking it (a pack hook's   2.5, 2.6 have
+                                       result stays packed)                            no ``.data``)
+``Node._raw_saved_<name>``             the saved tensors of built-in autograd nodes     <= 2.4
+``Node._sequence_nr()``                the order of graph nodes: which module's         <= 2.4
                                        forward created a node
-``FunctionCtx._is_compiled_``          a ctx attribute that is not user state           2.4
+``FunctionCtx._is_compiled_``          a ctx attribute that is not user state           (a name only)
 ``autograd_tracing``                   (skipped when counting a custom Function's)
-``Tensor._version``                    caches keyed on a tensor are invalidated by an   1.x
+``Tensor._version``                    caches keyed on a tensor are invalidated by an   <= 2.4
                                        in-place change
-``Tensor._base``                       a view of a resident tensor is resident too     1.x
-``torch.utils.weak.                    caches that die with the tensor they describe    2.0
+``Tensor._base``                       a view of a resident tensor is resident too     <= 2.4
+``torch.utils.weak.                    caches that die with the tensor they describe    <= 2.4
 WeakIdKeyDictionary``
 =====================================  ==============================================  ==============
 
-Public APIs that set the floor (``setup.py``: ``torch>=2.4``): ``torch.library.custom_op`` and
-``register_fake`` (2.4; the codec, CSR product, dropout and sampling ops), ``torch.compiler.is_compiling``
-(2.3), ``torch.compiler.disable`` and ``assume_constant_result`` (2.1). The floor itself is measured:
-``tools/torch_floor.sh``, results in ``bench/results/torch_floor.md``.
+"<= 2.4": works on 2.4.1, the oldest release tested (``check()`` there; ``bench/results/torch_floor.md``).
+``custom_op`` below evaluates string annotations, which torch 2.4-2.6 cannot infer a schema from.
+
+The floor (``setup.py``: ``torch>=2.13``) is measured, not derived from this table: ``tools/torch_floor.sh``,
+results in ``bench/results/torch_floor.md``. Public APIs that would set it otherwise: ``torch.library.custom_op``
+and ``register_fake`` (2.4; the codec, CSR product, dropout and sampling ops; torch 2.4 also rejects their
+string annotations, ``from __future__ import annotations``), ``torch.compiler.is_compiling`` (2.3),
+``torch.compiler.disable`` and ``assume_constant_result`` (2.1).
 """
+import typing
 from typing import Optional, Tuple
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["WeakIdKeyDictionary", "delayed_error", "batch_norm_with_update", "is_saved_tensor",
+__all__ = ["WeakIdKeyDictionary", "custom_op", "delayed_error", "batch_norm_with_update", "is_saved_tensor",
            "saved_tensor_data", "raw_saved_slots", "sequence_nr", "CTX_INTERNAL_ATTRS", "tensor_version",
            "view_base", "check"]
+
+
+def custom_op(name: str, *, mutates_args=()):
+    """``torch.library.custom_op`` for a function whose annotations are strings (``from __future__ import
+    annotations``): torch 2.4 rejects string annotations and 2.5 reads only simple ones (not ``Tuple[...]``)
+    when it infers the op's schema, so they are evaluated here first."""
+    def register(fn):
+        fn.__annotations__ = typing.get_type_hints(fn)
+        return torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+    return register
 
 
 def delayed_error(message: str, num_inputs: int):

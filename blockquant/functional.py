@@ -28,7 +28,7 @@ import torch
 from blockquant.kernels.bitmask import BitMask
 
 from .adjacency import _CSR, Adjacency, _is_edge_index_type, as_adjacency
-from ._compat import batch_norm_with_update, delayed_error
+from ._compat import batch_norm_with_update, custom_op, delayed_error
 from .config import QuantConfig
 from .packed import SUPPORTED_DTYPES, draw_seed_tensor
 from . import save_policy
@@ -221,7 +221,7 @@ def _spmm(csr: _CSR, values: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
 
 
 # a custom op (with a shape-only fake) so that torch.compile keeps the product in its graph
-@torch.library.custom_op("blockquant::csr_spmm", mutates_args=())
+@custom_op("blockquant::csr_spmm", mutates_args=())
 def _csr_spmm(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, x2: torch.Tensor,
               num_cols: int) -> torch.Tensor:
     csr = _CSR(rowptr, col, None, rowptr.numel() - 1, num_cols)
@@ -697,7 +697,7 @@ def _dropout_noise(like: torch.Tensor, p: float, seed: Union[int, torch.Tensor])
 
 
 # a custom op (with a shape-only fake) so that torch.compile keeps the seeded generator out of its graph
-@torch.library.custom_op("blockquant::dropout_noise", mutates_args=())
+@custom_op("blockquant::dropout_noise", mutates_args=())
 def _dropout_noise_op(seed: torch.Tensor, shape: List[int], dtype: torch.dtype, device: torch.device,
                       p: float) -> torch.Tensor:
     gen = torch.Generator(device=device)
@@ -714,7 +714,7 @@ def _(seed, shape, dtype, device, p):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@torch.library.custom_op("blockquant::seeded_dropout", mutates_args=())
+@custom_op("blockquant::seeded_dropout", mutates_args=())
 def _seeded_dropout(t: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """``t`` times the keep-mask of ``seed``: the forward on ``x`` and the backward on ``grad_out``.
     One op for both, so that a compiled graph cannot merge the two mask draws into one
@@ -804,7 +804,7 @@ class SquareSample:
 
 
 # a custom op (with a shape-only fake) so that torch.compile keeps the seeded generator out of its graph
-@torch.library.custom_op("blockquant::seeded_positions", mutates_args=())
+@custom_op("blockquant::seeded_positions", mutates_args=())
 def _seeded_positions(seed: torch.Tensor, numel: int, k: int, device: torch.device) -> torch.Tensor:
     """``k`` positions in ``[0, numel)`` drawn uniformly with replacement from ``seed``."""
     gen = torch.Generator(device=device)
