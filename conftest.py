@@ -26,3 +26,12 @@ def _interpreter_wanted() -> bool:
 
 if "TRITON_INTERPRET" not in os.environ and _interpreter_wanted():
     os.environ["TRITON_INTERPRET"] = "1"
+
+# torch_geometric's own import scripts a few helpers with torch.jit.script, which PyTorch now deprecates: two
+# warnings in every test run that neither blockquant nor its user can act on (outside pytest, Python hides a
+# DeprecationWarning raised inside a library). Import it here, after TRITON_INTERPRET is decided, without them.
+import warnings  # noqa: E402
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning)
+    import torch_geometric  # noqa: E402, F401

@@ -12,6 +12,17 @@ def _version() -> str:
     return found.group(1)
 
 
+# Optional parts; a missing one fails with a one-line message naming its extra (blockquant/_optional.py).
+BENCH = ["matplotlib>=3.5", "ogb>=1.3.6"]  # plots of bench/tune --out; the ogbn-* datasets (ogb brings pandas)
+GPU = ["triton>=2.1; platform_system == 'Linux'"]  # the fused GPU kernels (PyPI's Linux CUDA torch brings its own)
+EXTRAS = {
+    "bench": BENCH,
+    "gpu": GPU,
+    # the tests run the benchmark and, on CPU, the Triton kernels through Triton's interpreter
+    "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.4"] + BENCH + GPU,
+    "docs": ["sphinx>=7", "myst-parser>=2", "furo"],  # the documentation site: docs/, built by .ci/run
+}
+
 setup(
     name="blockquant",
     version=_version(),
@@ -25,20 +36,14 @@ setup(
     package_dir={"blockquant": "blockquant", "blockquant.kernels": "kernels"},
     # the CPU codec's C source, compiled with the system's C compiler at first use
     package_data={"blockquant.kernels": ["*.c"]},
+    # convert, the codec, the functional ops and tune: torch and PyG (which also bring numpy and tqdm)
     install_requires=[
-        # the release the tests run on (constraints-cpu.txt); the code uses ops older releases lack,
-        # e.g. aten._batch_norm_with_update, and no older release has been tested
+        # the oldest release the test suite passes on (tools/torch_floor.sh, bench/results/torch_floor.md)
         "torch>=2.13",
         "torch-geometric>=2.4",
-        "ogb>=1.3.6",
-        "triton>=2.1; platform_system == 'Linux'",
-        "tqdm>=4.60",
-        "matplotlib>=3.5",
-        "numpy",
+        "tqdm>=4.60",  # tune's progress bar; a torch-geometric dependency anyway
     ],
-    extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.4"],
-    },
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["blockquant=blockquant.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -32,16 +32,15 @@ reused while that object lives unchanged.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
+from ._compat import WeakIdKeyDictionary, tensor_version
 from blockquant.kernels.bitmask import BitMask, pack_bits, unpack_bits
 
-from .adjacency import as_adjacency
+from .adjacency import as_adjacency, quiet_sparse_warnings
 from .config import QuantConfig
 from .functional.masked import _dropout_noise
 from .save_policy import keep
@@ -178,7 +177,7 @@ def _attention_graph_outside_the_graph(adjacency, num_src: int, num_dst: int, *,
 
 def _attention_graph(adjacency, num_src: int, num_dst: int, *, key=None, variant=None) -> AttentionGraph:
     key = adjacency if key is None else key
-    entry = (getattr(key, "_version", 0), int(num_src), int(num_dst), variant)
+    entry = (tensor_version(key) if isinstance(key, torch.Tensor) else 0, int(num_src), int(num_dst), variant)
     try:
         per_obj = _GRAPHS.get(key)
     except TypeError:  # not weak-referenceable: no caching
@@ -250,8 +249,7 @@ def _softmax_backward_chunk(alpha: Tensor, grad_alpha: Tensor, offsets: Tensor, 
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
+    with quiet_sparse_warnings():
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
@@ -461,6 +459,7 @@ def gat_attention(x_src: Tensor, score_src: Tensor, score_dst: Optional[Tensor],
       * ``x_src`` compressed (or by reference when resident) only for the score
         gradients: they use it in ``<g[dst_e], x_src[src_e]>``, linear in ``x_src``;
       * the graph (shared by every layer using it).
+
     Transients: ``[E, H]`` tensors (the coefficients with dropout, one head's
     values at a time), ``[N, H, C]`` tensors, and chunks of edges bounded by
     :data:`CHUNK_ELEMENTS`; never ``[E, H, C]``.
@@ -681,6 +680,7 @@ def gatv2_attention(x_l: Tensor, x_r: Tensor, att: Tensor, graph: AttentionGraph
         chunk, its sign from the mask): a second, independent compression of
         ``x_l`` and one of ``x_r`` (one when they are the same tensor);
       * ``att``, ``edge_attr`` and ``lin_edge_weight`` by reference.
+
       Resident inputs are kept by reference instead of compressed.
     """
     who = "blockquant.attention.gatv2_attention"

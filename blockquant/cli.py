@@ -19,6 +19,7 @@ import shlex
 import sys
 from typing import List, Optional, Sequence
 
+from ._optional import MissingExtra, require
 from .bench.errors import BenchError
 
 _EPILOG = """\
@@ -320,6 +321,8 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     device = resolve_device(args.device)
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise BenchError(f"--out {args.out!r} exists and is not a folder; pass a folder path")
+    if args.out is not None:  # before the runs, not after them
+        require("matplotlib", f"blockquant {args.command} --out (its plots)")
     minibatch = _minibatch_options(args)
     if args.nproc is not None:
         if minibatch is not None:
@@ -470,6 +473,8 @@ def run_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise BenchError(f"--probe-steps expects step numbers like 0,10; got {args.probe_steps!r}")
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise BenchError(f"--out {args.out!r} exists and is not a folder; pass a folder path")
+    if args.out is not None:  # before the runs, not after them
+        require("matplotlib", f"blockquant {args.command} --out (its plots)")
 
     uniform = _uniform_configs(args.uniform_configs)
     data = load_dataset(args.dataset, args.root, scale=args.scale)
@@ -514,7 +519,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "tune":
             return run_tune(args, argv)
         raise BenchError(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
-    except BenchError as e:
+    except (BenchError, MissingExtra) as e:
         msg = " ".join(str(e).split())
         print(f"blockquant: error: {msg}", file=sys.stderr)
         return 2

@@ -30,6 +30,10 @@ def _bad(field: str, allowed: str, got: Any) -> ValueError:
 class QuantConfig:
     """How a saved activation is compressed.
 
+    ``QuantConfig()`` is the ``"default"`` preset, what :func:`blockquant.convert`, the functional ops and
+    :func:`blockquant.quantize` use when given no config: INT4, blocks of 1024 elements, uniform levels, no
+    projection, bfloat16 metadata (chosen from measurements; README, "Choosing the default").
+
     Args:
         bits: code width per element, one of 1, 2, 4, 8.
         block_size: elements per quantization block (an integer from 4 to
@@ -46,7 +50,7 @@ class QuantConfig:
             bfloat16 or float32). Accepts a ``torch.dtype`` or its name.
     """
 
-    bits: int = 2
+    bits: int = 4
     block_size: Union[int, str] = 1024
     rp_ratio: int = 1
     levels: str = "uniform"
@@ -145,7 +149,7 @@ class QuantConfig:
         ``exact``: EXACT's settings (INT2, one block per projected row,
         uniform levels, projection ratio 8, bf16 metadata).
         ``iexact``: i-Exact's best (INT2, ratio 8, block 1024, optimal levels).
-        ``default``: what :func:`blockquant.convert` uses.
+        ``default``: ``QuantConfig()``, what :func:`blockquant.convert` uses.
         """
         try:
             return _PRESETS[name]
@@ -161,6 +165,6 @@ _PRESETS: Dict[str, QuantConfig] = {
     "exact": QuantConfig(bits=2, block_size=ROW, rp_ratio=8, levels="uniform", meta_dtype=torch.bfloat16),
     "iexact": QuantConfig(bits=2, block_size=1024, rp_ratio=8, levels="optimal", meta_dtype=torch.bfloat16),
 }
-# Chosen from measurements (see README, "Choosing the default"); kept as a preset
-# so that the benchmark and convert() agree on one definition.
-_PRESETS["default"] = QuantConfig(bits=4, block_size=1024, rp_ratio=1, levels="uniform", meta_dtype=torch.bfloat16)
+# The field defaults above are the default: one definition for QuantConfig(), convert(), the functional ops
+# and the benchmark's "default" config.
+_PRESETS["default"] = QuantConfig()

@@ -1,7 +1,7 @@
 """Rounding and dropout seeds under ``torch.distributed``: independent per rank, reproducible.
 
 Every seed blockquant draws (stochastic rounding, random projection, dropout
-masks) comes from :func:`blockquant.packed.draw_seed`: one draw from PyTorch's
+masks) comes from ``blockquant.packed.draw_seed``: one draw from PyTorch's
 default CPU generator, passed through :func:`rank_seed` with this process's
 rank. Seed every rank with the same ``torch.manual_seed(user_seed)`` (the usual
 data-parallel recipe, so that every rank builds the same initial weights) and

@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
+from ._compat import CTX_INTERNAL_ATTRS, is_saved_tensor, raw_saved_slots, saved_tensor_data, sequence_nr
 from .nested import flatten_tensors
 from .packed import storage_bytes
 
@@ -67,9 +68,9 @@ def _held(obj: Any, kind: str, out: List[Tuple[torch.Tensor, str]], depth: int =
         return
     if isinstance(obj, torch.Tensor):
         out.append((obj, kind))
-    elif isinstance(obj, torch._C._autograd.SavedTensor):
-        # .data: what the graph stores (a pack hook's result when hooks ran), never unpacked here
-        _held(obj.data, kind, out, depth + 1)
+    elif is_saved_tensor(obj):
+        # what the graph stores (a pack hook's result when hooks ran), never unpacked here
+        _held(saved_tensor_data(obj), kind, out, depth + 1)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             _held(v, kind, out, depth + 1)
@@ -96,20 +97,14 @@ def _module_state_tensors(model: torch.nn.Module, out: List[torch.Tensor]) -> No
                 flatten_tensors(v.tensors() if hasattr(v, "tensors") and callable(v.tensors) else v, out)
 
 
-_RAW_SLOTS: Dict[type, Tuple[str, ...]] = {}
 _CTX_SKIP = {"needs_input_grad", "materialize_grads", "non_differentiable", "dirty_tensors",
-             "to_save", "saved_for_forward", "_is_compiled_autograd_tracing"}
+             "to_save", "saved_for_forward"}
 
 
 def _node_held(node) -> List[Tuple[torch.Tensor, str]]:
     """Tensors (with kind) a graph node keeps alive for its backward."""
     out: List[Tuple[torch.Tensor, str]] = []
-    cls = type(node)
-    slots = _RAW_SLOTS.get(cls)
-    if slots is None:
-        slots = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
-        _RAW_SLOTS[cls] = slots
-    for name in slots:
+    for name in raw_saved_slots(node):
         try:
             _held(getattr(node, name), PLAIN, out)
         except RuntimeError:  # already freed by a backward pass
@@ -118,7 +113,7 @@ def _node_held(node) -> List[Tuple[torch.Tensor, str]]:
     ctx_dict = getattr(node, "__dict__", None)
     if ctx_dict:
         for k, v in ctx_dict.items():
-            if k not in _CTX_SKIP:
+            if k not in _CTX_SKIP and k not in CTX_INTERNAL_ATTRS:
                 _held(v, PLAIN, out)
     return out
 
@@ -169,7 +164,7 @@ def _current_sequence_nr() -> Optional[int]:
     try:
         with torch.enable_grad():
             probe = torch.zeros((), requires_grad=True)
-            return probe.view_as(probe).grad_fn._sequence_nr() + 1
+            return sequence_nr(probe.view_as(probe).grad_fn) + 1
     except RuntimeError:  # inference mode: no graph is built at all
         return None
 
@@ -312,7 +307,7 @@ class track_saved:
             node = todo.pop()
             if node is None or _is_leaf_node(node):
                 continue
-            if node._sequence_nr() < start or id(node) in self._owner:
+            if sequence_nr(node) < start or id(node) in self._owner:
                 continue
             # strong reference: C++ nodes cannot be weakly referenced, and ids must stay unique
             self._owner[id(node)] = (node, name)
@@ -356,7 +351,7 @@ class track_saved:
             return
 
         def in_block(node) -> bool:
-            return start <= node._sequence_nr() < end
+            return start <= sequence_nr(node) < end
 
         roots = [r() for r in self._roots + self._model_outputs]
         roots = [t for t in roots if t is not None and t.grad_fn is not None]
@@ -407,7 +402,7 @@ class track_saved:
 
         counted: Dict[Tuple[str, int], int] = {}
         per_module: Dict[str, int] = OrderedDict()
-        for node in sorted(nodes.values(), key=lambda n: n._sequence_nr()):
+        for node in sorted(nodes.values(), key=sequence_nr):
             owner = self._owner.get(id(node))
             name = owner[1] if owner is not None and owner[0] is node else ""
             per_module.setdefault(name, 0)

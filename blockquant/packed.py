@@ -17,6 +17,7 @@ import torch
 from blockquant.kernels import get_backend
 from blockquant.kernels.blockwise import payload_bytes
 
+from ._compat import custom_op
 from .config import QuantConfig
 from .distributed import process_rank, rank_seed
 from .levels import optimal_levels
@@ -73,7 +74,7 @@ def projection_seed(seed: torch.Tensor) -> torch.Tensor:
 # the codec as custom ops (eager: the registered backend; compiled: an opaque call)
 # ----------------------------------------------------------------------------
 
-@torch.library.custom_op("blockquant::rank_seed", mutates_args=())
+@custom_op("blockquant::rank_seed", mutates_args=())
 def _rank_seed_op(seed: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.tensor(rank_seed(int(seed), rank), dtype=torch.int64)
 
@@ -94,7 +95,7 @@ def _stored_numel(x: torch.Tensor, proj_dim: int):
     return x.numel() if proj_dim == 0 else x.numel() // x.shape[-1] * proj_dim
 
 
-@torch.library.custom_op("blockquant::projection", mutates_args=())
+@custom_op("blockquant::projection", mutates_args=())
 def _projection_op(proj_seed: torch.Tensor, in_dim: int, out_dim: int, device: torch.device,
                    dtype: torch.dtype) -> torch.Tensor:
     return rademacher(in_dim, out_dim, int(proj_seed), device, dtype)
@@ -105,7 +106,7 @@ def _(proj_seed, in_dim, out_dim, device, dtype):
     return torch.empty((in_dim, out_dim), device=device, dtype=dtype)
 
 
-@torch.library.custom_op("blockquant::quantize", mutates_args=())
+@custom_op("blockquant::quantize", mutates_args=())
 def _quantize_op(x: torch.Tensor, seed: torch.Tensor, bits: int, block: int, meta_dtype: torch.dtype,
                  levels: Optional[List[float]], stochastic: bool, proj_dim: int, check_finite: bool,
                  backend: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,7 +143,7 @@ def _(x, seed, bits, block, meta_dtype, levels, stochastic, proj_dim, check_fini
             torch.empty((), dtype=torch.int64))
 
 
-@torch.library.custom_op("blockquant::dequantize", mutates_args=())
+@custom_op("blockquant::dequantize", mutates_args=())
 def _dequantize_op(payload: torch.Tensor, meta: torch.Tensor, n: int, bits: int, block: int,
                    levels: Optional[List[float]], out_dtype: torch.dtype, backend: Optional[str]) -> torch.Tensor:
     """Decode ``n`` values (flat, ``out_dtype``) from a payload and metadata made by ``blockquant::quantize``."""
@@ -209,7 +210,7 @@ class PackedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Exact bytes of every buffer held (whole storages: codes, metadata, padding)."""
+        """Exact bytes of every buffer held, counted by whole storages (codes, metadata and padding)."""
         return storage_bytes(self.payload, self.meta)
 
     def storages(self):
@@ -371,7 +372,7 @@ def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None,
         x: float32/float16/bfloat16/float64 tensor of any shape (non-contiguous is fine).
             float64 is encoded through float32 (the codec's arithmetic) and decodes to float64:
             the float32 rounding of the input (2^-24 relative) is far below the codec's noise.
-        config: a :class:`QuantConfig` (default ``QuantConfig()``).
+        config: a :class:`QuantConfig` (default ``QuantConfig()``, the ``"default"`` preset).
         seed: seed for stochastic rounding and the projection, an int or a
             one-element integer tensor; drawn from PyTorch's default generator
             when ``None``. Kept as a 0-d int64 CPU tensor (``PackedTensor.seed``).

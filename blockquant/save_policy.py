@@ -47,8 +47,8 @@ import math
 from typing import Callable, List, Optional, Tuple, Union
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
+from ._compat import WeakIdKeyDictionary, tensor_version, view_base
 from .config import QuantConfig
 from .packed import PackedTensor, quantize
 from .projection import projected_dim
@@ -56,9 +56,9 @@ from .projection import projected_dim
 __all__ = ["keep", "keep_for_ctx", "is_resident", "mark_resident", "compress_shared", "compress",
            "without_projection", "RowChunks", "CHUNK_ELEMENTS"]
 
-#: Largest number of elements of one transient in chunked loops: the ``[chunk, F]`` gathers of
+#: Largest number of elements of one transient in chunked loops (the ``[chunk, F]`` gathers of
 #: max aggregation and edge-weight gradients, and the row blocks compressed (and decoded for
-#: weight gradients) at once. 1M elements, 4 MiB in float32, whatever the graph's size.
+#: weight gradients) at once). 1M elements, 4 MiB in float32, whatever the graph's size.
 CHUNK_ELEMENTS = 1 << 20
 
 Compressed = Union[PackedTensor, "RowChunks"]
@@ -104,7 +104,7 @@ def is_resident(t: torch.Tensor) -> bool:
         # trace replays the lookup and gets None): a view is compressed there, which costs its
         # compressed size and never biases a gradient
         return False
-    base = t._base
+    base = view_base(t)
     return base is not None and _held_anyway(base)
 
 
@@ -148,6 +148,7 @@ class RowChunks:
         return ((a, b, p) for (a, b), p in zip(self.bounds, self.parts))
 
     def dequantize(self) -> torch.Tensor:
+        """The whole decoded tensor, decoded one row block at a time."""
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         for a, b, p in self.chunks():
             out[a:b] = p.dequantize().view(b - a, *self.shape[1:])
@@ -219,7 +220,7 @@ def compress_shared(x: torch.Tensor, config: QuantConfig, *, dtype: Optional[tor
     source = x if dtype is None or dtype == x.dtype else x.detach().to(dtype)
     if torch.compiler.is_compiling() or x.grad_fn is None:
         return compress(source, config)
-    key = (x._version, config, source.dtype)
+    key = (tensor_version(x), config, source.dtype)
     per_tensor = _SHARED.get(x)
     if per_tensor is not None:
         hit = per_tensor.get(key)
@@ -230,7 +231,7 @@ def compress_shared(x: torch.Tensor, config: QuantConfig, *, dtype: Optional[tor
         _SHARED[x] = per_tensor
     packed = compress(source, config)
     # entries for older versions can never hit again
-    for stale in [k for k in per_tensor if k[0] != x._version]:
+    for stale in [k for k in per_tensor if k[0] != tensor_version(x)]:
         del per_tensor[stale]
     per_tensor[key] = packed
     return packed

@@ -50,8 +50,8 @@ from typing import Callable, Iterator, List, Optional, Union
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils.weak import WeakIdKeyDictionary
 
+from ._compat import WeakIdKeyDictionary, tensor_version
 from blockquant.kernels.bitmask import BitMask
 
 from .config import QuantConfig
@@ -168,9 +168,9 @@ def compress_saved_tensors(config: Union[None, str, QuantConfig] = None, *, min_
     compressed: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def keep_exact(t: torch.Tensor):
-        kept_exact[t] = t._version
+        kept_exact[t] = tensor_version(t)
         for version, packed in compressed.pop(t, ()):
-            if version == t._version:  # the exact tensor is held anyway: drop the compressed copy
+            if version == tensor_version(t):  # the exact tensor is held anyway: drop the compressed copy
                 packed.obj, packed.kind = t, "ref"
         return t
 
@@ -194,7 +194,7 @@ def compress_saved_tensors(config: Union[None, str, QuantConfig] = None, *, min_
             return _Packed(obj, "sign", t.dtype)
         if name not in COMPRESSED_OPS or t.numel() < min_numel:
             return keep_exact(t)
-        if kept_exact.get(t) == t._version:
+        if kept_exact.get(t) == tensor_version(t):
             return t
         try:
             obj = keep(t, config, projection=False, shared=False)  # not resident (checked above): compressed
@@ -203,7 +203,7 @@ def compress_saved_tensors(config: Union[None, str, QuantConfig] = None, *, min_
         if note is not None:
             note(obj)
         packed = _Packed(obj, "quant")
-        compressed.setdefault(t, []).append((t._version, packed))
+        compressed.setdefault(t, []).append((tensor_version(t), packed))
         return packed
 
     def unpack(p):

@@ -49,6 +49,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._compat import is_saved_tensor, raw_saved_slots, saved_tensor_data, sequence_nr
 from .config import MAX_BLOCK_SIZE, ROW, QuantConfig
 from .plan import Plan
 from .functional.normalization import square_estimator_nbytes
@@ -211,8 +212,8 @@ def _find_packed(obj: Any, out: Dict[int, Any], depth: int = 0) -> None:
     elif isinstance(obj, dict):
         for v in obj.values():
             _find_packed(v, out, depth + 1)
-    elif isinstance(obj, torch._C._autograd.SavedTensor):
-        _find_packed(obj.data, out, depth + 1)
+    elif is_saved_tensor(obj):
+        _find_packed(saved_tensor_data(obj), out, depth + 1)
 
 
 def _packed_in_graph(outputs: Sequence[torch.Tensor]) -> List[Any]:
@@ -228,13 +229,12 @@ def _packed_in_graph(outputs: Sequence[torch.Tensor]) -> List[Any]:
         seen.add(id(node))
         order.append(node)
         todo.extend(n for n, _ in node.next_functions)
-    for node in sorted(order, key=lambda n: n._sequence_nr()):
-        for name in dir(node):
-            if name.startswith("_raw_saved_"):
-                try:
-                    _find_packed(getattr(node, name), found)
-                except RuntimeError:
-                    pass
+    for node in sorted(order, key=sequence_nr):
+        for name in raw_saved_slots(node):
+            try:
+                _find_packed(getattr(node, name), found)
+            except RuntimeError:
+                pass
         for v in getattr(node, "__dict__", {}).values():
             _find_packed(v, found)
     return list(found.values())
@@ -406,7 +406,7 @@ class LayerChoice:
     """The captured tensors (with activation samples) while tuning; emptied when done."""
     estimators: List[Tuple[Tuple[int, ...], int]] = dataclasses.field(default_factory=list, repr=False)
     """``(input shape, count)`` of each normalisation whose input gradient keeps an estimate of
-    ``xn ** 2`` beside ``xn`` (its bytes: :func:`blockquant.functional.square_estimator_nbytes`)."""
+    ``xn ** 2`` beside ``xn`` (its bytes: ``blockquant.functional.square_estimator_nbytes``)."""
 
     def to_dict(self) -> Dict[str, Any]:
         def cand(c: Candidate) -> Dict[str, Any]:
@@ -499,9 +499,9 @@ class TuneResult:
 
     def plot(self, path: str, title: str = "") -> str:
         """PNG: gradient error vs bytes of the uniform configs (and their Pareto front) and the tuned plan."""
-        import matplotlib
+        from ._optional import require
 
-        matplotlib.use("Agg", force=True)
+        require("matplotlib", "tune's plot (pareto.png)").use("Agg", force=True)
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7.5, 5))

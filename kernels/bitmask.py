@@ -73,6 +73,7 @@ class BitMask:
         return self.payload.untyped_storage().nbytes()
 
     def storages(self):
+        """The tensors whose storages this object keeps alive (for memory accounting)."""
         return (self.payload,)
 
     def __repr__(self) -> str:

@@ -57,6 +57,11 @@ def get_backend(device: torch.device, name: Optional[str] = None) -> Backend:
     device = torch.device(device)
     name = name or os.environ.get("BLOCKQUANT_BACKEND") or None
     if name is not None:
+        if name == "triton" and name not in _BACKENDS:
+            from .._optional import install_hint
+
+            raise ValueError(f"blockquant backend 'triton' needs triton, which is not installed: "
+                             f"{install_hint('triton')}")
         if name not in _BACKENDS:
             raise ValueError(f"unknown blockquant backend {name!r}; expected one of {tuple(_BACKENDS)}")
         b = _BACKENDS[name]

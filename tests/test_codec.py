@@ -213,6 +213,8 @@ def test_non_contiguous_inputs_match_contiguous(backend):
         assert a.dequantize().shape == view.shape
 
 
+# Triton's interpreter computes the block ranges with numpy, which warns about the inf - inf this test feeds it
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning:triton.runtime.interpreter")
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_raises(bad, backend):

@@ -64,6 +64,22 @@ def test_presets():
         QuantConfig.preset("int3")
 
 
+def test_one_default_everywhere():
+    """QuantConfig(), the "default" preset and every ``config=None`` entry point are one config: INT4, G1024."""
+    import blockquant
+    from blockquant.nn.basic import QLinear
+
+    default = QuantConfig()
+    assert (default.bits, default.block_size, default.rp_ratio, default.levels, default.meta_dtype) == (
+        4, 1024, 1, "uniform", torch.bfloat16)
+    assert QuantConfig.preset("default") == default
+    assert QuantConfig.resolve(None, "test") == default
+    model = blockquant.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    assert model[0].bq_config == default
+    assert QLinear.from_module(torch.nn.Linear(4, 4)).bq_config == default
+    assert blockquant.quantize(torch.randn(64)).bits == 4
+
+
 @pytest.mark.parametrize("d", sorted(ALPHA_TABLE))
 def test_int2_optimal_alpha_matches_table(d):
     lv = optimal_levels(2, d)

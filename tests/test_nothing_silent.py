@@ -172,6 +172,8 @@ def test_static_graph_input_is_refused_in_training_with_what_to_do(factory):
     assert torch.allclose(conv(xs, ei), orig(xs, ei))
 
 
+# scripting is deprecated in PyTorch; users who still script get blockquant's message, which is what this checks
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_torch_jit_script_is_refused_with_the_fix_and_the_fix_works():
     x, ei = _graph()
     for model, args in ((nn.Sequential(nn.Linear(F, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4)), (x,)),

@@ -20,6 +20,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .._optional import require
 from .errors import BenchError
 
 
@@ -69,6 +70,17 @@ class GraphDataset:
             return float(self.evaluator(logits[idx], self.y[idx]))
         pred = logits[idx].argmax(dim=-1)
         return float((pred == self.y[idx]).float().mean().item()) if idx.numel() else float("nan")
+
+    def to_pyg(self):
+        """The graph as a PyG ``Data``: ``x``, ``edge_index``, ``y`` and boolean ``train_mask``, ``val_mask``,
+        ``test_mask`` from the split (the tensors are shared, not copied)."""
+        from torch_geometric.data import Data
+
+        masks = {}
+        for split, key in (("train", "train_mask"), ("valid", "val_mask"), ("test", "test_mask")):
+            masks[key] = torch.zeros(self.num_nodes, dtype=torch.bool, device=self.x.device)
+            masks[key][self.split[split]] = True
+        return Data(x=self.x, edge_index=self.edge_index, y=self.y, num_nodes=self.num_nodes, **masks)
 
     def to(self, device) -> "GraphDataset":
         self.x = self.x.to(device)
@@ -283,8 +295,8 @@ OGB = ("ogbn-arxiv", "ogbn-products", "ogbn-proteins")
 
 
 def _ogb_meta(name: str) -> Dict[str, str]:
-    import pandas as pd
-    import ogb.nodeproppred as onp
+    pd = require("pandas", f"the {name} dataset")
+    onp = require("ogb.nodeproppred", f"the {name} dataset")
 
     master = pd.read_csv(osp.join(osp.dirname(onp.__file__), "master.csv"), index_col=0, keep_default_na=False)
     return dict(master[name])
@@ -419,6 +431,13 @@ DATASET_NAMES = ("synthetic", "synthetic:<preset>") + tuple(PLANETOID) + OGB
 
 def default_root() -> str:
     return os.environ.get("BLOCKQUANT_DATA", osp.join(os.getcwd(), "data"))
+
+
+def synthetic_data(preset: str = "small", *, seed: int = 0):
+    """A built-in synthetic graph (see :data:`SYNTHETIC_PRESETS`) as a PyG ``Data`` with ``train_mask``,
+    ``val_mask`` and ``test_mask``: data to try blockquant on without downloading anything (the README's
+    examples run on it). ``"small"``: 3,000 nodes, 64 features, 8 classes; ``"tiny"``: 600 nodes, 32 features."""
+    return load_dataset(f"synthetic:{preset}", seed=seed).to_pyg()
 
 
 def load_dataset(name: str, root: Optional[str] = None, *, scale: float = 1.0, seed: int = 0) -> GraphDataset:

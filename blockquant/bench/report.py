@@ -77,7 +77,10 @@ def format_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         f"({first.get('peak_method', '?')}); act = bytes held for backward after forward (excl. data/model/output; "
         f"source: {first.get('activation_source', '?')}); fp32-sparse = plain PyG given a torch.sparse CSR adj_t; "
         f"epoch = median training step; {metric} = best-validation epoch, mean ± std over seeds (x100 for acc); "
-        f"grad err = relative L2 error of the first step's weight gradients vs fp32."
+        f"grad err = relative L2 error of one draw of the first step's weight gradients vs fp32 (same weights, "
+        f"dropout off): zero-mean noise, since the compressed gradient is unbiased, which averages out over "
+        f"training steps (the mean of K draws has 1/sqrt(K) of it: bench/grad_error_draws.py); a random "
+        f"projection (rp8: exact, iexact) adds most of it, hence values above 1."
     )
     return "\n".join(out)
 
@@ -120,9 +123,9 @@ def write_results(out_dir: str, records: List[Dict[str, Any]], meta: Dict[str, A
 
 
 def write_plots(out_dir: str, records: List[Dict[str, Any]], meta: Dict[str, Any]) -> List[str]:
-    import matplotlib
+    from .._optional import require
 
-    matplotlib.use("Agg", force=True)
+    require("matplotlib", "bench's plots (--out)").use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     records = [r for r in records if not r.get("status")]  # rows stopped by --memory-limit-gib have no figures

@@ -253,8 +253,11 @@ class Trainer:
         if self._adj_t is None:
             from torch_geometric.utils import to_torch_csc_tensor
 
+            from ..adjacency import quiet_sparse_warnings
+
             n = self.data.num_nodes
-            self._adj_t = to_torch_csc_tensor(self.data.edge_index, size=(n, n)).t()
+            with quiet_sparse_warnings():
+                self._adj_t = to_torch_csc_tensor(self.data.edge_index, size=(n, n)).t()
         return self._adj_t
 
     def build(self, cfg: BenchConfig, seed: int) -> GNN:

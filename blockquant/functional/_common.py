@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 import torch
 
+from .._compat import delayed_error
 from ..config import QuantConfig
 from ..packed import SUPPORTED_DTYPES
 
@@ -54,7 +55,7 @@ def _first_order_only(backward):
         tensors = [i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)]
         if not tensors:
             return outputs[0] if single else outputs
-        err = torch._C._functions.DelayedError(DOUBLE_BACKWARD_MESSAGE, len(tensors))
+        err = delayed_error(DOUBLE_BACKWARD_MESSAGE, len(tensors))
         wrapped = err(*[outputs[i].detach().requires_grad_() for i in tensors])
         wrapped = (wrapped,) if isinstance(wrapped, torch.Tensor) else wrapped
         result = list(outputs)

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from ..adjacency import _CSR, Adjacency, _is_edge_index_type, as_adjacency
+from .._compat import custom_op
 from ..config import QuantConfig
 from .. import save_policy
 from ..save_policy import keep_for_ctx
@@ -36,7 +37,7 @@ def _spmm(csr: _CSR, values: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
 
 
 # a custom op (with a shape-only fake) so that torch.compile keeps the product in its graph
-@torch.library.custom_op("blockquant::csr_spmm", mutates_args=())
+@custom_op("blockquant::csr_spmm", mutates_args=())
 def _csr_spmm(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, x2: torch.Tensor,
               num_cols: int) -> torch.Tensor:
     csr = _CSR(rowptr, col, None, rowptr.numel() - 1, num_cols)

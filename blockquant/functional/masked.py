@@ -10,6 +10,7 @@ import torch
 
 from blockquant.kernels.bitmask import BitMask
 
+from .._compat import custom_op
 from ..packed import draw_seed_tensor
 from ._common import _check_float, _untracked
 
@@ -72,7 +73,7 @@ def _dropout_noise(like: torch.Tensor, p: float, seed: Union[int, torch.Tensor])
 
 
 # a custom op (with a shape-only fake) so that torch.compile keeps the seeded generator out of its graph
-@torch.library.custom_op("blockquant::dropout_noise", mutates_args=())
+@custom_op("blockquant::dropout_noise", mutates_args=())
 def _dropout_noise_op(seed: torch.Tensor, shape: List[int], dtype: torch.dtype, device: torch.device,
                       p: float) -> torch.Tensor:
     gen = torch.Generator(device=device)
@@ -89,7 +90,7 @@ def _(seed, shape, dtype, device, p):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@torch.library.custom_op("blockquant::seeded_dropout", mutates_args=())
+@custom_op("blockquant::seeded_dropout", mutates_args=())
 def _seeded_dropout(t: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """``t`` times the keep-mask of ``seed``: the forward on ``x`` and the backward on ``grad_out``.
     One op for both, so that a compiled graph cannot merge the two mask draws into one

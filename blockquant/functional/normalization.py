@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .._compat import batch_norm_with_update, custom_op
 from ..config import QuantConfig
 from ..packed import draw_seed_tensor
 from .. import save_policy
@@ -53,7 +54,7 @@ class SquareSample:
 
 
 # a custom op (with a shape-only fake) so that torch.compile keeps the seeded generator out of its graph
-@torch.library.custom_op("blockquant::seeded_positions", mutates_args=())
+@custom_op("blockquant::seeded_positions", mutates_args=())
 def _seeded_positions(seed: torch.Tensor, numel: int, k: int, device: torch.device) -> torch.Tensor:
     """``k`` positions in ``[0, numel)`` drawn uniformly with replacement from ``seed``."""
     gen = torch.Generator(device=device)
@@ -274,8 +275,8 @@ class _BatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, config):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if training and running_mean is not None:
-            out, save_mean, save_invstd, _ = torch.ops.aten._batch_norm_with_update(
-                x, weight, bias, running_mean, running_var, momentum, eps)
+            out, save_mean, save_invstd = batch_norm_with_update(x, weight, bias, running_mean, running_var,
+                                                                 momentum, eps)
         else:
             out, save_mean, save_invstd = torch.native_batch_norm(
                 x, weight, bias, running_mean, running_var, training, momentum, eps)

@@ -83,6 +83,7 @@ class CompressedModule:
         """Hook for subclasses that need extra state after :meth:`from_module`."""
 
     def compressing(self) -> bool:
+        """Whether this call compresses: training with gradients on (else the original forward runs)."""
         return bool(self.training and torch.is_grad_enabled())
 
     def to_original(self) -> torch.nn.Module:
