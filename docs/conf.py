@@ -89,8 +89,9 @@ def _resolve_by_identity(app, env, node, contnode):
         for name, entry in same_name.items():
             if _lookup(name) is obj:
                 return make_refnode(app.builder, node["refdoc"], entry.docname, entry.node_id, contnode, name)
-    if len(same_name) == 1 and "." not in target:  # a short name that one documented object has
-        (name, entry), = same_name.items()
+    if same_name and "." not in target and len({id(_lookup(name)) for name in same_name}) == 1:
+        # a short name that one documented object has (perhaps documented under several paths)
+        name, entry = min(same_name.items(), key=lambda item: len(item[0]))
         return make_refnode(app.builder, node["refdoc"], entry.docname, entry.node_id, contnode, name)
     return None
 
