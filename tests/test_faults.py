@@ -230,3 +230,107 @@ def test_a_real_allocation_failure_leaves_everything_usable_for_a_smaller_config
         else:
             assert not a["params_changed"] and a["optimizer_steps_taken"] == [0], a
     assert abs(attempts[3]["address_space_mib"] - attempts[1]["address_space_mib"]) < 8, res
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+
+RANK_DRIVER = textwrap.dedent("""
+    # one rank of `python -m blockquant.bench.ddp`; rank 1 is killed (or stopped) in its 2nd optimizer step
+    import os, signal, sys
+    import torch
+    if os.environ["RANK"] == "1":
+        real, steps = torch.optim.Adam.step, []
+        def step(self, *args, **kwargs):
+            steps.append(1)
+            if len(steps) == 2:
+                os.kill(os.getpid(), signal.SIGKILL if os.environ["FAULT"] == "killed" else signal.SIGSTOP)
+            return real(self, *args, **kwargs)
+        torch.optim.Adam.step = step
+    from blockquant.bench.ddp import worker_main
+    sys.exit(worker_main(sys.argv[1:]))
+""")
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch built without gloo")
+@pytest.mark.parametrize("fault", ["killed", "hangs"])
+def test_a_rank_that_dies_or_hangs_stops_the_other_with_a_clear_error_in_bounded_time(fault, tmp_path):
+    """Two gloo ranks on loopback; rank 1 is killed (SIGKILL) or stopped (SIGSTOP) in its second step.
+    Rank 0 does not wait for it: a dead peer's closed connection fails its next collective at once, a
+    hung peer fails it after the process group's timeout (--timeout-s 3 here); either way one line
+    says which rank, step and config, and why."""
+    import time
+
+    timeout_s = 3
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", GLOO_SOCKET_IFNAME="lo",
+               FAULT=fault, BLOCKQUANT_BACKEND="torch")
+    env.pop("TRITON_INTERPRET", None)
+    args = ["--dataset", "synthetic:tiny", "--configs", "iexact", "--epochs", "6", "--hidden", "16",
+            "--timeout-s", str(timeout_s), "--out", str(tmp_path)]
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_DRIVER, *args], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        deadline = time.monotonic() + 240  # process start-up, imports and data on a loaded machine
+        while ranks[0].poll() is None and time.monotonic() < deadline:
+            if fault == "killed" and ranks[1].poll() is not None:
+                break
+            time.sleep(0.05)
+        if fault == "killed":  # from rank 1's death to rank 0's exit
+            assert ranks[1].wait(timeout=max(1.0, deadline - time.monotonic())) == -9
+            died = time.monotonic()
+            ranks[0].wait(timeout=30)
+            assert time.monotonic() - died < 30
+        else:
+            ranks[0].wait(timeout=max(1.0, deadline - time.monotonic()))
+        err = ranks[0].communicate(timeout=30)[1]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert ranks[0].returncode == 1, err[-3000:]
+    lines = [ln for ln in err.splitlines() if "blockquant.bench.ddp: error:" in ln]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "rank 0 lost contact with another rank in step 2 of 6 of config 'iexact'" in lines[0]
+    assert ("Connection" in lines[0]) if fault == "killed" else (f"Timed out waiting {timeout_s * 1000}ms" in lines[0])
+    assert not (tmp_path / "rank0.json").exists()
+
+
+def test_launch_failure_names_the_rank_that_failed_first():
+    """What `blockquant bench --nproc` says when a rank dies: torchrun's root cause and the ranks' errors."""
+    from blockquant.bench.ddp import failure_summary
+
+    torchrun_stderr = textwrap.dedent("""\
+        blockquant.bench.ddp: error: rank 0 lost contact with another rank in step 2 of 6 of config 'iexact' (x)
+        Traceback (most recent call last):
+        torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+        ======================================================
+        Failures:
+        [1]:
+          rank      : 0 (local_rank: 0)
+          exitcode  : 1 (pid: 2502)
+        ------------------------------------------------------
+        Root Cause (first observed failure):
+        [0]:
+          time      : 2026-12-07_03:18:46
+          host      : localhost
+          rank      : 1 (local_rank: 1)
+          exitcode  : -9 (pid: 2503)  (SIGKILL)
+          error_file: <N/A>
+          traceback : Signal 9 (SIGKILL) received by PID 2503
+        ======================================================
+        """)
+    summary = failure_summary(torchrun_stderr)
+    assert summary.startswith("rank 1 failed first (killed by SIGKILL); blockquant.bench.ddp: error: rank 0 lost")
+    plain = failure_summary(torchrun_stderr.replace("  (SIGKILL)", "").replace("-9 (pid", "3 (pid"))
+    assert plain.startswith("rank 1 failed first (exit code 3)")
+    assert failure_summary("a\nb\nc") == "a | b | c"
