@@ -26,6 +26,7 @@ CI runs ``FUZZ_EXAMPLES`` examples, derandomized (the same ones every run); a lo
 The examples that found defects are pinned below as plain tests.
 """
 import copy
+import gc
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from unittest import mock
 import pytest
 import torch
 from hypothesis import HealthCheck, given, note, settings
+from hypothesis.errors import InvalidArgument
 from hypothesis import strategies as st
 from torch import nn
 from torch_geometric import nn as gnn
@@ -101,6 +103,22 @@ def test_track_saved_does_not_count_the_attention_graph_cached_for_a_live_graph(
         out, net = profiler_net_bytes(lambda: model(x, ei))
     held = net - storage_bytes(out)
     assert abs(mem.total_bytes - held) <= 64, (mem.total_bytes, held)  # 0-d seeds (8 B each) are not counted
+
+
+@pytest.mark.parametrize("norm", [lambda: nn.BatchNorm1d(3), lambda: gnn.BatchNorm(3)], ids=["torch", "pyg"])
+def test_batch_norm_of_no_nodes_trains_as_the_original(norm):
+    """Found by the fuzz test (a bipartite layer with no target nodes): the converted BatchNorm raised
+    ``input tensor must have at least one element`` where torch's returns the empty output."""
+    torch.manual_seed(0)
+    ref = norm()
+    conv = _quiet_convert(copy.deepcopy(ref), "int4")
+    for model in (ref, conv):
+        model.train()
+        x = torch.randn(0, 3, requires_grad=True)
+        out = model(x)
+        out.sum().backward()
+        assert out.shape == (0, 3) and x.grad.shape == (0, 3)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), conv.state_dict().values()))
 
 
 # --------------------------------------------------------------------------------------- generators
@@ -173,8 +191,9 @@ def _conv(draw, kind, f_in, f_dst, width):
     bip = f_dst is not None
     ins = (f_in, f_dst) if bip else f_in
     if kind == "gcn":
+        normalize = draw(st.booleans())  # PyG adds self-loops only with the normalisation
         return (gnn.GCNConv(f_in, width, improved=draw(st.booleans()), cached=draw(st.booleans()),
-                            add_self_loops=draw(st.booleans()), normalize=draw(st.booleans())), width, True)
+                            add_self_loops=normalize and draw(st.booleans()), normalize=normalize), width, True)
     if kind == "sage":
         return (gnn.SAGEConv(ins, width, aggr=draw(st.sampled_from(["mean", "sum", "max", "min"])),
                              root_weight=draw(st.booleans()), normalize=draw(st.booleans()),
@@ -243,6 +262,8 @@ def zoo_models(draw, f_in):
     elif cls in ("GAT", "GATv2"):
         kw.update(heads=draw(st.integers(1, 3)), concat=draw(st.booleans()), add_self_loops=draw(st.booleans()),
                   v2=cls == "GATv2")
+        if kw["concat"]:  # PyG's GAT splits the hidden width between the heads
+            kw["hidden_channels"] = kw["heads"] * draw(st.integers(1, 3))
     if kw["jk"] == "lstm" and kw["num_layers"] < 2:
         kw["jk"] = "cat"
     model = {"GCN": GCN, "GraphSAGE": GraphSAGE, "GIN": GIN, "GAT": GAT, "GATv2": GAT, "EdgeCNN": EdgeCNN}[cls]
@@ -355,16 +376,21 @@ def _call(model, graph, inputs):
     return model(inputs["x"], inputs["edge_index"], edge_weight=inputs["edge_weight"])  # PyG's zoo
 
 
-def _run(model, graph, *, train, grad=True, backward=False):
-    """``("ok", output, gradients)`` or ``("error", exception type, message)``."""
+def _run(model, graph, *, train, grad=True, backward=False, dtype=None):
+    """``("ok", output, gradients)`` or ``("error", exception type, message)``; ``dtype``: cast the model
+    and the floating-point inputs (the float64 reference)."""
     model.train(train)
     inputs = graph.inputs()
+    if dtype is not None:
+        model.to(dtype)
+        inputs = {k: t.detach().to(dtype).requires_grad_(t.requires_grad)
+                  if isinstance(t, torch.Tensor) and t.is_floating_point() else t for k, t in inputs.items()}
     try:
         with torch.set_grad_enabled(grad):
             out = _call(model, graph, inputs)
             grads = {}
             if backward and out.requires_grad:
-                (out.float() * torch.linspace(-1.0, 1.0, out.numel()).view(out.shape)).sum().backward()
+                (out * torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
                 grads = {f"param {n}": p.grad for n, p in model.named_parameters()}
                 grads.update({f"input {k}": t.grad for k, t in inputs.items()
                               if isinstance(t, torch.Tensor) and t.is_floating_point()})
@@ -379,6 +405,25 @@ def _close(a, b, what):
     assert torch.allclose(a, b, rtol=1e-4, atol=2e-5 * scale), (what, float((a - b).abs().max()), scale)
 
 
+def _close64(a, b, what):
+    assert a.shape == b.shape and a.dtype == b.dtype == torch.float64, (what, a.shape, b.shape, a.dtype)
+    scale = 1.0 + float(b.abs().max()) if b.numel() else 1.0
+    assert torch.allclose(a, b, rtol=1e-9, atol=1e-10 * scale), (what, float((a - b).abs().max()), scale)
+
+
+def _as_accurate(got, ref32, ref64, what):
+    """``got`` is about as close to the float64 truth as the unconverted float32 model is (another
+    summation order; ill-conditioned steps such as a norm over 2 values amplify both): a float32-only
+    defect (a lost precision, a wrong cast) is far larger. Exactness is checked in float64."""
+    assert got.shape == ref32.shape and got.dtype == ref32.dtype, (what, got.shape, ref32.shape)
+    if not got.numel():
+        return
+    truth = ref64.to(torch.float64)
+    err, ref_err = float((got.double() - truth).abs().max()), float((ref32.double() - truth).abs().max())
+    scale = 1.0 + float(truth.abs().max())
+    assert err <= max(32 * ref_err, 1e-3 * scale), (what, err, ref_err, scale)
+
+
 def _same_outcome(got, want, what):
     """The converted model raises exactly where the unconverted one does (same type), else succeeds."""
     if want[0] == "error":
@@ -386,6 +431,55 @@ def _same_outcome(got, want, what):
         return False
     assert got[0] == "ok", f"{what}: the converted model raised {got[1].__name__}: {got[2]} (the original did not)"
     return True
+
+
+def _note(text):
+    """hypothesis' note() inside a test; nothing when a case is replayed by hand."""
+    try:
+        note(text)
+    except InvalidArgument:
+        pass
+
+
+class _max_ties_seen:
+    """Records, for every SAGEConv / GraphConv with max aggregation run inside the block, whether some
+    target's maximum (per channel) came from two different source nodes or was exactly 0. There the
+    max is not differentiable and the gradient not unique: blockquant gives it all to one winning edge;
+    PyG splits it between the tied edges (and, at 0, also with the zero-filled output buffer, so part of
+    it is lost). Either is a subgradient; they differ."""
+
+    def __init__(self, model):
+        self.model, self.ties, self.handles = model, [], []
+
+    def __enter__(self):
+        for name, m in self.model.named_modules():
+            if isinstance(m, (gnn.SAGEConv, gnn.GraphConv)) and m.aggr == "max":
+                self.handles.append(m.register_forward_pre_hook(self._hook(name)))
+        return self.ties
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def _hook(self, name):
+        def pre_hook(module, args):
+            x, ei = args[0], args[1]
+            x_src = (x[0] if isinstance(x, tuple) else x).detach()
+            src, dst = ei
+            if src.numel() == 0:
+                return
+            vals = x_src[src]
+            best = torch.full((int(dst.max()) + 1, vals.shape[1]), float("-inf"), dtype=vals.dtype).scatter_reduce(
+                0, dst[:, None].expand_as(vals), vals, "amax")
+            at_max = vals == best[dst]
+            for c in range(vals.shape[1]):
+                winners = {}
+                for e in at_max[:, c].nonzero().flatten().tolist():
+                    winners.setdefault(int(dst[e]), set()).add(int(src[e]))
+                if any(len(w) > 1 for w in winners.values()) or bool((best[:, c][dst.unique()] == 0).any()):
+                    self.ties.append(name)
+                    return
+        return pre_hook
 
 
 def _check(case: Case, check_memory: bool):
@@ -403,19 +497,34 @@ def _check(case: Case, check_memory: bool):
     got, want = _run(conv, graph, train=False, grad=False), _run(ref, graph, train=False, grad=False)
     if _same_outcome(got, want, "no_grad eval"):
         _close(got[1], want[1], "no_grad eval output")
-    # 3. training, lossless stand-in codec, no dropout: forward and every gradient as the unconverted model's
+    # 3. training, lossless stand-in codec, no dropout: the forward and every gradient as the unconverted
+    # model's: in float64 to round-off, in float32 about as close to the float64 truth as the original
     ref_t = _no_dropout(copy.deepcopy(case.model))
     conv_t = _convert(_no_dropout(copy.deepcopy(case.model)), _nearest(case.spec), case.filter_prefix)
-    with mock.patch.object(save_policy, "compress", lambda x, config: ExactPacked(x)):
-        got = _run(conv_t, graph, train=True, backward=True)
-    want = _run(ref_t, graph, train=True, backward=True)
-    if _same_outcome(got, want, "training under the lossless codec"):
-        _close(got[1], want[1], "training output")
+    runs = {}
+    for dtype in (torch.float32, torch.float64):  # fresh copies: caches (GCN's cached=True) are per dtype
+        conv_d, ref_d = copy.deepcopy(conv_t), copy.deepcopy(ref_t)
+        with mock.patch.object(save_policy, "compress", lambda x, config: ExactPacked(x)):
+            got = _run(conv_d, graph, train=True, backward=True, dtype=dtype)
+        with _max_ties_seen(ref_d) as ties:
+            want = _run(ref_d, graph, train=True, backward=True, dtype=dtype)
+        if ties:  # at a tie of max aggregation the gradient is not unique: compare the forward only
+            _note(f"max-aggregation ties ({ties[0]}): gradients not compared")
+            got, want = got[:2] + ({},), want[:2] + ({},)
+        if not _same_outcome(got, want, f"training under the lossless codec ({dtype})"):
+            break
         assert got[2].keys() == want[2].keys()
         for k, g in want[2].items():
             assert (got[2][k] is None) == (g is None), k
+        runs[dtype] = got, want
+    if len(runs) == 2:
+        (got64, want64), (got32, want32) = runs[torch.float64], runs[torch.float32]
+        _close64(got64[1], want64[1], "training output (float64)")
+        _as_accurate(got32[1], want32[1], want64[1], "training output")
+        for k, g in want64[2].items():
             if g is not None:
-                _close(got[2][k], g, f"gradient of {k}")
+                _close64(got64[2][k], g, f"gradient of {k} (float64)")
+                _as_accurate(got32[2][k], want32[2][k], g, f"gradient of {k}")
     # 4. training with the drawn codec (dropout as drawn): it runs where the original runs; finite gradients
     got, want = _run(conv, graph, train=True, backward=True), _run(ref, graph, train=True, backward=True)
     if _same_outcome(got, want, "training with the drawn codec") and torch.isfinite(want[1]).all():
@@ -434,11 +543,20 @@ def _check_held_bytes(model, graph):
     with blockquant.track_saved(model, exclude=leaves) as mem:
         out = _call(model, graph, inputs)
     del out
+    seeds_before = _scalar_int64_tensors()
     with _fd2_silenced():  # the profiler's start/stop lines
         out, net = profiler_net_bytes(lambda: _call(model, graph, inputs))
-    net -= storage_bytes(out)
-    # the 0-d seed tensors of compressed tensors and dropout masks (8 B each) count as 0 B (README)
-    assert abs(mem.total_bytes - net) <= 64 + 0.01 * net, (mem.total_bytes, net, mem.per_module)
+    held = net - storage_bytes(out)
+    # the 0-d seeds of compressed tensors (8 B each) count as 0 B (README); a dropout's is saved as a tensor
+    seeds = len(_scalar_int64_tensors() - seeds_before)
+    assert held - 8 * seeds <= mem.total_bytes <= held and (held - mem.total_bytes) % 8 == 0, \
+        (mem.total_bytes, held, seeds, mem.per_module)
+
+
+def _scalar_int64_tensors():
+    gc.collect()
+    return {id(o) for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.dim() == 0
+            and o.dtype == torch.int64 and o.device.type == "cpu"}
 
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
