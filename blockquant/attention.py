@@ -31,6 +31,8 @@ reused while that object lives unchanged.
 """
 from __future__ import annotations
 
+import weakref
+
 import math
 from typing import Optional, Tuple
 
@@ -75,7 +77,7 @@ class AttentionGraph:
     """
 
     __slots__ = ("num_src", "num_dst", "num_edges", "order", "crow", "src", "dst", "t_order", "t_crow",
-                 "_chunks", "__weakref__")
+                 "_chunks", "owner", "__weakref__")
 
     def __init__(self, src: Tensor, dst: Tensor, num_src: int, num_dst: int):
         num_edges = src.numel()
@@ -94,6 +96,7 @@ class AttentionGraph:
         self.src, self.dst = src.to(idx), dst.to(idx)
         self.num_src, self.num_dst, self.num_edges = int(num_src), int(num_dst), int(num_edges)
         self._chunks = {}
+        self.owner = None  # weak reference to the graph object it is cached for (see tensors())
 
     def target_chunks(self, edges: int):
         """``[(a, b, da, db), ...]``: consecutive sorted-edge ranges ``[a, b)`` holding all the
@@ -114,14 +117,22 @@ class AttentionGraph:
         self._chunks[edges] = chunks
         return chunks
 
-    def tensors(self) -> Tuple[Tensor, ...]:
-        """The tensors this graph keeps alive (read by :func:`blockquant.track_saved`)."""
+    def _index_tensors(self) -> Tuple[Tensor, ...]:
         return tuple(t for t in (self.order, self.crow, self.src, self.dst, self.t_order, self.t_crow)
                      if t is not None)
 
+    def tensors(self) -> Tuple[Tensor, ...]:
+        """The tensors this graph keeps alive for a step (read by :func:`blockquant.track_saved`): none
+        while it is cached for a graph the caller keeps (graph state for that graph's lifetime, like
+        the adjacency's CSR, :meth:`blockquant.adjacency.Adjacency.tensors`); all of them otherwise."""
+        if self.owner is not None and self.owner() is not None:
+            return ()
+        return self._index_tensors()
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        """Bytes of the index tensors, cached or not."""
+        return sum(t.numel() * t.element_size() for t in self._index_tensors())
 
     def to_sorted(self, per_edge: Tensor) -> Tensor:
         """Rows of a ``[E, ...]`` tensor in the caller's edge order, reordered by target."""
@@ -195,6 +206,7 @@ def _attention_graph(adjacency, num_src: int, num_dst: int, *, key=None, variant
             per_obj = {}  # entries of older versions can never hit again
             _GRAPHS[key] = per_obj
         per_obj[entry] = graph
+        graph.owner = weakref.ref(key)
     return graph
 
 

@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     b.add_argument("--out", default=None, metavar="DIR",
                    help="write results.json, results.csv and PNG plots here (default: print the table only)")
+    b.add_argument("--resume", action="store_true",
+                   help="reuse the configurations an interrupted run with the same settings finished in --out DIR "
+                        "(results.json is rewritten after each configuration) and run only the others")
     b.add_argument("--quiet", action="store_true", help="no progress bars (the final table is still printed)")
     b.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None, metavar="N",
                    help="train with mini-batches of about N nodes from a PyG loader instead of full batch; "
@@ -324,7 +327,11 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.out is not None:  # before the runs, not after them
         require("matplotlib", f"blockquant {args.command} --out (its plots)")
     minibatch = _minibatch_options(args)
+    if args.resume and args.out is None:
+        raise BenchError("--resume needs --out DIR: the folder of the run to resume")
     if args.nproc is not None:
+        if args.resume:
+            raise BenchError("--resume is not supported with --nproc; rerun the data-parallel benchmark whole")
         if minibatch is not None:
             raise BenchError("--nproc and --batch-size cannot be combined yet; "
                              "each rank trains full batch on its shard")
@@ -348,26 +355,44 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise BenchError(f"the dataset alone does not fit in --memory-limit-gib {args.memory_limit_gib:g}; "
                          f"raise the limit or pass a smaller --scale") from None
     load_s = time.time() - t0
-    if minibatch is None:
-        records = run_benchmark(data, opts, configs)
-    else:
-        from .bench.minibatch import run_minibatch_benchmark
-
-        records = run_minibatch_benchmark(data, opts, minibatch, configs)
     meta = {
         "dataset": data.describe(), "model": opts.model, "hidden": opts.hidden, "layers": opts.layers,
         "lr": opts.lr, "dropout": opts.dropout, "epochs": opts.epochs, "seeds": list(opts.seeds),
         "device": str(device), "metric": data.metric, "versions": _versions(), "machine": machine_info(device),
         "command": "blockquant " + " ".join(shlex.quote(a) for a in argv),
-        "dataset_load_s": load_s, "total_s": time.time() - t0,
-        "backend_env": os.environ.get("BLOCKQUANT_BACKEND"),
-        "memory_limit_gib": args.memory_limit_gib, "process_peak_rss_bytes": _peak_rss_bytes(),
+        "dataset_load_s": load_s, "backend_env": os.environ.get("BLOCKQUANT_BACKEND"),
+        "memory_limit_gib": args.memory_limit_gib,
     }
+    if minibatch is not None:
+        meta.update(loader=minibatch.loader, batch_size=minibatch.batch_size)
+    done, on_record = {}, None
+    if args.out is not None:
+        from .bench.resume import finished_records, progress_meta
+
+        if args.resume:
+            done = finished_records(args.out, meta, configs)
+            print(f"resuming {os.path.join(args.out, 'results.json')}: reusing "
+                  f"{', '.join(done) if done else 'nothing (no finished configuration with these settings)'}")
+
+        def on_record(records_so_far):  # an interrupted run keeps what it finished (see --resume)
+            write_results(args.out, records_so_far, progress_meta(meta, records_so_far, configs), plots=False)
+
+    try:
+        if minibatch is None:
+            records = run_benchmark(data, opts, configs, done=done, on_record=on_record)
+        else:
+            from .bench.minibatch import run_minibatch_benchmark
+
+            records = run_minibatch_benchmark(data, opts, minibatch, configs, done=done, on_record=on_record)
+    except KeyboardInterrupt:
+        if args.out is None:
+            raise
+        raise KeyboardInterrupt(f"the configurations finished so far are in {os.path.join(args.out, 'results.json')}"
+                                f"; the same command with --resume runs only the others") from None
+    meta.update(total_s=time.time() - t0, process_peak_rss_bytes=_peak_rss_bytes(), complete=True, pending=[])
     for r in records:
         r.update(dataset=data.name, model=opts.model, device=str(device), metric=data.metric,
                  epochs=opts.epochs)
-    if minibatch is not None:
-        meta.update(loader=minibatch.loader, batch_size=minibatch.batch_size)
     print(format_table(records, meta))
     fitted = [r for r in records if not r.get("status")]
     if minibatch is not None and fitted:
@@ -523,8 +548,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         msg = " ".join(str(e).split())
         print(f"blockquant: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("blockquant: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print("blockquant: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0

@@ -221,13 +221,13 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
         if isinstance(module, CompressedModule):
             cfg = chooser.choose(module, name)
             if cfg is None:
-                return module.to_original()  # the caller asked for this subtree to stay exact
+                return _unwrapped(module)  # the caller asked for this subtree to stay exact
             if type(module).unsupported_reason(module.to_original()) is None:
                 if explicit and cfg != module.bq_config:
-                    module = type(module).from_module(module.to_original(), cfg)
+                    module = type(module).from_module(_unwrapped(module), cfg)
                 visit_children(module, name, type(module).bq_convert_children)
                 return module
-            module = module.to_original()  # an option changed since the last convert: refused below
+            module = _unwrapped(module)  # an option changed since the last convert: refused below
             tname = type(module).__name__
         wrapper = WRAPPERS.get(type(module))
         if wrapper is not None:
@@ -296,6 +296,14 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
                       "compressed; blockquant.compress_saved_tensors can cover them): " + " | ".join(lines),
                       ConversionWarning, stacklevel=2)
     return root
+
+
+def _unwrapped(wrapper: CompressedModule) -> torch.nn.Module:
+    """The module ``wrapper`` wraps, with no wrapper below it either: a wrapper's own children
+    (PyG BatchNorm's ``BatchNorm1d``, GIN's MLP) were converted with it and must not outlive it."""
+    original = wrapper.to_original()
+    _restore_children(original)
+    return original
 
 
 def _restore_children(module: torch.nn.Module) -> None:

@@ -9,30 +9,54 @@ reference's. Stochastic rounding draws its noise from a counter-based hash of
 ``(seed, block, index in the block)``: unbiased with the same per-element
 variance, but not the reference's ``torch.rand`` stream.
 
-Build: the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``)
-compiles the source once, in about a second, into
-``$BLOCKQUANT_CACHE_DIR`` (default ``~/.cache/blockquant``), keyed by the
-source, the flags and the CPU, so later processes load it in milliseconds.
-Where there is no compiler, or the build or a self-check fails, or
-``BLOCKQUANT_NATIVE=0`` is set, :func:`available` is False, the registry picks
-the ``torch`` backend instead, and :func:`unavailable_reason` says why.
+Build: the system C compiler (``$CC``, split into words as a shell would, so
+``CC="ccache gcc"`` works; else ``cc``, ``gcc`` or ``clang``) compiles the
+source once into ``$BLOCKQUANT_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/blockquant`` or ``~/.cache/blockquant``), under a name that is
+a hash of the source, the flags, the compiler (its command, and the size and
+time of its files) and the CPU, so later processes load it in milliseconds.
+The first use builds it (10-30 s on a loaded 2-core machine); ``python -m
+blockquant.kernels --build`` builds it ahead of time (for an image, or a
+cluster's shared home) and says why where it cannot. Processes starting
+together (DDP ranks) compile once: the build holds a file lock in the cache
+directory, the others wait for it and load its result.
+
+The cache is trusted only as far as its owner: a library is loaded only from
+a directory and a file owned by you (or root) that group and others cannot
+write (a world-writable directory only with the sticky bit, like /tmp);
+anything else is refused with the reason, since whoever can replace the file
+runs code in your process. A read-only cache directory is fine when it holds
+the build (made there with ``--build``); nothing is written then. Where there
+is no build and it cannot be written, the codec is unavailable and the reason
+says which directory and what to do.
+
+Where there is no compiler, or the build, the cache or a self-check fails,
+:func:`available` is False, the registry picks the ``torch`` backend instead,
+:func:`unavailable_reason` says why, and the first such fallback in a process
+warns once (:class:`CodecFallbackWarning`). ``BLOCKQUANT_NATIVE=0`` chooses the
+``torch`` backend on purpose, without the warning.
 
 Threads: the blocks are split into ``torch.get_num_threads()`` contiguous
 ranges, each encoded by one call (ctypes releases the GIL during the call).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import itertools
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -50,23 +74,45 @@ ARCH_FLAGS = (("-march=native",), ())
 # below this many elements per thread, splitting costs more than it saves
 MIN_ELEMENTS_PER_THREAD = 1 << 18
 COMPILE_TIMEOUT_S = 120
+BUILD_COMMAND = "python -m blockquant.kernels --build"
+LOCK_NAME = "native_codec.lock"
+# another process's build runs each compiler attempt for at most COMPILE_TIMEOUT_S
+LOCK_TIMEOUT_S = COMPILE_TIMEOUT_S * len(ARCH_FLAGS) + 30
 # decoded outputs from this size on are faulted in as 2 MiB pages (see bq_advise_huge_pages)
 HUGE_PAGE_MIN_BYTES = 8 << 20
 
 _lock = threading.Lock()
-_state = {"lib": None, "reason": None, "tried": False}
+_state = {"lib": None, "reason": None, "path": None, "tried": False}
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_pid: Optional[int] = None
 
 
-def _compiler() -> Optional[str]:
-    cc = os.environ.get("CC")
-    if cc:
-        return shutil.which(cc) or cc
+class CodecFallbackWarning(RuntimeWarning):
+    """The compiled CPU codec cannot be used here, so CPU tensors are compressed by the PyTorch
+    backend: the same results, many times slower (13-106x in the README's codec table)."""
+
+
+class _Unavailable(Exception):
+    """Why the compiled codec cannot be used here; the message is :func:`unavailable_reason`."""
+
+
+def _compiler() -> Optional[List[str]]:
+    """The C compiler command as argv words, or ``None`` where there is none.
+
+    ``$CC`` is split as a shell would (``CC="ccache gcc"`` is two words), its first word
+    looked up on PATH; without ``$CC``, the first of ``cc``, ``gcc``, ``clang`` on PATH.
+    """
+    cc = os.environ.get("CC", "")
+    if cc.strip():
+        try:
+            words = shlex.split(cc)
+        except ValueError as e:
+            raise _Unavailable(f"CC={cc!r} cannot be split into words as a shell would ({e})") from None
+        return [shutil.which(words[0]) or words[0], *words[1:]]
     for name in ("cc", "gcc", "clang"):
         path = shutil.which(name)
         if path:
-            return path
+            return [path]
     return None
 
 
@@ -90,34 +136,178 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _compile(cc: str, source: bytes, out_dir: str):
-    """Path of the built library, or ``(None, reason)`` for the last failed attempt."""
+def _compiler_identity(cmd: Sequence[str]) -> str:
+    """The compiler command, with the size and modification time of each of its words that is a
+    file (the compiler, ccache): a compiler upgraded in place gets a build of its own."""
+    parts = []
+    for word in cmd:
+        parts.append(word)
+        found = word if os.sep in word else shutil.which(word)
+        try:
+            st = os.stat(found) if found else None
+        except OSError:
+            st = None
+        if st is not None:
+            parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+    return "\0".join(parts)
+
+
+def _build_name(cmd: Sequence[str], flags: Sequence[str], source: bytes) -> str:
+    """The cached library's file name: a hash of the source, the flags, the compiler and the CPU."""
+    h = hashlib.sha256()
+    for part in (source, " ".join(flags).encode(), _compiler_identity(cmd).encode(), _cpu_signature().encode(),
+                 str(ABI_VERSION).encode()):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return f"native_codec-{h.hexdigest()[:24]}.so"
+
+
+_WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
+
+
+def _untrusted(path: str, st: os.stat_result, is_dir: bool) -> Optional[str]:
+    """Why ``path`` must not be trusted to hold code we load (``None`` when it may): it must
+    belong to this user or root, and group and others must not be able to write it (a
+    directory they can write only with the sticky bit, which stops them replacing our files)."""
+    if not hasattr(os, "geteuid"):  # Windows: no POSIX owners to compare
+        return None
+    if not is_dir and not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    uid = os.geteuid()
+    if st.st_uid not in (uid, 0):
+        return f"{path} belongs to uid {st.st_uid}, not to you (uid {uid}) or root"
+    if st.st_mode & _WRITABLE_BY_OTHERS and not (is_dir and st.st_mode & stat.S_ISVTX):
+        return f"{path} is writable by group or others (mode {stat.filemode(st.st_mode)})"
+    return None
+
+
+def _refuse(why: str) -> _Unavailable:
+    return _Unavailable(f"refusing to load the compiled codec: {why}, so anyone who can write it could run code "
+                        f"in this process; remove it (or `chmod go-w` it), or set {CACHE_ENV} to a directory "
+                        f"only you can write")
+
+
+def _check_dir(cache: str) -> None:
+    try:
+        st = os.stat(cache)
+    except OSError:
+        return  # not there yet: created below, private to this user
+    why = _untrusted(cache, st, is_dir=True)
+    if why is not None:
+        raise _refuse(f"the cache directory {why}")
+
+
+def _find_build(cache: str, names: Sequence[str]) -> Optional[str]:
+    """The first existing build of ``names`` (in order of preference) that may be loaded."""
+    for name in names:
+        path = os.path.join(cache, name)
+        try:
+            st = os.lstat(path)  # a symlink is not followed: it is refused as not a regular file
+        except OSError:
+            continue
+        why = _untrusted(path, st, is_dir=False)
+        if why is not None:
+            raise _refuse(why)
+        return path
+    return None
+
+
+def _not_writable(cache: str, e: OSError) -> _Unavailable:
+    return _Unavailable(f"the cache directory {cache} is not writable ({e.strerror or e}) and holds no build for "
+                        f"this source, compiler and CPU; set {CACHE_ENV} to a writable directory, or build it "
+                        f"once where it can be written with `{BUILD_COMMAND}`")
+
+
+@contextlib.contextmanager
+def _build_lock(cache: str):
+    """Hold an exclusive lock on the cache directory's build lock file (POSIX ``flock``): processes
+    starting together (DDP ranks) compile once; the others wait here, then find the build."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the atomic rename still keeps every load whole
+        yield
+        return
+    path = os.path.join(cache, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as e:
+        raise _not_writable(cache, e) from None
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise _Unavailable(f"another process has been building the compiled codec for over "
+                                       f"{LOCK_TIMEOUT_S} s (it holds {path}); if none is running, remove that "
+                                       f"file") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _compile(cmd: Sequence[str], source: bytes, cache: str) -> str:
+    """Path of the built library; raises :class:`_Unavailable` with the last failure."""
     reason = "no attempt"
     for arch in ARCH_FLAGS:
         flags = (*BASE_FLAGS, *arch)
-        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cc.encode(),
-                                         _cpu_signature().encode()])).hexdigest()[:20]
-        target = os.path.join(out_dir, f"native_codec-{key}.so")
-        if os.path.exists(target):
-            return target, None
-        os.makedirs(out_dir, exist_ok=True)
+        target = os.path.join(cache, _build_name(cmd, flags, source))
         # build under a private name, then rename: concurrent processes never load a half-written file
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        try:
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        except OSError as e:
+            raise _not_writable(cache, e) from None
         os.close(fd)
         try:
-            proc = subprocess.run([cc, *flags, "-o", tmp, SOURCE], capture_output=True, text=True,
+            proc = subprocess.run([*cmd, *flags, "-o", tmp, SOURCE], capture_output=True, text=True,
                                   timeout=COMPILE_TIMEOUT_S)
             if proc.returncode == 0:
+                os.chmod(tmp, 0o755)  # whatever the umask: never writable by group or others
                 os.replace(tmp, target)
-                return target, None
+                return target
             last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
-            reason = f"{os.path.basename(cc)} {' '.join(flags)} failed: {last}"
+            reason = f"{' '.join(os.path.basename(w) for w in cmd)} {' '.join(flags)} failed: {last}"
         except (OSError, subprocess.SubprocessError) as e:
-            reason = f"running {cc} failed: {e}"
+            reason = f"running {' '.join(cmd)} failed: {e}"
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    return None, reason
+    raise _Unavailable(reason)
+
+
+def _locate_or_build() -> str:
+    """The path of a usable build: found in the cache, else compiled there under the build lock."""
+    cmd = _compiler()
+    if cmd is None:
+        raise _Unavailable("no C compiler found (install gcc or clang, or set CC)")
+    try:
+        with open(SOURCE, "rb") as f:
+            source = f.read()
+    except OSError as e:
+        raise _Unavailable(f"cannot read {SOURCE}: {e}") from None
+    cache = _cache_dir()
+    # in order of preference: a portable build exists only where the -march=native one failed
+    names = [_build_name(cmd, (*BASE_FLAGS, *arch), source) for arch in ARCH_FLAGS]
+    _check_dir(cache)
+    found = _find_build(cache, names)  # a read-only cache holding the build is fine: nothing is written
+    if found is not None:
+        return found
+    try:
+        os.makedirs(cache, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise _Unavailable(f"cannot create the cache directory {cache} ({e.strerror or e}); set {CACHE_ENV} to a "
+                           f"writable directory, or build it once where it can be written with "
+                           f"`{BUILD_COMMAND}`") from None
+    _check_dir(cache)
+    with _build_lock(cache):
+        found = _find_build(cache, names)  # built by another process while this one waited
+        return found if found is not None else _compile(cmd, source, cache)
 
 
 def _declare(lib) -> None:
@@ -133,31 +323,22 @@ def _declare(lib) -> None:
 
 
 def _load():
+    """``(library, path, None)``, or ``(None, None, reason)`` where the compiled codec cannot be used."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
-        return None, f"disabled by {DISABLE_ENV}=0"
-    cc = _compiler()
-    if cc is None:
-        return None, "no C compiler found (install gcc or clang, or set CC)"
+        return None, None, f"disabled by {DISABLE_ENV}=0"
     try:
-        with open(SOURCE, "rb") as f:
-            source = f.read()
-    except OSError as e:
-        return None, f"cannot read {SOURCE}: {e}"
-    try:
-        path, reason = _compile(cc, source, _cache_dir())
-    except OSError as e:  # e.g. an unwritable cache directory
-        return None, f"cannot build in {_cache_dir()} ({e}); set {CACHE_ENV} to a writable directory"
-    if path is None:
-        return None, reason
+        path = _locate_or_build()
+    except _Unavailable as e:
+        return None, None, str(e)
     try:
         lib = ctypes.CDLL(path)
         _declare(lib)
         if lib.bq_abi_version() != ABI_VERSION:
-            return None, f"{path} has ABI {lib.bq_abi_version()}, expected {ABI_VERSION}"
+            return None, None, f"{path} has ABI {lib.bq_abi_version()}, expected {ABI_VERSION}"
     except (OSError, AttributeError) as e:
-        return None, f"cannot load {path}: {e}"
+        return None, None, f"cannot load {path}: {e}"
     reason = _self_check(lib)
-    return (lib, None) if reason is None else (None, reason)
+    return (lib, path, None) if reason is None else (None, None, reason)
 
 
 def _self_check(lib) -> Optional[str]:
@@ -178,12 +359,19 @@ def _self_check(lib) -> Optional[str]:
     return None
 
 
-def _library():
+def _library(warn: bool = True):
     if not _state["tried"]:
         with _lock:
             if not _state["tried"]:
-                _state["lib"], _state["reason"] = _load()
+                _state["lib"], _state["path"], _state["reason"] = _load()
                 _state["tried"] = True
+                if warn and _state["lib"] is None and os.environ.get(DISABLE_ENV, "1") != "0":
+                    # once per process: the registry now compresses CPU tensors with the slow reference
+                    warnings.warn(f"blockquant: the compiled CPU codec is unavailable, so CPU tensors are compressed "
+                                  f"by the PyTorch backend (same results, many times slower): "
+                                  f"{_state['reason']}. `{BUILD_COMMAND}` shows the build; {DISABLE_ENV}=0 "
+                                  f"chooses the PyTorch backend without this warning.",
+                                  CodecFallbackWarning, stacklevel=3)
     return _state["lib"]
 
 
@@ -198,6 +386,22 @@ def unavailable_reason() -> Optional[str]:
     return _state["reason"]
 
 
+def library_path() -> Optional[str]:
+    """The loaded library's file in the cache directory (``None`` where it is unavailable)."""
+    _library()
+    return _state["path"]
+
+
+def build() -> str:
+    """Build the compiled codec now (or find it in the cache) and load it: what the first use
+    would do, ahead of time. Returns the library's path; raises ``RuntimeError`` with the reason
+    where it cannot (never warns). ``python -m blockquant.kernels --build`` calls it."""
+    _reset_for_tests()
+    if _library(warn=False) is None:
+        raise RuntimeError(f"the compiled CPU codec cannot be built or loaded: {_state['reason']}")
+    return _state["path"]
+
+
 def supports(device) -> bool:
     return torch.device(device).type == "cpu" and available()
 
@@ -205,7 +409,7 @@ def supports(device) -> bool:
 def _reset_for_tests() -> None:
     """Forget the loaded library so that the next call builds or fails afresh."""
     with _lock:
-        _state.update(lib=None, reason=None, tried=False)
+        _state.update(lib=None, reason=None, path=None, tried=False)
 
 
 # ----------------------------------------------------------------- launching

@@ -7,6 +7,7 @@ statistics are checked in test_codec.py (which runs every backend); here we
 check that the draws do not depend on how the blocks are split between threads.
 """
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -198,7 +199,17 @@ def test_fallback_to_the_reference_when_the_build_is_unavailable(how, fresh_nati
         failing.chmod(0o755)
         monkeypatch.setenv("CC", str(failing))
         expect = "simulated failure"
-    assert not native.available()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not native.available()
+        assert not native.available()  # asked again: no second warning
+        assert get_backend(torch.device("cpu")).name == "torch"
+    fallback = [w for w in caught if issubclass(w.category, native.CodecFallbackWarning)]
+    if how == "disabled":  # chosen on purpose: nothing to warn about
+        assert fallback == []
+    else:  # the slow path is never silent: one warning per process, with the reason
+        assert len(fallback) == 1 and expect in str(fallback[0].message), [str(w.message) for w in caught]
+        assert native.BUILD_COMMAND in str(fallback[0].message)
     assert expect in native.unavailable_reason()
     assert not any(p.name.endswith(".so") for p in tmp_path.iterdir())
     # the registry falls back to the reference, which gives the same nearest-rounding result

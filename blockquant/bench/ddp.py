@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import os.path as osp
+import re
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,32 @@ from .errors import BenchError
 from .models import build_model
 from .runner import resolve_config
 
+#: the process group's timeout (``--timeout-s``): rendezvous, and every collective, so a rank that hangs
+#: makes the others fail after this long; a rank that dies (killed, out of memory) closes its connections
+#: and the others fail at their next collective, at once
 INIT_TIMEOUT_S = 60
+
+
+def _first_sentence(e: BaseException) -> str:
+    """A backend error's first sentence, without the source location: ``Read error [...]: Connection reset by
+    peer``."""
+    msg = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    return msg.split(". ")[0][:200]
+
+
+class RankLost(RuntimeError):
+    """Another rank stopped answering (it died or hangs): this one stops instead of waiting."""
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """Whether a collective failed because another rank is gone (gloo and nccl messages)."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistBackendError", ())):
+        return True
+    msg = str(e)
+    return any(s in msg for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                                  "Timed out", "timed out", "NCCL communicator was aborted"))
 
 
 def shard_nodes(num_nodes: int, rank: int, world_size: int, seed: int = 0) -> torch.Tensor:
@@ -141,30 +167,36 @@ def train_config(spec: str, shard: GraphDataset, args, device, rank: int, world_
     losses, identical, times, curve = [], [], [], []
     held = None
     for step in range(args.epochs):
-        ddp.train()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        if held is None:
-            r = held_bytes(model, lambda: ddp(x, ei), shard)
-            held, out = r["bytes"], r["out"]
-        else:
-            out = ddp(x, ei)
-        loss = crit(out[train], shard.y[train])
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-        del out
-        g = loss.detach().reshape(1).double()
-        dist.all_reduce(g)
-        losses.append(float(g) / world_size)
-        identical.append(_params_identical(model, world_size))
-        ddp.eval()
-        with torch.no_grad():
-            curve.append(_global_correct(ddp(x, ei), shard, device))
+        try:
+            ddp.train()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            if held is None:
+                r = held_bytes(model, lambda: ddp(x, ei), shard)
+                held, out = r["bytes"], r["out"]
+            else:
+                out = ddp(x, ei)
+            loss = crit(out[train], shard.y[train])
+            loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+            del out
+            g = loss.detach().reshape(1).double()
+            dist.all_reduce(g)
+            losses.append(float(g) / world_size)
+            identical.append(_params_identical(model, world_size))
+            ddp.eval()
+            with torch.no_grad():
+                curve.append(_global_correct(ddp(x, ei), shard, device))
+        except RuntimeError as e:
+            if world_size > 1 and _lost_peer(e):
+                raise RankLost(f"rank {rank} lost contact with another rank in step {step + 1} of {args.epochs} "
+                               f"of config {spec!r} ({_first_sentence(e)})") from None
+            raise
     return {
         "config": spec, "shard_nodes": shard.num_nodes, "shard_edges": shard.num_edges,
         "shard_train_nodes": int(train.numel()),
@@ -191,6 +223,9 @@ def worker_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--dropout", type=float, default=0.5)
     p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, GPU = LOCAL_RANK)")
+    p.add_argument("--timeout-s", type=float, default=INIT_TIMEOUT_S,
+                   help="the process group's timeout: a rank that hangs makes the others fail after this long "
+                        "(default: %(default)s)")
     p.add_argument("--out", required=True, help="folder for rank<r>.json")
     return p
 
@@ -211,7 +246,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout_s))
     try:
         torch.manual_seed(args.seed)
         from blockquant.packed import draw_seed
@@ -221,8 +256,13 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
         data.to(device)
         shard = shard_dataset(data, rank, world_size, seed=args.seed)
         del data
-        results = [train_config(spec.strip(), shard, args, device, rank, world_size)
-                   for spec in args.configs.split(",") if spec.strip()]
+        try:
+            results = [train_config(spec.strip(), shard, args, device, rank, world_size)
+                       for spec in args.configs.split(",") if spec.strip()]
+        except RankLost as e:  # one clear line, not a traceback from inside the collective
+            print(f"blockquant.bench.ddp: error: {e}; that rank probably died (killed, out of memory) or hangs, "
+                  f"and its own output says why; this rank stops instead of waiting", file=sys.stderr)
+            return 1
         os.makedirs(args.out, exist_ok=True)
         with open(osp.join(args.out, f"rank{rank}.json"), "w") as f:
             json.dump({"rank": rank, "world_size": world_size, "backend": backend, "device": str(device),
@@ -260,13 +300,30 @@ def launch(nproc: int, worker_args: Sequence[str], out: str, timeout_s: float = 
     except subprocess.TimeoutExpired:
         raise BenchError(f"data-parallel run did not finish within {timeout_s:.0f} s: {' '.join(cmd)}") from None
     if proc.returncode != 0:
-        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
-        raise BenchError(f"data-parallel run failed (exit {proc.returncode}): {tail}")
+        raise BenchError(f"data-parallel run failed (exit {proc.returncode}): "
+                         f"{failure_summary(proc.stderr or proc.stdout or '')}")
     records = []
     for r in range(nproc):
         with open(osp.join(out, f"rank{r}.json")) as f:
             records.append(json.load(f))
     return records
+
+
+def failure_summary(output: str) -> str:
+    """What went wrong in a failed torchrun: the rank torchrun saw fail first and how (its "Root Cause"
+    block: exit code, signal), then the ranks' own one-line errors; else the output's last lines."""
+    parts = []
+    root = output.split("Root Cause", 1)
+    if len(root) == 2:
+        rank = re.search(r"^\s*rank\s*:\s*(\d+)", root[1], re.M)
+        code = re.search(r"^\s*exitcode\s*:\s*(-?\d+)[^\n]*?(?:\((SIG[A-Z]+)\))?\s*$", root[1], re.M)
+        if rank and code:
+            how = f"killed by {code.group(2)}" if code.group(2) else f"exit code {code.group(1)}"
+            parts.append(f"rank {rank.group(1)} failed first ({how})")
+    parts += [line.strip() for line in output.splitlines() if "blockquant.bench.ddp: error:" in line]
+    if not parts:
+        parts = [" | ".join(output.strip().splitlines()[-6:])]
+    return "; ".join(parts)
 
 
 def format_ddp_table(records: List[Dict[str, Any]]) -> str:

@@ -30,7 +30,7 @@ import dataclasses
 import math
 import statistics
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -185,8 +185,11 @@ class MiniBatchTrainer:
 
 
 def run_minibatch_benchmark(data: GraphDataset, opts: BenchOptions, mb: MiniBatchOptions,
-                            configs: List[BenchConfig]) -> List[Dict[str, Any]]:
-    """Like :func:`~blockquant.bench.runner.run_benchmark`, trained with mini-batches from a PyG loader.
+                            configs: List[BenchConfig], *, done: Optional[Dict[str, Dict[str, Any]]] = None,
+                            on_record: Optional[Callable[[List[Dict[str, Any]]], None]] = None
+                            ) -> List[Dict[str, Any]]:
+    """Like :func:`~blockquant.bench.runner.run_benchmark` (``done`` and ``on_record`` too), trained with
+    mini-batches from a PyG loader.
 
     Each record has the full-batch record's fields (memory measured on the
     measurement batch, ``epoch_time_median_s`` = one pass over the loader) plus
@@ -205,6 +208,9 @@ def run_minibatch_benchmark(data: GraphDataset, opts: BenchOptions, mb: MiniBatc
     cfg_bar = tqdm(configs, desc="configs", disable=opts.quiet, leave=True, dynamic_ncols=True)
     for cfg in cfg_bar:
         cfg_bar.set_postfix_str(cfg.name)
+        if done and cfg.name in done:
+            records.append(done[cfg.name])
+            continue
         try:
             rec: Dict[str, Any] = {"config": cfg.name, **{f"config_{k}": v for k, v in cfg.describe().items()
                                                            if k != "name"}}
@@ -229,6 +235,8 @@ def run_minibatch_benchmark(data: GraphDataset, opts: BenchOptions, mb: MiniBatc
 
                 records.append({**rec, **did_not_fit(cfg.name, opts.memory_limit_gib, e, "mini-batch run")})
                 model = runs = None
+                if on_record is not None:
+                    on_record(records)
                 continue
             if _is_oom(e):
                 raise BenchError(f"out of memory on {device} while running config {cfg.name!r} "
@@ -251,6 +259,8 @@ def run_minibatch_benchmark(data: GraphDataset, opts: BenchOptions, mb: MiniBatc
             curve_val_mean=[statistics.fmean(r["val"][e] for r in runs) for e in range(opts.epochs)],
         )
         records.append(rec)
+        if on_record is not None:
+            on_record(records)
     cfg_bar.close()
     add_fp32_ratios(records)
     return records

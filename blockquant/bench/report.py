@@ -1,12 +1,14 @@
 """Turn benchmark records into a terminal table, results.json, results.csv and PNG plots."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import os.path as osp
-from typing import Any, Dict, List, Optional
+import tempfile
+from typing import Any, Callable, Dict, List, Optional
 
 # flat columns of results.csv (and the order of the JSON record's headline fields)
 CSV_FIELDS = (
@@ -91,6 +93,23 @@ def _csv_value(v: Any) -> Any:
     return "" if v is None else v
 
 
+def _replace_atomically(path: str, write: Callable[[Any], None]) -> None:
+    """Write ``path`` through a temporary file in its folder, then rename it over ``path``: whoever reads
+    it, and a run killed while writing, sees the previous file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{osp.basename(path)}.", suffix=".tmp", dir=osp.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results private
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def write_results(out_dir: str, records: List[Dict[str, Any]], meta: Dict[str, Any], plots: bool = True) -> List[str]:
     """Write results.json, results.csv and the plots into ``out_dir``; returns the written paths."""
     os.makedirs(out_dir, exist_ok=True)
@@ -104,18 +123,19 @@ def write_results(out_dir: str, records: List[Dict[str, Any]], meta: Dict[str, A
         full.append(rec)
     paths = []
     jpath = osp.join(out_dir, "results.json")
-    with open(jpath, "w") as f:
-        json.dump({"meta": meta, "records": full}, f, indent=1, default=str)
+    _replace_atomically(jpath, lambda f: json.dump({"meta": meta, "records": full}, f, indent=1, default=str))
     paths.append(jpath)
 
-    cpath = osp.join(out_dir, "results.csv")
-    with open(cpath, "w", newline="") as f:
+    def write_csv(f):
         w = csv.DictWriter(f, fieldnames=list(CSV_FIELDS))
         w.writeheader()
         for r in full:
             row = {k: _csv_value(r.get(k)) for k in CSV_FIELDS}
             row["dataset"] = meta["dataset"]["name"]
             w.writerow(row)
+
+    cpath = osp.join(out_dir, "results.csv")
+    _replace_atomically(cpath, write_csv)
     paths.append(cpath)
     if plots:
         paths += write_plots(out_dir, records, meta)

@@ -31,7 +31,7 @@ import os.path as osp
 import statistics
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -461,8 +461,14 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchConfig]) -> List[Dict[str, Any]]:
-    """Measure and train every configuration; returns one record per configuration (no I/O)."""
+def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchConfig], *,
+                  done: Optional[Dict[str, Dict[str, Any]]] = None,
+                  on_record: Optional[Callable[[List[Dict[str, Any]]], None]] = None) -> List[Dict[str, Any]]:
+    """Measure and train every configuration; returns one record per configuration (no I/O).
+
+    ``done``: records of configurations an earlier run finished (``--resume``), reused as they are;
+    ``on_record(records)``: called with the records so far each time a configuration finishes.
+    """
     from tqdm.auto import tqdm
 
     device = resolve_device(opts.device)
@@ -490,6 +496,9 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
     cfg_bar = tqdm(configs, desc="configs", disable=quiet, leave=True, dynamic_ncols=True)
     for cfg in cfg_bar:
         cfg_bar.set_postfix_str(cfg.name)
+        if done and cfg.name in done:
+            records.append(done[cfg.name])
+            continue
         stage = "first-step measurements"
         rss_window = False
         if not cfg.sparse_adj:
@@ -530,6 +539,8 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
                 records.append({**rec, **did_not_fit(cfg.name, opts.memory_limit_gib, e, stage),
                                 **({"peak_rss_bytes": peak_rss_bytes()} if rss_window else {})})
                 model = runs = None
+                if on_record is not None:
+                    on_record(records)
                 continue
             if _is_oom(e):
                 raise BenchError(f"out of memory on {device} while running config {cfg.name!r} "
@@ -554,6 +565,8 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
             curve_val_mean=[statistics.fmean(r["val"][e] for r in runs) for e in range(n_epochs)],
         )
         records.append(rec)
+        if on_record is not None:
+            on_record(records)
     cfg_bar.close()
 
     add_fp32_ratios(records)

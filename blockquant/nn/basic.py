@@ -65,7 +65,7 @@ class QBatchNorm1d(CompressedModule, nn.BatchNorm1d):
     """:class:`torch.nn.BatchNorm1d` storing its input compressed (no projection) plus batch statistics."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.compressing():
+        if not self.compressing() or input.numel() == 0:  # empty (no nodes): nothing to keep, torch's own handling
             return super().forward(input)
         self._check_input_dim(input)
         # the same momentum / num_batches_tracked / bn_training logic as torch's _BatchNorm.forward
