@@ -168,7 +168,7 @@ def run_cases(args, device, backend_names) -> Dict[str, object]:
     import torch
 
     from blockquant.kernels import get_backend
-    from blockquant.kernels.blockwise import payload_bytes
+    from blockquant.kernels.reference import payload_bytes
     from blockquant.levels import optimal_levels
 
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]

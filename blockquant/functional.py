@@ -29,7 +29,7 @@ from blockquant.kernels.bitmask import BitMask
 
 from .adjacency import _CSR, Adjacency, _is_edge_index_type, as_adjacency
 from .config import QuantConfig
-from .packed import SUPPORTED_DTYPES, draw_seed_tensor
+from .packed import SUPPORTED_DTYPES, draw_seed_tensor, seed_value
 from . import save_policy
 from .save_policy import compress_shared, is_resident, keep_for_ctx, mark_resident, without_projection
 
@@ -208,8 +208,8 @@ def _trailing(shape) -> int:
     return math.prod(shape[1:])
 
 
-def _chunks(total: int, width: int):
-    step = max(1, save_policy.CHUNK_ELEMENTS // max(width, 1))
+def _chunks(total: int, width: int, device: torch.device):
+    step = max(1, save_policy.chunk_elements(device) // max(width, 1))
     for start in range(0, total, step):
         yield start, min(start + step, total)
 
@@ -245,7 +245,7 @@ def _(rowptr, col, values, x2, num_cols):
 
 def _chunked_sum(csr: _CSR, values: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     out = x2.new_zeros((csr.num_rows, x2.shape[1]))
-    for a, b in _chunks(csr.num_edges, x2.shape[1]):
+    for a, b in _chunks(csr.num_edges, x2.shape[1], x2.device):
         msg = x2.index_select(0, csr.col[a:b]) * values[a:b].view(-1, 1)
         out.index_add_(0, csr.rows_of(a, b), msg)
     return out
@@ -261,7 +261,7 @@ def _max_forward(csr: _CSR, values: Optional[torch.Tensor], x2: torch.Tensor, ne
         out = torch.sparse.mm(csr.matrix(v), x2.contiguous(), "amax")  # empty rows give 0
     else:
         out = x2.new_full((csr.num_rows, width), -math.inf)
-        for a, b in _chunks(num_e, width):
+        for a, b in _chunks(num_e, width, x2.device):
             msg = x2.index_select(0, csr.col[a:b])
             if values is not None:
                 msg = msg * values[a:b].view(-1, 1)
@@ -271,7 +271,7 @@ def _max_forward(csr: _CSR, values: Optional[torch.Tensor], x2: torch.Tensor, ne
     if not need_winner:
         return out, None
     winner = torch.full((csr.num_rows, width), num_e, dtype=torch.int64, device=x2.device)
-    for a, b in _chunks(num_e, width):
+    for a, b in _chunks(num_e, width, x2.device):
         rows = csr.rows_of(a, b)
         msg = x2.index_select(0, csr.col[a:b])
         if values is not None:
@@ -294,7 +294,7 @@ def _max_backward(csr: _CSR, values, winner, g: torch.Tensor, x2, n_src: int, ne
         return grad_x, grad_v
     col = csr.col.long()
     feat = torch.arange(width, device=g.device)
-    for a, b in _chunks(num_dst, width):
+    for a, b in _chunks(num_dst, width, g.device):
         win = winner[a:b].long()
         valid = win < num_e
         win = win.clamp_(max=num_e - 1)
@@ -313,7 +313,7 @@ def _max_backward(csr: _CSR, values, winner, g: torch.Tensor, x2, n_src: int, ne
 def _weight_grad(csr: _CSR, g: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     """``grad_v[k] = <g[row_k], x[col_k]>`` for every stored entry, edge-chunked (CSR order)."""
     grad_v = g.new_empty(csr.num_edges)
-    for a, b in _chunks(csr.num_edges, g.shape[1]):
+    for a, b in _chunks(csr.num_edges, g.shape[1], g.device):
         gr = g.index_select(0, csr.rows_of(a, b))
         gr.mul_(x2.index_select(0, csr.col[a:b]).to(gr.dtype))
         torch.sum(gr, dim=1, out=grad_v[a:b])
@@ -324,7 +324,7 @@ def _to_edge_order(csr: _CSR, grad_v: torch.Tensor) -> torch.Tensor:
     if csr.perm is None:
         return grad_v
     out = torch.empty_like(grad_v)
-    for a, b in _chunks(csr.num_edges, 1):
+    for a, b in _chunks(csr.num_edges, 1, grad_v.device):
         out.index_copy_(0, csr.perm[a:b].long(), grad_v[a:b])
     return out
 
@@ -700,7 +700,7 @@ def _dropout_noise(like: torch.Tensor, p: float, seed: Union[int, torch.Tensor])
 def _dropout_noise_op(seed: torch.Tensor, shape: List[int], dtype: torch.dtype, device: torch.device,
                       p: float) -> torch.Tensor:
     gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
+    gen.manual_seed(seed_value(seed))
     noise = torch.empty(shape, dtype=dtype, device=device)
     if p == 1.0:
         return noise.zero_()
@@ -807,7 +807,7 @@ class SquareSample:
 def _seeded_positions(seed: torch.Tensor, numel: int, k: int, device: torch.device) -> torch.Tensor:
     """``k`` positions in ``[0, numel)`` drawn uniformly with replacement from ``seed``."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
+    gen.manual_seed(seed_value(seed))
     return torch.randint(0, numel, (k,), generator=gen, device=device)
 
 
@@ -865,17 +865,17 @@ class SideRounding:
         return self.packed.dequantize()
 
 
-def _normalized_row_blocks(shape, config: QuantConfig) -> List[Tuple[int, int]]:
-    """Row ranges in which :func:`_keep_normalized` normalises and compresses an input of ``shape``."""
+def _normalized_row_blocks(shape, config: QuantConfig, device="cpu") -> List[Tuple[int, int]]:
+    """Row ranges in which :func:`_keep_normalized` normalises and compresses an input of ``shape`` on ``device``."""
     n = shape[0] if len(shape) else 1
-    rows = (save_policy.rows_per_chunk(shape[1], config)
-            if len(shape) == 2 and math.prod(shape) > save_policy.CHUNK_ELEMENTS else n)
+    rows = (save_policy.rows_per_chunk(shape[1], config, device)
+            if len(shape) == 2 and math.prod(shape) > save_policy.chunk_elements(device) else n)
     if rows >= n:
         return [(0, n)]
     return [(a, min(a + rows, n)) for a in range(0, n, rows)]
 
 
-def square_estimator_nbytes(shape, config: QuantConfig, count: int, packed_nbytes) -> int:
+def square_estimator_nbytes(shape, config: QuantConfig, count: int, packed_nbytes, device="cpu") -> int:
     """Exact bytes of what a normalisation over ``count`` elements keeps, beside ``xn``, for
     the diagonal term of its input gradient (0 under nearest rounding); ``packed_nbytes(shape,
     config)`` is the codec's byte formula. Mirrors :func:`_keep_normalized`."""
@@ -884,7 +884,7 @@ def square_estimator_nbytes(shape, config: QuantConfig, count: int, packed_nbyte
         return 0
     form, param = _square_estimator_form(cfg, count)
     total = 0
-    for a, b in _normalized_row_blocks(tuple(shape), cfg):
+    for a, b in _normalized_row_blocks(tuple(shape), cfg, device):
         piece = (b - a, *shape[1:]) if len(shape) else ()
         if form == "sample":
             total += 4 * max(1, math.ceil(math.prod(piece) * param))
@@ -927,7 +927,7 @@ def _compressed_normalized(x: torch.Tensor, normalize, cfg: QuantConfig, diagona
     (:func:`_square_estimator`). A large 2-D input is normalised and compressed one row block at a
     time (``normalize`` takes a slice of rows), so no full-size ``xn`` is ever formed."""
     estimate = diagonal_count is not None and cfg.rounding == "stochastic"
-    bounds = _normalized_row_blocks(tuple(x.shape), cfg)
+    bounds = _normalized_row_blocks(tuple(x.shape), cfg, x.device)
     if len(bounds) == 1:
         xn = normalize(slice(None))
         state = (save_policy.compress(xn, cfg),)
