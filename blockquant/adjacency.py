@@ -403,18 +403,64 @@ def derived_adjacency(key_obj, variant: Hashable, num_nodes: Tuple[int, int],
     only on a cache miss. The entry dies with
     ``key_obj`` and is rebuilt when ``key_obj`` is modified in place.
     """
+    if torch.compiler.is_compiling():
+        return _derived_adjacency_outside_the_graph(key_obj, variant, num_nodes, derive)
+    return _derived_adjacency(key_obj, variant, num_nodes, derive)
+
+
+@torch.compiler.disable
+def _derived_adjacency_outside_the_graph(key_obj, variant: Hashable, num_nodes: Tuple[int, int],
+                                         derive: Callable[[], object]) -> "Adjacency":
+    """:func:`derived_adjacency` under ``torch.compile``, eagerly (one graph break), as
+    :func:`_as_adjacency_outside_the_graph`: the transpose is built now for the compiled backward."""
+    adj = _derived_adjacency(key_obj, variant, num_nodes, derive)
+    for csr in (adj._structure.fwd, adj._structure.bwd):
+        csr.values(None, torch.float32)
+    return adj
+
+
+def _derived_adjacency(key_obj, variant: Hashable, num_nodes: Tuple[int, int],
+                       derive: Callable[[], object]) -> "Adjacency":
     def build():
         form = derive()
         weight = None
         if isinstance(form, tuple):
             form, weight = form
         adj = as_adjacency(form, num_nodes=num_nodes, edge_weight=weight)
-        # its own structure (the derived form is a temporary, or shares the CSR of another object)
-        structure = _Structure(adj._structure.fwd, adj._structure._bwd)
-        structure.derived_weight = adj.edge_weight
-        return Adjacency._of(structure, adj.num_src, adj.num_dst, adj.edge_weight, adj._edges)
+        fwd, weight, edges = adj._structure.fwd, adj.edge_weight, adj._edges
+        if weight is not None and fwd.perm is not None:
+            # constant weights of a graph nobody sees the edges of: stored in CSR order (its edge
+            # order from now on), so that products read them as they are, never a per-call gather
+            weight = fwd.values(weight, weight.dtype)
+            fwd, edges = _CSR(fwd.rowptr, fwd.col, None, fwd.num_rows, fwd.num_cols), None
+            structure = _Structure(fwd)
+        else:
+            # its own structure (the derived form is a temporary, or shares the CSR of another object)
+            structure = _Structure(fwd, adj._structure._bwd)
+        structure.derived_weight = weight
+        return Adjacency._of(structure, adj.num_src, adj.num_dst, weight, edges)
 
     return _cached(key_obj, (int(num_nodes[0]), int(num_nodes[1])), build, variant)
+
+
+def cached_graph_tensors(key_obj) -> List[torch.Tensor]:
+    """Every tensor cached with the graph object ``key_obj``: its CSRs, and the structures and
+    weights of the graphs derived from it (:func:`derived_adjacency`)."""
+    found: List[torch.Tensor] = []
+    for _, built in (_STRUCTURES.get(key_obj) or {}).values():
+        structure = built._structure if isinstance(built, Adjacency) else built
+        found.extend(structure.tensors())
+        if isinstance(built, Adjacency) and built.edge_weight is not None:
+            found.append(built.edge_weight)
+    return found
+
+
+def cached_derived_weights() -> List[torch.Tensor]:
+    """The edge weights :func:`derived_adjacency` keeps with live graph objects (GCN's normalised
+    weights): graph state cached for the graph's lifetime, like its CSR, which memory accounting
+    (:func:`blockquant.track_saved`) does not count as held by a step."""
+    return [entry[1].edge_weight for per_obj in list(_STRUCTURES.values()) for entry in per_obj.values()
+            if isinstance(entry[1], Adjacency) and entry[1].edge_weight is not None]
 
 
 def _check_edge_index(ei: torch.Tensor) -> None:

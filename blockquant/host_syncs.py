@@ -16,7 +16,13 @@ Two modes run together:
   finiteness check of ``blockquant::quantize`` would go unseen);
 * a ``TorchDispatchMode`` sees what the Python level cannot: ``aten._local_scalar_dense`` called
   from C++ (one per read; a read the function mode already counted is not counted twice) and the
-  data-dependent-shape ops.
+  data-dependent-shape ops; and it runs a library op reached while the function mode had stepped
+  aside (from a saved-tensor hook, which runs inside the op that saves) with both modes on.
+
+The backward pass runs with the modes on as well (``Tensor.backward`` and
+``torch.autograd.backward`` are run by the counter). Not seen: Python-level reads and copies
+inside hooks that run within another op (saved-tensor hooks), where only the dispatch level is
+visible (their reads still show as ``_local_scalar_dense``).
 
 Every hit is attributed to the innermost frame outside torch (``file:line``), so a count names
 its source.
@@ -144,6 +150,14 @@ def _tensors(args, kwargs) -> List[torch.Tensor]:
     return found
 
 
+def _device_of(args, kwargs) -> str:
+    """The device type the dispatcher would pick for an op on these arguments."""
+    tensors = _tensors(args, kwargs)
+    if any(t.device.type == "cuda" for t in tensors):
+        return "cuda"
+    return tensors[0].device.type if tensors else "cpu"
+
+
 _DEVICE_KEYS = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA,
                 "meta": torch._C.DispatchKey.Meta}
 
@@ -186,9 +200,7 @@ class _FunctionCounter(TorchFunctionMode):
             # skipping the autograd key would drop a grad_fn: run it normally, unseen inside
             self.report.opaque_ops[f"{func} at {_site()}"] += 1
             return func(*args, **kwargs)
-        device = "cuda" if any(t.device.type == "cuda" for t in tensors) else (
-            tensors[0].device.type if tensors else "cpu")
-        keys = torch._C.DispatchKeySet(_DEVICE_KEYS[device])
+        keys = torch._C.DispatchKeySet(_DEVICE_KEYS[_device_of(args, kwargs)])
         with self:  # the mode stepped aside for this call: back on for the kernel's body
             return func.redispatch(keys, *args, **kwargs)
 
@@ -215,17 +227,22 @@ class _FunctionCounter(TorchFunctionMode):
 
 
 class _DispatchCounter(TorchDispatchMode):
-    def __init__(self, report: HostSyncReport, state: _State):
+    def __init__(self, report: HostSyncReport, state: _State, function_mode: _FunctionCounter):
         super().__init__()
         self.report = report
         self.state = state
+        self.function_mode = function_mode
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         namespace, name = func._schema.name.split("::")
-        if namespace == "blockquant":  # reached without the function mode, which runs these itself
-            self.report.opaque_ops[f"{func} at {_site()}"] += 1
-        elif name == "_local_scalar_dense":
+        if namespace == "blockquant":
+            # called where the function mode had stepped aside (a saved-tensor hook runs inside the
+            # op whose handler it is in): run the kernel with both modes on, as the function mode does
+            with self.function_mode, self:
+                return func.redispatch(torch._C.DispatchKeySet(_DEVICE_KEYS[_device_of(args, kwargs)]),
+                                       *args, **kwargs)
+        if name == "_local_scalar_dense":
             if self.state.python_read_depth == 0:  # else already counted by the function mode
                 if _in_host_reader():
                     self.report.host_reads[_site()] += 1
@@ -258,5 +275,6 @@ def count_host_syncs() -> Iterator[HostSyncReport]:
     """
     report = HostSyncReport()
     state = _State()
-    with _FunctionCounter(report, state), _DispatchCounter(report, state):
+    function_mode = _FunctionCounter(report, state)
+    with function_mode, _DispatchCounter(report, state, function_mode):
         yield report

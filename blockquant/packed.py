@@ -351,19 +351,24 @@ class FiniteCheck:
 
 
 def _saving_site() -> str:
-    """``", saved by <op> in module '<name>' (<type>)"``: the innermost blockquant op and converted
-    module on the stack of a ``quantize`` call (module names are those :func:`blockquant.convert` gave)."""
-    op = module = None
+    """``", saved by <op> in module '<name>' (<type>)"``: the op (an autograd Function's forward, else
+    the innermost library function) and the converted module on the stack of a ``quantize`` call
+    (module names are those :func:`blockquant.convert` gave)."""
+    op = innermost = module = None
     frame = sys._getframe(2)
     while frame is not None and module is None:
         code = frame.f_code
-        if op is None and code.co_filename.startswith(_PACKAGE_DIR) and code.co_filename not in _PLUMBING:
-            op = getattr(code, "co_qualname", code.co_name)
-        if code.co_name == "forward" and "self" in code.co_varnames[:1]:
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, torch.nn.Module) and hasattr(owner, "bq_config"):
-                module = f"module '{getattr(owner, 'bq_name', '') or '<root>'}' ({type(owner).__name__})"
+        owner = frame.f_locals.get("self") if code.co_name == "forward" and code.co_varnames[:1] == ("self",) \
+            else None
+        if isinstance(owner, torch.nn.Module) and hasattr(owner, "bq_config"):
+            module = f"module '{getattr(owner, 'bq_name', '') or '<root>'}' ({type(owner).__name__})"
+        elif code.co_filename.startswith(_PACKAGE_DIR) and code.co_filename not in _PLUMBING:
+            name = getattr(code, "co_qualname", code.co_name)
+            innermost = innermost or name
+            if op is None and code.co_name == "forward":
+                op = name
         frame = frame.f_back
+    op = op or innermost
     text = f", saved by {op}" if op else ""
     return text + (f" in {module}" if module else "")
 

@@ -20,7 +20,10 @@ def _weights_on(device: torch.device) -> torch.Tensor:
 
 def _weights(device) -> torch.Tensor:
     """The bit weights on ``device``, built once per device (from Python data it is a host-to-device
-    copy on a GPU, which waits for the device). Shared: never modified."""
+    copy on a GPU, which waits for the device). Shared: never modified. Under ``torch.compile`` a
+    constant of the graph instead (dynamo does not trace through a cache)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=device)
     return _weights_on(torch.device(device))
 
 
