@@ -102,14 +102,16 @@ def _env_choice(device: torch.device) -> Optional[Backend]:
     if ":" not in value:
         b = _named(value)
         return b if b.supports(device) else None  # a bare name applies where that backend runs
+    per_type = {}
     for item in value.split(","):
-        dev_type, sep, name = item.strip().partition(":")
+        dev_type, sep, name = (part.strip() for part in item.strip().partition(":"))
         if not sep or not dev_type or not name:
             raise ValueError(f"{ENV}={value!r}: expected a backend name or 'device_type:name' pairs separated by "
                              f"commas (e.g. 'cpu:native,cuda:triton'); got the item {item.strip()!r}")
-        if dev_type.strip() == device.type:
-            return _require(_named(name.strip()), device, f" (set for {device.type} by {ENV})")
-    return None
+        per_type[dev_type] = _named(name)
+    if device.type not in per_type:
+        return None
+    return _require(per_type[device.type], device, f" (set for {device.type} by {ENV})")
 
 
 def forced_backend(device: torch.device, name: Optional[str] = None) -> Optional[Backend]:

@@ -13,7 +13,7 @@ import blockquant
 from blockquant import QuantConfig, quantize
 from blockquant.bench.models import MODEL_NAMES, build_model
 from blockquant.host_syncs import count_host_syncs
-from blockquant.kernels import get_backend, reference
+from blockquant.kernels import get_backend
 
 NODES, FEATURES, CLASSES = 60, 12, 3
 
@@ -140,10 +140,3 @@ def test_a_new_graph_object_is_built_once_then_read_from_the_cache(torch_backend
         _step(model, opt, x, other, y)
     assert first.total > second.total == 1, (first.table(), second.table())
     assert any("adjacency.py" in s for s in list(first.syncs) + list(first.dynamic)), first.table()
-
-
-def test_levels_and_bit_weights_are_built_once_per_device():
-    assert reference.levels_tensor([0.0, 1.0, 2.0, 3.0], "cpu") is reference.levels_tensor((0, 1, 2, 3), "cpu")
-    from blockquant.kernels.bitmask import _weights
-
-    assert _weights("cpu") is _weights(torch.device("cpu"))
