@@ -173,7 +173,11 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
     forward pass has created their parameters. Tensors passed to the returned
     model's ``forward`` are marked resident (:func:`blockquant.save_policy.mark_resident`):
     every compressed op saves them by reference, not compressed (the rule:
-    :mod:`blockquant.save_policy`).
+    :mod:`blockquant.save_policy`). Each training forward of the returned model
+    checks the finiteness of what it compressed once, when it returns (one device
+    synchronisation per step; :func:`blockquant.defer_finite_check`): a NaN or Inf
+    raises ``ValueError`` before backward and the optimizer step, naming the tensor
+    and the module that saved it.
 
     Args:
         model: the module to convert. If ``model`` itself is supported, the
