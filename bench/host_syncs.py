@@ -9,6 +9,7 @@ data's device, dynamic are data-dependent-shape ops; each listed with its site.
 
     python bench/host_syncs.py [--scale 0.118] [--backend triton|native|torch] [--models sage,gat,...]
                                [--out bench/results/host_syncs_cpu.json]
+    python bench/host_syncs.py --compare BEFORE.json AFTER.json     # a Markdown table of two runs
 
 ``--scale 0.118`` gives ``synthetic:arxiv-like`` at about 20,000 nodes. The Triton backend runs
 through the interpreter on a CPU (set TRITON_INTERPRET=1 before running; this script sets it
@@ -94,7 +95,28 @@ def _summary(report) -> dict:
                       if getattr(report, kind)}}
 
 
+def compare(before_path: str, after_path: str) -> str:
+    """A Markdown table of two runs' steady-state and first-step counts, per model."""
+    before, after = (json.load(open(p)) for p in (before_path, after_path))
+    lines = [f"Host syncs per training step, {after['dataset']} ({after['nodes']} nodes, {after['edges']} edges), "
+             f"codec backend `{after['backend']}`, counted by `blockquant.host_syncs.count_host_syncs`.", "",
+             "| model | steady syncs before | copies before | dynamic before | steady syncs after | copies after | "
+             "dynamic after | first step before | first step after |", "|---|---|---|---|---|---|---|---|---|"]
+    rows_before = {r["model"]: r for r in before["rows"]}
+    for r in after["rows"]:
+        b = rows_before.get(r["model"])
+        cells = [r["model"]]
+        cells += [b["steady"][k] for k in ("syncs", "copies", "dynamic")] if b else ["-"] * 3
+        cells += [r["steady"][k] for k in ("syncs", "copies", "dynamic")]
+        cells += [b["first"]["total"] if b else "-", r["first"]["total"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--compare":
+        print(compare(sys.argv[2], sys.argv[3]), end="")
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=float, default=0.118)
     ap.add_argument("--backend", default=None, help="BLOCKQUANT_BACKEND for the run (default: the default choice)")

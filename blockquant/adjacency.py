@@ -27,6 +27,7 @@ import warnings
 import weakref
 from typing import Callable, Dict, Hashable, List, Optional, Tuple, Union
 
+import numpy
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -57,9 +58,14 @@ def _index_dtype(num_edges: int, num_rows: int, num_cols: int) -> torch.dtype:
 
 
 def _rowptr(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Row pointers of entries with row ids ``rows`` (checked to lie in ``[0, num_rows)``)."""
     ptr = torch.zeros(num_rows + 1, dtype=torch.int64, device=rows.device)
     if rows.numel():
-        torch.cumsum(torch.bincount(rows, minlength=num_rows), 0, out=ptr[1:])
+        # counts by index_add, not bincount: bincount's output size depends on the data, so on a GPU it
+        # reads the maximum back to the host first
+        counts = torch.zeros(num_rows, dtype=torch.int64, device=rows.device)
+        counts.index_add_(0, rows.long(), torch.ones_like(rows, dtype=torch.int64))
+        torch.cumsum(counts, 0, out=ptr[1:])
     return ptr
 
 
@@ -199,14 +205,15 @@ class _Structure:
         if hit is not None:
             return hit
         if self._host_rowptr is None:
-            self._host_rowptr = self.fwd.rowptr.to("cpu", torch.int64)  # the one device read per graph
+            # the one device read per graph; a NumPy array on the host (no copy of a CPU tensor)
+            self._host_rowptr = self.fwd.rowptr.cpu().numpy()
         ptr = self._host_rowptr
-        num_rows = ptr.numel() - 1
+        num_rows = len(ptr) - 1
         chunks = []
         da = 0
         while da < num_rows:
             a = int(ptr[da])
-            db = int(torch.searchsorted(ptr, a + edges, right=True)) - 1
+            db = int(numpy.searchsorted(ptr, a + edges, side="right")) - 1
             db = min(max(db, da + 1), num_rows)
             chunks.append((a, int(ptr[db]), da, db))
             da = db
@@ -363,8 +370,9 @@ def _check_range(src, dst, num_src, num_dst, what: str = "edge_index") -> None:
     # Runs once per graph (the CSR is cached): a bad index would corrupt memory in the sparse product.
     if src.numel() == 0:
         return
-    lo = min(int(src.min()), int(dst.min()))
-    hi_s, hi_d = int(src.max()), int(dst.max())
+    # the four extremes read back together: one device read per graph
+    lo_s, lo_d, hi_s, hi_d = torch.stack([src.min(), dst.min(), src.max(), dst.max()]).tolist()
+    lo = min(lo_s, lo_d)
     if lo < 0 or hi_s >= num_src or hi_d >= num_dst:
         raise ValueError(f"{what} holds node indices outside [0, {num_src}) x [0, {num_dst}) "
                          f"(min {lo}, max source {hi_s}, max target {hi_d}); pass the right num_nodes or size")
@@ -655,9 +663,9 @@ def _as_adjacency_outside_the_graph(edge_index_or_sparse, num_nodes: NumNodes,
 
     The CSR is cached per graph object (a weak dictionary keyed on its identity, which
     dynamo cannot trace), and building it has data-dependent steps (the bounds check reads
-    the indices' extremes, the row counts come from a bincount): done here, eagerly and once
-    per graph, it keeps the clear eager errors and leaves the compiled graph with fixed-size
-    CSR tensors. The transpose is built now as well, for the compiled backward.
+    the indices' extremes, the sort is skipped when the edges are already sorted): done here,
+    eagerly and once per graph, it keeps the clear eager errors and leaves the compiled graph
+    with fixed-size CSR tensors. The transpose is built now as well, for the compiled backward.
     """
     adj = _as_adjacency(edge_index_or_sparse, num_nodes, edge_weight)
     structure = adj._structure

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -114,10 +115,13 @@ class AttentionGraph:
 
 
 def _view(structure: _Structure) -> AttentionGraph:
-    """The one :class:`AttentionGraph` of a structure (kept with it)."""
-    if structure._attention is None:
-        structure._attention = AttentionGraph(structure)
-    return structure._attention
+    """The :class:`AttentionGraph` of a structure: the same object while one is alive (the structure
+    refers to it weakly, so the two do not keep each other alive; what it needs is kept on the structure)."""
+    graph = structure._attention() if structure._attention is not None else None
+    if graph is None:
+        graph = AttentionGraph(structure)
+        structure._attention = weakref.ref(graph)
+    return graph
 
 
 def attention_graph(adjacency, num_src: int, num_dst: int, *, key=None, variant=None) -> AttentionGraph:

@@ -30,7 +30,8 @@ its source.
 Host scalars: blockquant's seeds are 0-d int64 **CPU** tensors by design (they never live on a
 device), read only through :func:`blockquant.packed.seed_value`, which refuses any other tensor.
 Reads made there are host reads, never device syncs: they are listed apart (``host_reads``) and
-not counted. That is the one rule; there is no other exception.
+not counted. So are reads of a tensor whose ``.cpu()`` copy the counter counted (the copy was the
+sync). There is no other exception.
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ _STDLIB_DIRS = tuple({os.path.dirname(os.path.abspath(contextlib.__file__))})
 _READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
           torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.__complex__, torch.Tensor.numpy,
           torch.Tensor.cpu}
+# set on the result of a counted ``.cpu()``: reading that host copy again is not another sync
+_HOST_COPY = "_bq_counted_host_copy"
 # building a tensor from Python data: with an explicit device= it is a host-to-device copy there
 _FROM_HOST_DATA = {torch.tensor, torch.as_tensor, torch.asarray, torch.Tensor.new_tensor}
 # ops whose output shape depends on the values (the host must learn the size before allocating)
@@ -180,15 +183,19 @@ class _FunctionCounter(TorchFunctionMode):
         if func is torch.Tensor.backward or func is torch.autograd.backward:
             return self._run_backward(func, args, kwargs)
         if func in _READS:
-            if _in_host_reader():
+            source = args[0] if args else None
+            if _in_host_reader() or getattr(source, _HOST_COPY, False):
                 self.report.host_reads[_site()] += 1
             else:
                 self.report.syncs[f"{getattr(func, '__name__', func)} at {_site()}"] += 1
             self.state.python_read_depth += 1
             try:
-                return func(*args, **kwargs)
+                result = func(*args, **kwargs)
             finally:
                 self.state.python_read_depth -= 1
+            if func is torch.Tensor.cpu and isinstance(result, torch.Tensor):
+                setattr(result, _HOST_COPY, True)  # its reads are host reads: the copy was the sync
+            return result
         if func in _FROM_HOST_DATA and kwargs.get("device") is not None:
             self.report.copies[f"{func.__name__}(device=...) at {_site()}"] += 1
         return func(*args, **kwargs)
