@@ -64,7 +64,7 @@ def _rowptr(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
         # counts by index_add, not bincount: bincount's output size depends on the data, so on a GPU it
         # reads the maximum back to the host first
         counts = torch.zeros(num_rows, dtype=torch.int64, device=rows.device)
-        counts.index_add_(0, rows.long(), torch.ones_like(rows, dtype=torch.int64))
+        counts.index_add_(0, rows.long(), torch.ones(1, dtype=torch.int64, device=rows.device).expand(rows.numel()))
         torch.cumsum(counts, 0, out=ptr[1:])
     return ptr
 
