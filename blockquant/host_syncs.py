@@ -30,8 +30,8 @@ its source.
 Host scalars: blockquant's seeds are 0-d int64 **CPU** tensors by design (they never live on a
 device), read only through :func:`blockquant.packed.seed_value`, which refuses any other tensor.
 Reads made there are host reads, never device syncs: they are listed apart (``host_reads``) and
-not counted. So are reads of a tensor whose ``.cpu()`` copy the counter counted (the copy was the
-sync). There is no other exception.
+not counted. So are reads of a tensor (or a view of one) made by a ``.cpu()`` the counter counted
+(the copy was the sync). There is no other exception.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["HostSyncReport", "count_host_syncs"]
 
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _THIS_FILE = os.path.abspath(__file__)
 _STDLIB_DIRS = tuple({os.path.dirname(os.path.abspath(contextlib.__file__))})
 
@@ -116,7 +116,7 @@ def _site(skip_files: Tuple[str, ...] = ()) -> str:
 
 def _short(path: str) -> str:
     parts = path.split(os.sep)
-    for anchor in ("blockquant", "kernels", "tests", "bench"):
+    for anchor in ("blockquant", "kernels", "tests", "bench", "torch_geometric"):
         if anchor in parts:
             i = len(parts) - 1 - parts[::-1].index(anchor)
             return "/".join(parts[i:])
@@ -184,7 +184,8 @@ class _FunctionCounter(TorchFunctionMode):
             return self._run_backward(func, args, kwargs)
         if func in _READS:
             source = args[0] if args else None
-            if _in_host_reader() or getattr(source, _HOST_COPY, False):
+            base = getattr(source, "_base", None)
+            if _in_host_reader() or getattr(source, _HOST_COPY, False) or getattr(base, _HOST_COPY, False):
                 self.report.host_reads[_site()] += 1
             else:
                 self.report.syncs[f"{getattr(func, '__name__', func)} at {_site()}"] += 1
