@@ -31,34 +31,15 @@ import torch  # noqa: E402
 
 import blockquant  # noqa: E402
 from blockquant.bench.datasets import load_dataset  # noqa: E402
-from blockquant.bench.models import MODEL_NAMES, build_model  # noqa: E402
+from blockquant.bench.models import MODEL_NAMES, ZOO_MODEL_NAMES, build_model, build_zoo_model  # noqa: E402
 from blockquant.host_syncs import count_host_syncs  # noqa: E402
-
-ZOO = ("pyg-gcn", "pyg-gatv2", "pyg-graphconv")
-
 
 def make_model(name: str, in_dim: int, out_dim: int) -> torch.nn.Module:
     """A bench model (``blockquant bench``'s shapes) or a PyG model-zoo model with its defaults."""
-    import torch_geometric.nn as pyg
-
     if name in MODEL_NAMES:
         heads = 8 if name == "gat" else 1
         return build_model(name, in_dim, 64, out_dim, num_layers=3, dropout=0.5, heads=heads)
-    if name == "pyg-gcn":  # GCNConv's default cached=False: the normalised graph is rebuilt per call
-        return pyg.GCN(in_dim, 64, 3, out_dim, dropout=0.5, norm="batch_norm")
-    if name == "pyg-gatv2":
-        return pyg.GAT(in_dim, 64, 2, out_dim, v2=True, heads=4, dropout=0.5)
-    if name == "pyg-graphconv":
-        class GraphConvNet(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.c1, self.act, self.c2 = pyg.GraphConv(in_dim, 64), torch.nn.ReLU(), pyg.GraphConv(64, out_dim)
-
-            def forward(self, x, edge_index):
-                return self.c2(self.act(self.c1(x, edge_index)), edge_index)
-
-        return GraphConvNet()
-    raise SystemExit(f"unknown model {name!r}; expected one of {MODEL_NAMES + ZOO}")
+    return build_zoo_model(name, in_dim, 64, out_dim, num_layers=3 if name == "pyg-gcn" else 2)
 
 
 def training_step(model, opt, x, edge_index, y, idx) -> None:
@@ -120,7 +101,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=float, default=0.118)
     ap.add_argument("--backend", default=None, help="BLOCKQUANT_BACKEND for the run (default: the default choice)")
-    ap.add_argument("--models", default=",".join(MODEL_NAMES + ZOO))
+    ap.add_argument("--models", default=",".join(MODEL_NAMES + ZOO_MODEL_NAMES))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.backend:

@@ -4,24 +4,21 @@ import warnings
 
 import pytest
 import torch
-import torch_geometric.nn as pyg
 
 import blockquant
-from blockquant.bench.models import MODEL_NAMES, build_model
+from blockquant.bench.models import MODEL_NAMES, ZOO_MODEL_NAMES, build_model, build_zoo_model
 from blockquant.host_syncs import count_host_syncs
 from blockquant.kernels import get_backend, reference
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-MODELS = list(MODEL_NAMES) + ["pyg-gcn", "pyg-gatv2"]
+MODELS = list(MODEL_NAMES) + list(ZOO_MODEL_NAMES)
 
 
 def _model(name, features, classes, dropout):
     if name in MODEL_NAMES:
         return build_model(name, features, 32, classes, num_layers=2, dropout=dropout, heads=4)
-    if name == "pyg-gcn":  # GCNConv's default cached=False
-        return pyg.GCN(features, 32, 2, classes, dropout=dropout)
-    return pyg.GAT(features, 32, 2, classes, v2=True, heads=4, dropout=dropout)
+    return build_zoo_model(name, features, 32, classes, dropout=dropout)
 
 
 def _graph(device, n=2000, e=20000, features=16, classes=4):

@@ -7,11 +7,10 @@ does once (building the graph's cached structure) is listed in bench/results/hos
 """
 import pytest
 import torch
-import torch_geometric.nn as pyg
 
 import blockquant
 from blockquant import QuantConfig, quantize
-from blockquant.bench.models import MODEL_NAMES, build_model
+from blockquant.bench.models import MODEL_NAMES, ZOO_MODEL_NAMES, build_model, build_zoo_model
 from blockquant.host_syncs import count_host_syncs
 from blockquant.kernels import get_backend
 
@@ -26,23 +25,10 @@ def _graph(seed=0):
     return x, edge_index, y
 
 
-class _GraphConvNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1, self.act, self.c2 = pyg.GraphConv(FEATURES, 16), torch.nn.ReLU(), pyg.GraphConv(16, CLASSES)
-
-    def forward(self, x, edge_index):
-        return self.c2(self.act(self.c1(x, edge_index)), edge_index)
-
-
 def _model(name):
     if name in MODEL_NAMES:
         return build_model(name, FEATURES, 16, CLASSES, num_layers=2, dropout=0.5, heads=2)
-    if name == "pyg-gcn":  # GCNConv's default cached=False
-        return pyg.GCN(FEATURES, 16, 2, CLASSES, dropout=0.5, norm="batch_norm")
-    if name == "pyg-gatv2":
-        return pyg.GAT(FEATURES, 16, 2, CLASSES, v2=True, heads=2, dropout=0.5)
-    return _GraphConvNet()
+    return build_zoo_model(name, FEATURES, 16, CLASSES, num_layers=2, heads=2)
 
 
 def _step(model, opt, x, edge_index, y):
@@ -119,7 +105,7 @@ def _first_step_reason(site):
     if "torch_geometric/" in site:
         return PYG_DERIVATION
     return FIRST_STEP_BUILDS.get(site.rsplit(" in ", 1)[-1])
-STEP_MODELS = list(MODEL_NAMES) + ["pyg-gcn", "pyg-gatv2", "pyg-graphconv"]
+STEP_MODELS = list(MODEL_NAMES) + list(ZOO_MODEL_NAMES)
 
 
 @pytest.mark.parametrize("name", STEP_MODELS)
