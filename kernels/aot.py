@@ -18,6 +18,7 @@ function), ``workers`` at a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,6 +26,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
@@ -173,25 +175,51 @@ def _worker(payload: str) -> None:
 
 
 def compile_cases(cases: Sequence[Case], archs: Sequence[int] = (80, 90), workers: int = 2,
-                  timeout: Optional[float] = None) -> List[Dict[str, object]]:
-    """Compile every case for every architecture in ``workers`` subprocesses; one dict per (case, arch)."""
+                  timeout: Optional[float] = None, cache_dir: Optional[str] = None,
+                  progress: Optional[str] = None) -> List[Dict[str, object]]:
+    """Compile every case for every architecture in ``workers`` subprocesses; one dict per (case, arch).
+
+    ``cache_dir``: Triton's cache for the run (default: a fresh temporary one, so every case is
+    compiled for real and the user's cache is left alone; a kept one lets an interrupted run resume).
+    ``progress``: a file that receives each row as a JSON line as soon as it is compiled; rows
+    already there are not compiled again.
+    """
+    done: Dict[str, Dict[str, object]] = {}
+    if progress and os.path.exists(progress):
+        with open(progress) as f:
+            for line in f:
+                row = json.loads(line)
+                done[json.dumps([row["case"], row["arch"]], sort_keys=True)] = row
     jobs = [(dataclasses.asdict(c), a) for c in cases for a in archs]
-    shares = [jobs[i::workers] for i in range(workers) if jobs[i::workers]]
+    todo = [j for j in jobs if json.dumps(list(j), sort_keys=True) not in done]
+    shares = [todo[i::workers] for i in range(workers) if todo[i::workers]]
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BLOCKQUANT_TEST_INTERPRET")}
-    cache = tempfile.TemporaryDirectory(prefix="blockquant-aot-")
-    env["TRITON_CACHE_DIR"] = cache.name  # compile every case for real; leave the user's cache alone
+    cache = tempfile.TemporaryDirectory(prefix="blockquant-aot-") if cache_dir is None else None
+    env["TRITON_CACHE_DIR"] = cache.name if cache is not None else cache_dir
+    lock = threading.Lock()
 
     def run(share):
-        proc = subprocess.run([sys.executable, "-c", "import sys; from blockquant.kernels.aot import _worker; "
-                               "_worker(sys.stdin.read())"], input=json.dumps(share), capture_output=True,
-                              text=True, env=env, timeout=timeout)
-        rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode != 0 or len(rows) != len(share):
-            raise RuntimeError(f"AOT compile worker failed (status {proc.returncode}):\n{proc.stderr[-3000:]}")
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; from blockquant.kernels.aot import _worker; "
+                                 "_worker(sys.stdin.read())"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        proc.stdin.write(json.dumps(share))
+        proc.stdin.close()
+        rows = []
+        for line in proc.stdout:
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+                if progress:
+                    with lock, open(progress, "a") as f:
+                        f.write(line if line.endswith("\n") else line + "\n")
+        err = proc.stderr.read()
+        if proc.wait(timeout=timeout) != 0 or len(rows) != len(share):
+            raise RuntimeError(f"AOT compile worker failed (status {proc.returncode}):\n{err[-3000:]}")
         return rows
 
-    with cache, ThreadPoolExecutor(len(shares)) as pool:
-        return [row for rows in pool.map(run, shares) for row in rows]
+    with cache if cache is not None else contextlib.nullcontext(), ThreadPoolExecutor(max(1, len(shares))) as pool:
+        fresh = [row for rows in pool.map(run, shares) for row in rows]
+    by_job = {json.dumps([r["case"], r["arch"]], sort_keys=True): r for r in list(done.values()) + fresh}
+    return [by_job[json.dumps(list(j), sort_keys=True)] for j in jobs]
 
 
 def problems(rows: Sequence[Dict[str, object]]) -> List[str]:
@@ -231,11 +259,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the rows as JSON here (and a .md table beside it)")
+    ap.add_argument("--cache-dir", default=None, help="Triton cache to use (default: a fresh temporary one)")
+    ap.add_argument("--progress", default=None, help="JSON-lines file of finished rows: resume from it")
     args = ap.parse_args(argv)
     cases = full_matrix() if args.subset == "full" else ci_subset()
     archs = [int(a) for a in args.arch.split(",")]
     start = time.perf_counter()
-    rows = compile_cases(cases, archs, args.workers)
+    rows = compile_cases(cases, archs, args.workers, cache_dir=args.cache_dir, progress=args.progress)
     wall = time.perf_counter() - start
     import triton
 
