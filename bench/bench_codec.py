@@ -24,7 +24,7 @@ import torch
 
 from blockquant.bench.machine import machine_info
 from blockquant.kernels import available_backends, get_backend, native
-from blockquant.kernels.blockwise import payload_bytes
+from blockquant.kernels.reference import payload_bytes
 from blockquant.levels import optimal_levels
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

@@ -45,6 +45,9 @@ PRESETS = {
     # the GPU matrix
     "full": dict(dtypes="float32,float16,bfloat16", bits="1,2,4,8", blocks="64,256,1024,4096,row",
                  levels="uniform,optimal"),
+    # what bench/gpu_check.sh measures in its time budget: every bit width and both level kinds at the
+    # goal's block size (each case compiles two kernel specialisations at its first launch)
+    "gpu": dict(dtypes="float32,bfloat16", bits="1,2,4,8", blocks="1024", levels="uniform,optimal"),
     # the CPU goal's cases
     "cpu": dict(dtypes="float32", bits="2,4", blocks="1024", levels="uniform,optimal"),
     # a quick look at everything, smaller
@@ -168,7 +171,7 @@ def run_cases(args, device, backend_names) -> Dict[str, object]:
     import torch
 
     from blockquant.kernels import get_backend
-    from blockquant.kernels.blockwise import payload_bytes
+    from blockquant.kernels.reference import payload_bytes
     from blockquant.levels import optimal_levels
 
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]

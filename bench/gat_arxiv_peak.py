@@ -25,7 +25,6 @@ import torch  # noqa: E402
 
 import blockquant  # noqa: E402
 from blockquant import QuantConfig  # noqa: E402
-from blockquant.attention import AttentionGraph  # noqa: E402
 from blockquant.bench.datasets import load_dataset  # noqa: E402
 from blockquant.bench.models import build_model  # noqa: E402
 from blockquant.bench.runner import _cpu_allocation_trace  # noqa: E402
@@ -66,10 +65,9 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         rows.append({"step": i, "seconds": round(seconds, 2), "peak_mib": round(peak / MIB, 1)})
         print(rows[-1], flush=True)
-    graph_bytes = 0
-    from blockquant.attention import _GRAPHS
-    for per_obj in _GRAPHS.values():
-        graph_bytes += sum(g.nbytes for g in per_obj.values() if isinstance(g, AttentionGraph))
+    # everything cached with the graph: its structure, the self-looped graph attention uses and its pieces
+    from blockquant.adjacency import cached_graph_tensors
+    graph_bytes = sum(t.numel() * t.element_size() for t in cached_graph_tensors(data.edge_index))
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                    "2-core shared CPU under load from other jobs",

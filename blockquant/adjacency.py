@@ -12,14 +12,23 @@ directions, ``A`` (``[num_dst, num_src]``, for the forward ``A x``) and
 ``A^T`` (``[num_src, num_dst]``, for the backward ``A^T g``), each built once
 per graph and cached for the graph's lifetime (weakly keyed on the tensor the
 user passed, and rebuilt when that tensor is modified in place).
+
+That per-graph structure (:class:`_Structure`) is the one every layer over the graph
+shares: aggregation uses its CSRs, attention (:class:`blockquant.attention.AttentionGraph`)
+views the same CSR as edges sorted by target and adds what only it needs, and the
+edge-chunk bounds of attention are computed from one host copy of its row pointers, once.
+A graph derived from the user's (GAT's self loops, GCN's normalisation) is cached on the
+user's object as well, under a name for the derivation (:func:`derived_adjacency`), so
+that a training step after the first reads no index back from the device.
 """
 from __future__ import annotations
 
 import contextlib
 import warnings
 import weakref
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Hashable, List, Optional, Tuple, Union
 
+import numpy
 import torch
 
 from ._compat import WeakIdKeyDictionary, tensor_version
@@ -48,7 +57,7 @@ def quiet_sparse_warnings():
 _SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc)
 
 # graph object (edge_index / sparse matrix / EdgeIndex / SparseTensor) ->
-# {(num_src, num_dst): (version, _Structure)}. Weak on the graph object: the
+# {((num_src, num_dst), variant): (version, _Structure or Adjacency)}. Weak on the graph object: the
 # CSR dies with the graph; the version check refuses a stale entry after an
 # in-place change of the graph tensor.
 _STRUCTURES: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
@@ -60,22 +69,28 @@ _INT32_MAX = 2 ** 31 - 1
 
 
 def _index_dtype(num_edges: int, num_rows: int, num_cols: int) -> torch.dtype:
-    # int32 indices halve the cache and make the CPU product faster
+    """int32 while every index and pointer fits (halves the cache, faster CPU products), else int64."""
     return torch.int32 if max(num_edges, num_rows, num_cols) < _INT32_MAX else torch.int64
 
 
 def _rowptr(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Row pointers of entries with row ids ``rows`` (checked to lie in ``[0, num_rows)``)."""
     ptr = torch.zeros(num_rows + 1, dtype=torch.int64, device=rows.device)
     if rows.numel():
-        torch.cumsum(torch.bincount(rows, minlength=num_rows), 0, out=ptr[1:])
+        # counts by index_add, not bincount: bincount's output size depends on the data, so on a GPU it
+        # reads the maximum back to the host first
+        counts = torch.zeros(num_rows, dtype=torch.int64, device=rows.device)
+        counts.index_add_(0, rows.long(), torch.ones(1, dtype=torch.int64, device=rows.device).expand(rows.numel()))
+        torch.cumsum(counts, 0, out=ptr[1:])
     return ptr
 
 
-def _expand_ptr(rowptr: torch.Tensor) -> torch.Tensor:
-    """Row id of every stored entry of a CSR (``[nnz]`` int64)."""
+def _expand_ptr(rowptr: torch.Tensor, nnz: int) -> torch.Tensor:
+    """Row id of every one of the ``nnz`` stored entries of a CSR (``[nnz]`` int64)."""
     num_rows = rowptr.numel() - 1
     counts = rowptr.diff().long()
-    return torch.repeat_interleave(torch.arange(num_rows, device=rowptr.device), counts)
+    # output_size: the size is known, so the device need not report it back to the host
+    return torch.repeat_interleave(torch.arange(num_rows, device=rowptr.device), counts, output_size=nnz)
 
 
 class _CSR:
@@ -125,7 +140,7 @@ class _CSR:
         return torch.searchsorted(self.rowptr, pos, right=True).sub_(1).long()
 
     def transposed(self) -> "_CSR":
-        rows = _expand_ptr(self.rowptr)
+        rows = _expand_ptr(self.rowptr, self.num_edges)
         order = torch.argsort(self.col.long(), stable=True)
         rowptr_t = _rowptr(self.col.long(), self.num_cols)
         perm_t = order if self.perm is None else self.perm.long().index_select(0, order)
@@ -133,35 +148,95 @@ class _CSR:
 
 
 def _csr_from_edges(rows: torch.Tensor, cols: torch.Tensor, num_rows: int, num_cols: int) -> _CSR:
+    if rows.numel() < 2 or bool((rows[1:] >= rows[:-1]).all()):  # once per graph: already in row order
+        return _CSR(_rowptr(rows, num_rows), cols, None, num_rows, num_cols)
     perm = torch.argsort(rows, stable=True)  # stable: equal rows keep the edge order
     return _CSR(_rowptr(rows, num_rows), cols.index_select(0, perm), perm, num_rows, num_cols)
 
 
 class _Structure:
-    """A graph's CSR (rows are targets) and, built on first use, its transpose (rows are sources)."""
+    """One graph's structure, shared by every layer over it: its CSR (rows are targets), and, each
+    built on first use, the transpose (rows are sources), the pieces attention adds (each stored
+    edge's target, the source-sorted order of the stored edges) and the edge-chunk bounds."""
 
-    __slots__ = ("fwd", "_bwd", "owner", "__weakref__")
+    __slots__ = ("fwd", "_bwd", "owner", "derived_weight", "_dst", "_transpose_order", "_host_rowptr", "_chunks",
+                 "_attention", "__weakref__")
 
     def __init__(self, fwd: _CSR, bwd: Optional[_CSR] = None):
         self.fwd = fwd
         self._bwd = bwd
         self.owner = None  # weak reference to the graph object it is cached on
+        self.derived_weight = None  # the edge weights a derived graph was cached with (derived_adjacency)
+        self._dst = None
+        self._transpose_order = None
+        self._host_rowptr = None
+        self._chunks: Dict[int, List[Tuple[int, int, int, int]]] = {}
+        self._attention = None
 
     def owned_by_a_live_graph(self) -> bool:
         return self.owner is not None and self.owner() is not None
 
     def tensors(self):
         parts = [self.fwd] + ([self._bwd] if self._bwd is not None else [])
-        return tuple(t for c in parts for t in (c.rowptr, c.col, c.perm, *c._units.values()) if t is not None)
+        held = [t for c in parts for t in (c.rowptr, c.col, c.perm, *c._units.values()) if t is not None]
+        extra = [self._dst] + list(self._transpose_order or ())
+        return tuple(held) + tuple(t for t in extra if t is not None and all(t is not h for h in held))
 
     @property
     def bwd(self) -> _CSR:
         if self._bwd is None:
-            self._bwd = self.fwd.transposed()
+            fwd = self.fwd
+            # attention's pieces are reused when it built them, and not kept when only aggregation needs them
+            t_rowptr, t_order = self._transpose_order or self._sorted_by_source()
+            rows = self._dst if self._dst is not None else _expand_ptr(fwd.rowptr, fwd.num_edges)
+            perm_t = t_order if fwd.perm is None else fwd.perm.index_select(0, t_order)
+            self._bwd = _CSR(t_rowptr, rows.index_select(0, t_order), perm_t, fwd.num_cols, fwd.num_rows)
         return self._bwd
 
+    def dst(self) -> torch.Tensor:
+        """The row (target) of every stored entry of :attr:`fwd`, ``[E]`` in its index dtype (kept)."""
+        if self._dst is None:
+            self._dst = _expand_ptr(self.fwd.rowptr, self.fwd.num_edges).to(self.fwd.col.dtype)
+        return self._dst
+
+    def transpose_order(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(rowptr, order)`` of the transpose: ``order[k]`` is the :attr:`fwd` position of the
+        transpose's stored entry ``k`` (entries sorted by source, stable). Kept."""
+        if self._transpose_order is None:
+            self._transpose_order = self._sorted_by_source()
+        return self._transpose_order
+
+    def _sorted_by_source(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        fwd = self.fwd
+        order = torch.argsort(fwd.col.long(), stable=True)
+        return _rowptr(fwd.col.long(), fwd.num_cols).to(fwd.rowptr.dtype), order.to(fwd.col.dtype)
+
+    def target_chunks(self, edges: int) -> List[Tuple[int, int, int, int]]:
+        """``[(a, b, da, db), ...]``: consecutive stored-entry ranges ``[a, b)`` of :attr:`fwd` holding
+        all the entries of rows (targets) ``[da, db)``, about ``edges`` entries each (a row with more
+        gets a chunk of its own). Computed once per size from one host copy of the row pointers
+        (read from the device once per graph), so using them never reads the device again."""
+        hit = self._chunks.get(edges)
+        if hit is not None:
+            return hit
+        if self._host_rowptr is None:
+            # the one device read per graph; a NumPy array on the host (no copy of a CPU tensor)
+            self._host_rowptr = self.fwd.rowptr.cpu().numpy()
+        ptr = self._host_rowptr
+        num_rows = len(ptr) - 1
+        chunks = []
+        da = 0
+        while da < num_rows:
+            a = int(ptr[da])
+            db = int(numpy.searchsorted(ptr, a + edges, side="right")) - 1
+            db = min(max(db, da + 1), num_rows)
+            chunks.append((a, int(ptr[db]), da, db))
+            da = db
+        self._chunks[edges] = chunks
+        return chunks
+
     def nbytes(self) -> int:
-        return self.fwd.nbytes() + (self._bwd.nbytes() if self._bwd is not None else 0)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 class Adjacency:
@@ -236,7 +311,7 @@ class Adjacency:
     def _edge_lists(self):
         if self._edges is None:
             f = self._structure.fwd
-            rows, cols = _expand_ptr(f.rowptr), f.col.long()
+            rows, cols = _expand_ptr(f.rowptr, f.num_edges), f.col.long()
             if f.perm is None:
                 self._edges = (cols, rows)
             else:
@@ -260,7 +335,8 @@ class Adjacency:
         autograd graph does, and is counted."""
         held = tuple(t for t in (self.edge_weight,) if t is not None)
         if self._structure.owned_by_a_live_graph():
-            return held
+            # a derived graph's weights (GCN's normalisation) are cached with it, like its CSR
+            return tuple(t for t in held if t is not self._structure.derived_weight)
         return held + self._structure.tensors()
 
     def cache_nbytes(self) -> int:
@@ -309,30 +385,105 @@ def _check_range(src, dst, num_src, num_dst, what: str = "edge_index") -> None:
     # Runs once per graph (the CSR is cached): a bad index would corrupt memory in the sparse product.
     if src.numel() == 0:
         return
-    lo = min(int(src.min()), int(dst.min()))
-    hi_s, hi_d = int(src.max()), int(dst.max())
+    # the four extremes read back together: one device read per graph
+    lo_s, lo_d, hi_s, hi_d = torch.stack([src.min(), dst.min(), src.max(), dst.max()]).tolist()
+    lo = min(lo_s, lo_d)
     if lo < 0 or hi_s >= num_src or hi_d >= num_dst:
         raise ValueError(f"{what} holds node indices outside [0, {num_src}) x [0, {num_dst}) "
                          f"(min {lo}, max source {hi_s}, max target {hi_d}); pass the right num_nodes or size")
 
 
-def _cached(key_obj, sizes: Tuple[int, int], build) -> _Structure:
-    """The structure cached for ``key_obj`` at ``sizes``, rebuilt when the object changed in place."""
+def _cached(key_obj, sizes: Tuple[int, int], build, variant: Hashable = None):
+    """What ``build()`` makes for ``key_obj`` at ``sizes`` (a structure, or for a ``variant`` what
+    :func:`derived_adjacency` caches), rebuilt when the object changed in place."""
     version = tensor_version(key_obj) if isinstance(key_obj, torch.Tensor) else 0
+    key = (sizes, variant)
     per_obj = _STRUCTURES.get(key_obj)
     if per_obj is not None:
-        hit = per_obj.get(sizes)
+        hit = per_obj.get(key)
         if hit is not None and hit[0] == version:
             return hit[1]
     else:
         per_obj = {}
         _STRUCTURES[key_obj] = per_obj
-    structure = build()
+    built = build()
+    structure = built._structure if isinstance(built, Adjacency) else built
     structure.owner = weakref.ref(key_obj)
     for stale in [k for k, v in per_obj.items() if v[0] != version]:
         del per_obj[stale]
-    per_obj[sizes] = (version, structure)
-    return structure
+    per_obj[key] = (version, built)
+    return built
+
+
+def derived_adjacency(key_obj, variant: Hashable, num_nodes: Tuple[int, int],
+                      derive: Callable[[], object]) -> "Adjacency":
+    """The :class:`Adjacency` of a graph derived from ``key_obj`` (the user's graph object), cached
+    on it under ``variant`` (a hashable name of the derivation and its options), so that the
+    derivation and its CSR are computed once per graph, not once per call.
+
+    ``derive()`` returns the derived graph in any form :func:`as_adjacency` accepts (an
+    :class:`Adjacency` included), or a ``(form, edge_weight)`` pair of constant weights; it is called
+    only on a cache miss. The entry dies with
+    ``key_obj`` and is rebuilt when ``key_obj`` is modified in place.
+    """
+    if torch.compiler.is_compiling():
+        return _derived_adjacency_outside_the_graph(key_obj, variant, num_nodes, derive)
+    return _derived_adjacency(key_obj, variant, num_nodes, derive)
+
+
+@torch.compiler.disable
+def _derived_adjacency_outside_the_graph(key_obj, variant: Hashable, num_nodes: Tuple[int, int],
+                                         derive: Callable[[], object]) -> "Adjacency":
+    """:func:`derived_adjacency` under ``torch.compile``, eagerly (one graph break), as
+    :func:`_as_adjacency_outside_the_graph`: the transpose is built now for the compiled backward."""
+    adj = _derived_adjacency(key_obj, variant, num_nodes, derive)
+    for csr in (adj._structure.fwd, adj._structure.bwd):
+        csr.values(None, torch.float32)
+    return adj
+
+
+def _derived_adjacency(key_obj, variant: Hashable, num_nodes: Tuple[int, int],
+                       derive: Callable[[], object]) -> "Adjacency":
+    def build():
+        form = derive()
+        weight = None
+        if isinstance(form, tuple):
+            form, weight = form
+        adj = as_adjacency(form, num_nodes=num_nodes, edge_weight=weight)
+        fwd, weight, edges = adj._structure.fwd, adj.edge_weight, adj._edges
+        if weight is not None and fwd.perm is not None:
+            # constant weights of a graph nobody sees the edges of: stored in CSR order (its edge
+            # order from now on), so that products read them as they are, never a per-call gather
+            weight = fwd.values(weight, weight.dtype)
+            fwd, edges = _CSR(fwd.rowptr, fwd.col, None, fwd.num_rows, fwd.num_cols), None
+            structure = _Structure(fwd)
+        else:
+            # its own structure (the derived form is a temporary, or shares the CSR of another object)
+            structure = _Structure(fwd, adj._structure._bwd)
+        structure.derived_weight = weight
+        return Adjacency._of(structure, adj.num_src, adj.num_dst, weight, edges)
+
+    return _cached(key_obj, (int(num_nodes[0]), int(num_nodes[1])), build, variant)
+
+
+def cached_graph_tensors(key_obj) -> List[torch.Tensor]:
+    """Every tensor cached with the graph object ``key_obj``: its CSRs, and the structures and
+    weights of the graphs derived from it (:func:`derived_adjacency`)."""
+    found: List[torch.Tensor] = []
+    for _, built in (_STRUCTURES.get(key_obj) or {}).values():
+        structure = built._structure if isinstance(built, Adjacency) else built
+        found.extend(structure.tensors())
+        if isinstance(built, Adjacency) and built.edge_weight is not None:
+            found.append(built.edge_weight)
+    return found
+
+
+def cached_derived_weights() -> List[torch.Tensor]:
+    """The edge weights :func:`derived_adjacency` keeps with live graph objects (GCN's normalised
+    weights): graph state cached for the graph's lifetime, like its CSR, which memory accounting
+    (:func:`blockquant.track_saved`) does not count as held by a step."""
+    return [entry[1].edge_weight for per_obj in list(_STRUCTURES.values()) for entry in per_obj.values()
+            if isinstance(entry[1], Adjacency) and entry[1].edge_weight is not None]
 
 
 def _check_edge_index(ei: torch.Tensor) -> None:
@@ -528,9 +679,9 @@ def _as_adjacency_outside_the_graph(edge_index_or_sparse, num_nodes: NumNodes,
 
     The CSR is cached per graph object (a weak dictionary keyed on its identity, which
     dynamo cannot trace), and building it has data-dependent steps (the bounds check reads
-    the indices' extremes, the row counts come from a bincount): done here, eagerly and once
-    per graph, it keeps the clear eager errors and leaves the compiled graph with fixed-size
-    CSR tensors. The transpose is built now as well, for the compiled backward.
+    the indices' extremes, the sort is skipped when the edges are already sorted): done here,
+    eagerly and once per graph, it keeps the clear eager errors and leaves the compiled graph
+    with fixed-size CSR tensors. The transpose is built now as well, for the compiled backward.
     """
     adj = _as_adjacency(edge_index_or_sparse, num_nodes, edge_weight)
     structure = adj._structure

@@ -22,47 +22,42 @@ Memory: no step allocates an ``[E, heads * channels]`` tensor. The
 aggregation runs one sparse-dense product per head (``torch.sparse`` CSR,
 values ``alpha[:, h]``); the softmax, its backward, the score gradient and
 GATv2's per-edge scores run over chunks of edges (whole targets per chunk for
-the softmax; at most :data:`CHUNK_ELEMENTS` elements per per-edge feature
-transient).
+the softmax; at most :func:`~blockquant.save_policy.chunk_elements` elements per
+per-edge feature transient).
 
 The graph is held as an :class:`AttentionGraph` (edges sorted by target and a
-permutation sorting them by source), built once per adjacency object and
-reused while that object lives unchanged.
+permutation sorting them by source): a view of the graph's one cached structure
+(:mod:`blockquant.adjacency`), built once per adjacency object and reused while
+that object lives unchanged.
 """
 from __future__ import annotations
 
-import weakref
-
 import math
+import weakref
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ._compat import WeakIdKeyDictionary, tensor_version
 from blockquant.kernels.bitmask import BitMask, pack_bits, unpack_bits
 
-from .adjacency import as_adjacency, quiet_sparse_warnings
+from .adjacency import _Structure, as_adjacency, derived_adjacency, quiet_sparse_warnings
 from .config import QuantConfig
 from .functional.masked import _dropout_noise
-from .save_policy import keep
+from .save_policy import chunk_elements, keep
 from .packed import draw_seed_tensor
 
-__all__ = ["AttentionGraph", "attention_graph", "gat_attention", "gatv2_attention", "CHUNK_ELEMENTS"]
+__all__ = ["AttentionGraph", "attention_graph", "gat_attention", "gatv2_attention"]
 
-#: Most elements of one per-edge transient (``chunk_edges * heads * channels``): 1 Mi
-#: elements, 4 MiB in fp32. A chunk also stays within ``max(N * F, 64 Ki)`` elements,
-#: so on small graphs it is never larger than a node-feature tensor.
-CHUNK_ELEMENTS = 1 << 20
+#: A chunk of edges also stays within ``max(N * F, 64 Ki)`` elements, so on small graphs it is
+#: never larger than a node-feature tensor.
 _MIN_CHUNK_ELEMENTS = 1 << 16
 
 
-def _index_dtype(*sizes: int) -> torch.dtype:
-    return torch.int32 if max(sizes, default=0) < 2 ** 31 - 1 else torch.int64
-
-
 class AttentionGraph:
-    """A graph's edges sorted by target, ready for per-head sparse products.
+    """A graph's edges sorted by target, ready for per-head sparse products: a view of the graph's
+    one cached structure (the CSR that aggregation over the same graph uses as well), plus the
+    pieces only attention needs, built once per graph and kept with it.
 
     Attributes:
         num_src, num_dst, num_edges: sizes.
@@ -77,45 +72,22 @@ class AttentionGraph:
     """
 
     __slots__ = ("num_src", "num_dst", "num_edges", "order", "crow", "src", "dst", "t_order", "t_crow",
-                 "_chunks", "owner", "__weakref__")
+                 "_structure", "__weakref__")
 
-    def __init__(self, src: Tensor, dst: Tensor, num_src: int, num_dst: int):
-        num_edges = src.numel()
-        idx = _index_dtype(num_src + 1, num_dst + 1, num_edges + 1)
-        src, dst = src.long(), dst.long()
-        if num_edges and not bool((dst[1:] >= dst[:-1]).all()):
-            order = torch.argsort(dst, stable=True)
-            src, dst = src[order], dst[order]
-            self.order = order.to(idx)
-        else:
-            self.order = None
-        self.crow = _pointers(dst, num_dst, idx)
-        t_order = torch.argsort(src, stable=True)
-        self.t_crow = _pointers(src[t_order], num_src, idx)
-        self.t_order = t_order.to(idx)
-        self.src, self.dst = src.to(idx), dst.to(idx)
-        self.num_src, self.num_dst, self.num_edges = int(num_src), int(num_dst), int(num_edges)
-        self._chunks = {}
-        self.owner = None  # weak reference to the graph object it is cached for (see tensors())
+    def __init__(self, structure: _Structure):
+        fwd = structure.fwd
+        self._structure = structure
+        self.num_src, self.num_dst, self.num_edges = fwd.num_cols, fwd.num_rows, fwd.num_edges
+        self.order, self.crow, self.src = fwd.perm, fwd.rowptr, fwd.col
+        self.dst = structure.dst()
+        self.t_crow, self.t_order = structure.transpose_order()
 
     def target_chunks(self, edges: int):
         """``[(a, b, da, db), ...]``: consecutive sorted-edge ranges ``[a, b)`` holding all the
         incoming edges of targets ``[da, db)``, about ``edges`` edges each (one target with
-        more incoming edges gets a chunk of its own). Cached per size."""
-        hit = self._chunks.get(edges)
-        if hit is not None:
-            return hit
-        crow = self.crow.long()
-        chunks = []
-        da = 0
-        while da < self.num_dst:
-            a = int(crow[da])
-            db = int(torch.searchsorted(crow, torch.tensor(a + edges, dtype=crow.dtype), right=True)) - 1
-            db = min(max(db, da + 1), self.num_dst)
-            chunks.append((a, int(crow[db]), da, db))
-            da = db
-        self._chunks[edges] = chunks
-        return chunks
+        more incoming edges gets a chunk of its own). Computed once per size and graph from one
+        host copy of the row pointers: using them never reads the device."""
+        return self._structure.target_chunks(edges)
 
     def _index_tensors(self) -> Tuple[Tensor, ...]:
         return tuple(t for t in (self.order, self.crow, self.src, self.dst, self.t_order, self.t_crow)
@@ -125,7 +97,7 @@ class AttentionGraph:
         """The tensors this graph keeps alive for a step (read by :func:`blockquant.track_saved`): none
         while it is cached for a graph the caller keeps (graph state for that graph's lifetime, like
         the adjacency's CSR, :meth:`blockquant.adjacency.Adjacency.tensors`); all of them otherwise."""
-        if self.owner is not None and self.owner() is not None:
+        if self._structure.owned_by_a_live_graph():
             return ()
         return self._index_tensors()
 
@@ -149,26 +121,25 @@ class AttentionGraph:
                 f"nbytes={self.nbytes})")
 
 
-def _pointers(sorted_index: Tensor, n: int, dtype: torch.dtype) -> Tensor:
-    counts = torch.bincount(sorted_index, minlength=n)
-    crow = torch.zeros(n + 1, dtype=torch.int64, device=sorted_index.device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    return crow.to(dtype)
-
-
-# adjacency object -> {(version, num_src, num_dst): AttentionGraph}; weak on the object,
-# so an entry lives exactly as long as the graph the caller holds.
-_GRAPHS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+def _view(structure: _Structure) -> AttentionGraph:
+    """The :class:`AttentionGraph` of a structure: the same object while one is alive (the structure
+    refers to it weakly, so the two do not keep each other alive; what it needs is kept on the structure)."""
+    graph = structure._attention() if structure._attention is not None else None
+    if graph is None:
+        graph = AttentionGraph(structure)
+        structure._attention = weakref.ref(graph)
+    return graph
 
 
 def attention_graph(adjacency, num_src: int, num_dst: int, *, key=None, variant=None) -> AttentionGraph:
     """The :class:`AttentionGraph` of ``adjacency`` (any form :func:`blockquant.as_adjacency`
-    accepts; edges keep its order), cached per object.
+    accepts; edges keep its order), cached with the graph's structure.
 
     ``key`` (default: ``adjacency``) is the object the cache entry is tied to. A wrapper
     that derives the graph from a user's adjacency (adding self loops, say) passes the
     user's object as ``key``, a hashable ``variant`` naming the derivation, and as
-    ``adjacency`` a zero-argument callable that derives it (called only on a cache miss).
+    ``adjacency`` a zero-argument callable that derives it (called only on a cache miss;
+    :func:`blockquant.adjacency.derived_adjacency`).
     An entry is rebuilt when the key tensor is changed in place (its ``_version``
     moves) and dies with the key object.
     """
@@ -187,27 +158,20 @@ def _attention_graph_outside_the_graph(adjacency, num_src: int, num_dst: int, *,
 
 
 def _attention_graph(adjacency, num_src: int, num_dst: int, *, key=None, variant=None) -> AttentionGraph:
-    key = adjacency if key is None else key
-    entry = (tensor_version(key) if isinstance(key, torch.Tensor) else 0, int(num_src), int(num_dst), variant)
-    try:
-        per_obj = _GRAPHS.get(key)
-    except TypeError:  # not weak-referenceable: no caching
-        per_obj, key = None, None
-    if per_obj is not None and entry in per_obj:
-        return per_obj[entry]
-    form = adjacency() if callable(adjacency) and not isinstance(adjacency, Tensor) else adjacency
-    adj = as_adjacency(form, num_nodes=(num_src, num_dst))
-    if (adj.num_src, adj.num_dst) != (num_src, num_dst):
+    sizes = (int(num_src), int(num_dst))
+    if key is None and variant is None:
+        adj = as_adjacency(adjacency, num_nodes=sizes)
+    else:
+        key = adjacency if key is None else key
+        derive = adjacency if callable(adjacency) and not isinstance(adjacency, Tensor) else (lambda: adjacency)
+        try:
+            adj = derived_adjacency(key, ("attention", variant), sizes, derive)
+        except TypeError:  # a key that is not weak-referenceable: no caching
+            adj = as_adjacency(derive(), num_nodes=sizes)
+    if (adj.num_src, adj.num_dst) != sizes:
         raise ValueError(f"attention: the adjacency is {adj.num_dst} x {adj.num_src} (targets x sources) but the "
                          f"features give {num_dst} targets and {num_src} sources")
-    graph = AttentionGraph(adj.src, adj.dst, num_src, num_dst)
-    if key is not None:
-        if per_obj is None or any(k[0] != entry[0] for k in per_obj):
-            per_obj = {}  # entries of older versions can never hit again
-            _GRAPHS[key] = per_obj
-        per_obj[entry] = graph
-        graph.owner = weakref.ref(key)
-    return graph
+    return _view(adj._structure)
 
 
 # ----------------------------------------------------------------------------
@@ -216,7 +180,7 @@ def _attention_graph(adjacency, num_src: int, num_dst: int, *, key=None, variant
 
 def _chunk_edges(graph: AttentionGraph, width: int) -> int:
     width = max(width, 1)
-    budget = min(CHUNK_ELEMENTS, max(max(graph.num_src, graph.num_dst) * width, _MIN_CHUNK_ELEMENTS))
+    budget = min(chunk_elements(graph.src.device), max(max(graph.num_src, graph.num_dst) * width, _MIN_CHUNK_ELEMENTS))
     # a multiple of 8, so chunked 1-bit masks start on byte boundaries
     return max(8, (budget // width) // 8 * 8)
 
@@ -229,16 +193,16 @@ def _target_chunks(graph: AttentionGraph, heads: int):
 
 @torch.compiler.disable
 def _target_chunks_outside_the_graph(graph: AttentionGraph, edges: int):
-    # the chunk bounds are read from the row pointers (data-dependent Python ints): computed
-    # eagerly and cached on the graph; the compiled code specialises on them
+    # the chunk bounds are data-dependent Python ints (from the graph's host copy of its row
+    # pointers): computed eagerly and cached on the graph; the compiled code specialises on them
     return graph.target_chunks(edges)
 
 
-def _segments(graph: AttentionGraph, a: int, da: int, db: int) -> Tuple[Tensor, Tensor]:
-    """Offsets of targets ``[da, db)`` within their edge chunk starting at ``a``, and each
-    edge's local target index."""
+def _segments(graph: AttentionGraph, a: int, b: int, da: int, db: int) -> Tuple[Tensor, Tensor]:
+    """Offsets of targets ``[da, db)`` within their edge chunk ``[a, b)``, and each edge's local
+    target index (device tensors: the bounds are the host's, never read back)."""
     offsets = graph.crow[da:db + 1].long() - a
-    local = graph.dst[a:int(graph.crow[db])] - da
+    local = graph.dst[a:b] - da
     return offsets, local
 
 
@@ -360,7 +324,7 @@ class _GATAttention(torch.autograd.Function):
         alpha = x_src.new_empty((graph.num_edges, heads))
         for a, b, da, db in _target_chunks(graph, heads):
             s = _gat_scores(graph, score_src, score_dst, score_edge, negative_slope, a, b)
-            _softmax_chunk_(s, *_segments(graph, a, da, db))
+            _softmax_chunk_(s, *_segments(graph, a, b, da, db))
             alpha[a:b] = s
             del s
         drop = _DropMask(p)
@@ -404,7 +368,7 @@ class _GATAttention(torch.autograd.Function):
         grad_sd = g.new_empty((graph.num_dst, heads)) if need_sd else None
         grad_se = g.new_empty((graph.num_edges, heads)) if need_se else None
         for k, (a, b, da, db) in enumerate(_target_chunks(graph, heads)):
-            offsets, local = _segments(graph, a, da, db)
+            offsets, local = _segments(graph, a, b, da, db)
             grad_alpha = _sampled_dot(graph, g, x, a, b)  # linear in the compressed x
             noise = drop.chunk(grad_alpha, k)
             if noise is not None:
@@ -474,7 +438,7 @@ def gat_attention(x_src: Tensor, score_src: Tensor, score_dst: Optional[Tensor],
 
     Transients: ``[E, H]`` tensors (the coefficients with dropout, one head's
     values at a time), ``[N, H, C]`` tensors, and chunks of edges bounded by
-    :data:`CHUNK_ELEMENTS`; never ``[E, H, C]``.
+    :func:`~blockquant.save_policy.chunk_elements`; never ``[E, H, C]``.
     """
     who = "blockquant.attention.gat_attention"
     for name, t in (("x_src", x_src), ("score_src", score_src)):
@@ -563,7 +527,7 @@ class _GATv2Attention(torch.autograd.Function):
             del z
         alpha = scores  # softmax in place, chunk by chunk
         for a, b, da, db in _target_chunks(graph, heads):
-            _softmax_chunk_(alpha[a:b], *_segments(graph, a, da, db))
+            _softmax_chunk_(alpha[a:b], *_segments(graph, a, b, da, db))
         drop = _DropMask(p)
         alpha_d = drop.apply(graph, alpha)
         out = _aggregate_heads(graph, alpha_d, x_l)
@@ -615,7 +579,7 @@ class _GATv2Attention(torch.autograd.Function):
             noise = drop.chunk(grad_alpha, k)
             if noise is not None:
                 grad_alpha.mul_(noise)
-            gs[a:b] = _softmax_backward_chunk(alpha[a:b], grad_alpha, *_segments(graph, a, da, db))
+            gs[a:b] = _softmax_backward_chunk(alpha[a:b], grad_alpha, *_segments(graph, a, b, da, db))
         del values, alpha
         width = heads * channels
         att_hc = att.reshape(heads, channels).to(g.dtype)

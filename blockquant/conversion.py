@@ -17,12 +17,14 @@ those calls save.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
 from .config import QuantConfig
+from .packed import close_forward_check, open_forward_check
 from .save_policy import mark_resident
 from .nested import flatten_tensors
 from .nn.registry import WRAPPERS, CompressedModule, lazy_reason
@@ -34,6 +36,7 @@ FilterFn = Callable[[torch.nn.Module, str], bool]
 
 _INFO_ATTR = "_bq_conversion"
 _HOOK_ATTR = "_bq_resident_hook"
+_CHECK_HOOKS_ATTR = "_bq_finite_check_hooks"
 
 # Modules that look like computation: leaving one of these unconverted leaves its
 # saved tensors at full precision, which the user should hear about.
@@ -170,7 +173,11 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
     forward pass has created their parameters. Tensors passed to the returned
     model's ``forward`` are marked resident (:func:`blockquant.save_policy.mark_resident`):
     every compressed op saves them by reference, not compressed (the rule:
-    :mod:`blockquant.save_policy`).
+    :mod:`blockquant.save_policy`). Each training forward of the returned model
+    checks the finiteness of what it compressed once, when it returns (one device
+    synchronisation per step; :func:`blockquant.defer_finite_check`): a NaN or Inf
+    raises ``ValueError`` before backward and the optimizer step, naming the tensor
+    and the module that saved it.
 
     Args:
         model: the module to convert. If ``model`` itself is supported, the
@@ -273,9 +280,11 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
 
     root = visit(model, "")
     _mark_inputs_resident_on_call(root)
+    _check_finiteness_per_forward(root)
 
     for name, mod in root.named_modules():
         if isinstance(mod, CompressedModule):
+            mod.__dict__["bq_name"] = name  # how a deferred finiteness error names the module
             info.converted.append((name, mod.wraps.__name__, type(mod).__name__, mod.bq_config.short()))
     previous: Optional[ConversionInfo] = model.__dict__.get(_INFO_ATTR)
     if previous is not None:  # keep reasons found by an earlier call for modules still unconverted
@@ -334,6 +343,8 @@ def to_original(model: torch.nn.Module) -> torch.nn.Module:
         handle = m.__dict__.pop(_HOOK_ATTR, None)
         if handle is not None:  # the resident-input marker: not needed any more (and not scriptable)
             handle.remove()
+        for handle in m.__dict__.pop(_CHECK_HOOKS_ATTR, ()):
+            handle.remove()
     return root
 
 
@@ -348,6 +359,31 @@ def _mark_inputs_resident_on_call(root: torch.nn.Module) -> None:
     caller anyway: compressed ops inside save them by reference instead of a copy."""
     if _HOOK_ATTR not in root.__dict__:
         root.__dict__[_HOOK_ATTR] = root.register_forward_pre_hook(_resident_inputs_hook, with_kwargs=True)
+
+
+def _open_finite_check(module, args, kwargs):
+    if module.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        open_forward_check(module)
+
+
+def _close_finite_check(module, args, kwargs, result):
+    if torch.compiler.is_compiling():  # a compiled graph checks inside the codec op instead
+        return
+    # always called, with result None when the forward raised: that error is the one to see
+    raised = result is None and sys.exc_info()[1] is not None
+    close_forward_check(module, raised)
+
+
+def _check_finiteness_per_forward(root: torch.nn.Module) -> None:
+    """One deferred finiteness check per training forward of the converted model
+    (:func:`blockquant.defer_finite_check`): a non-finite value in any tensor compressed during the
+    forward raises when the forward returns, before backward and the optimizer step, naming the op
+    and the module that saved it, at the cost of one device synchronisation per forward instead
+    of one per compressed tensor."""
+    if _CHECK_HOOKS_ATTR not in root.__dict__:
+        root.__dict__[_CHECK_HOOKS_ATTR] = (
+            root.register_forward_pre_hook(_open_finite_check, with_kwargs=True),
+            root.register_forward_hook(_close_finite_check, with_kwargs=True, always_call=True))
 
 
 def conversion_info(model: torch.nn.Module) -> Optional[ConversionInfo]:

@@ -41,6 +41,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ._compat import CTX_INTERNAL_ATTRS, is_saved_tensor, raw_saved_slots, saved_tensor_data, sequence_nr
+from .adjacency import cached_derived_weights
 from .nested import flatten_tensors
 from .packed import storage_bytes
 
@@ -131,7 +132,7 @@ def graph_saved_bytes(outputs: Any, exclude: Any = ()) -> int:
     roots: List[torch.Tensor] = []
     flatten_tensors(outputs, roots)
     excluded = set()
-    ex: List[torch.Tensor] = list(roots)
+    ex: List[torch.Tensor] = list(roots) + cached_derived_weights()
     flatten_tensors(exclude, ex)
     nodes: Dict[int, Any] = {}
     todo = [t.grad_fn for t in roots if t.grad_fn is not None]
@@ -386,6 +387,7 @@ class track_saved:
             ex.extend(self.model.parameters())
             ex.extend(self.model.buffers())
             _module_state_tensors(self.model, ex)
+        ex.extend(cached_derived_weights())  # graph state, like a cached CSR
         flatten_tensors(self.exclude, ex)
         ex.extend(leaf_vars)
         for t in ex:

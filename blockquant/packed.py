@@ -3,19 +3,26 @@
 The codec itself runs as three ``torch.library`` custom ops (namespace
 ``blockquant``): ``quantize``, ``dequantize`` and ``projection``. Each has a
 fake (shape-only) implementation, so ``torch.compile`` traces a compressing
-model through them without a graph break; the seeds they take are 0-d int64
-CPU tensors, never Python ints read back from a tensor.
+model through them without a graph break. They call the block codec
+(:mod:`blockquant.kernels.ops`: one kernel per device type, chosen by the dispatcher).
+
+Seeds are host scalars by design: 0-d int64 CPU tensors, never on a device, read only
+through :func:`seed_value`. Reading one never waits for a device, so a training step's
+only device-to-host read here is the finiteness check (see :func:`defer_finite_check`).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
+import sys
 from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 
-from blockquant.kernels import get_backend
-from blockquant.kernels.blockwise import payload_bytes
+from blockquant.kernels.ops import dequantize_blockwise, quantize_blockwise
+from blockquant.kernels.reference import payload_bytes
+from blockquant.kernels.registry import forced_backend
 
 from ._compat import custom_op
 from .config import QuantConfig
@@ -65,6 +72,19 @@ def as_seed_tensor(seed: Union[int, torch.Tensor]) -> torch.Tensor:
     return torch.tensor(seed & _SEED_MASK, dtype=torch.int64)
 
 
+def seed_value(seed: torch.Tensor) -> int:
+    """A seed tensor's value as a Python int: the one place seeds are read.
+
+    Seeds are 0-d int64 CPU tensors (drawn from the CPU generator, or a user's seed moved to
+    the CPU once by :func:`as_seed_tensor`), so this read never waits for a device.
+    :func:`blockquant.host_syncs.count_host_syncs` counts reads made here as host reads, not
+    device syncs; a tensor on another device is refused, not read.
+    """
+    if seed.device.type != "cpu":
+        raise ValueError(f"blockquant seeds are CPU tensors (host scalars); got one on {seed.device}")
+    return int(seed)
+
+
 def projection_seed(seed: torch.Tensor) -> torch.Tensor:
     """The random projection's seed, derived from the rounding seed (a 0-d int64 tensor)."""
     return seed ^ _PROJ_SEED_SALT
@@ -76,7 +96,7 @@ def projection_seed(seed: torch.Tensor) -> torch.Tensor:
 
 @custom_op("blockquant::rank_seed", mutates_args=())
 def _rank_seed_op(seed: torch.Tensor, rank: int) -> torch.Tensor:
-    return torch.tensor(rank_seed(int(seed), rank), dtype=torch.int64)
+    return torch.tensor(rank_seed(seed_value(seed), rank), dtype=torch.int64)
 
 
 @_rank_seed_op.register_fake
@@ -98,7 +118,7 @@ def _stored_numel(x: torch.Tensor, proj_dim: int):
 @custom_op("blockquant::projection", mutates_args=())
 def _projection_op(proj_seed: torch.Tensor, in_dim: int, out_dim: int, device: torch.device,
                    dtype: torch.dtype) -> torch.Tensor:
-    return rademacher(in_dim, out_dim, int(proj_seed), device, dtype)
+    return rademacher(in_dim, out_dim, seed_value(proj_seed), device, dtype)
 
 
 @_projection_op.register_fake
@@ -121,14 +141,13 @@ def _quantize_op(x: torch.Tensor, seed: torch.Tensor, bits: int, block: int, met
     data = x
     if proj_dim:
         d = x.shape[-1]
-        p = rademacher(d, proj_dim, int(projection_seed(seed)), x.device, torch.float32)
+        p = rademacher(d, proj_dim, seed_value(projection_seed(seed)), x.device, torch.float32)
         data = (x.reshape(-1, d).to(torch.float32) @ p).to(x.dtype)
     flat = data.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
     n = flat.numel()
-    payload, meta = get_backend(x.device, backend).quantize(flat, block, bits, meta_dtype, levels, stochastic,
-                                                            int(seed))
+    payload, meta = quantize_blockwise(flat, block, bits, meta_dtype, levels, stochastic, seed_value(seed), backend)
     if check_finite and not bool(torch.isfinite(meta).all()):
         _raise_non_finite(x if not bool(torch.isfinite(x).all()) else data, meta_dtype)
     assert payload.numel() == payload_bytes(n, block, bits), "backend returned a malformed payload"
@@ -147,7 +166,7 @@ def _(x, seed, bits, block, meta_dtype, levels, stochastic, proj_dim, check_fini
 def _dequantize_op(payload: torch.Tensor, meta: torch.Tensor, n: int, bits: int, block: int,
                    levels: Optional[List[float]], out_dtype: torch.dtype, backend: Optional[str]) -> torch.Tensor:
     """Decode ``n`` values (flat, ``out_dtype``) from a payload and metadata made by ``blockquant::quantize``."""
-    return get_backend(payload.device, backend).dequantize(payload, meta, n, block, bits, levels, out_dtype)
+    return dequantize_blockwise(payload, meta, n, block, bits, levels, out_dtype, backend)
 
 
 @_dequantize_op.register_fake
@@ -259,7 +278,7 @@ class PackedTensor:
 
     def codes(self) -> torch.Tensor:
         """Unpacked integer codes of the stored tensor, flat (for inspection and tests)."""
-        from blockquant.kernels.blockwise import codes_torch
+        from blockquant.kernels.reference import codes_torch
 
         return codes_torch(self.payload, self.stored_shape.numel(), self.block, self.bits)
 
@@ -285,31 +304,32 @@ def _raise_non_finite(x: torch.Tensor, meta_dtype: torch.dtype) -> None:
 
 
 class FiniteCheck:
-    """Deferred finiteness check of the tensors quantized inside :func:`defer_finite_check`.
+    """Deferred finiteness check of the tensors quantized while it is active.
 
     Each ``quantize`` call records, on the tensor's device, whether all of its
     block metadata is finite (a NaN or Inf input, or a range the metadata
-    dtype cannot hold, makes it non-finite); :meth:`check` reads all those
-    flags with one device synchronisation and raises if any is false.
+    dtype cannot hold, makes it non-finite), with where it was saved (the op and
+    the converted module, see :func:`_saving_site`); :meth:`check` reads all those
+    flags with one device synchronisation per device and raises if any is false.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, owner: Optional[torch.nn.Module] = None) -> None:
+        self.owner = owner  # the converted model whose forward opened it (None: defer_finite_check)
+        self._token: Optional[contextvars.Token] = None
         self._flags: List[torch.Tensor] = []
-        self._shapes: List[Tuple[int, ...]] = []
-        self._meta_dtypes: List[torch.dtype] = []
+        self._what: List[Tuple[Tuple[int, ...], torch.dtype, torch.dtype, str]] = []
 
-    def record(self, meta: torch.Tensor, shape, meta_dtype: torch.dtype) -> None:
+    def record(self, meta: torch.Tensor, shape, dtype: torch.dtype, meta_dtype: torch.dtype) -> None:
         self._flags.append(torch.isfinite(meta).all())  # stays on the device: no synchronisation
-        self._shapes.append(tuple(shape))
-        self._meta_dtypes.append(meta_dtype)
+        self._what.append((tuple(shape), dtype, meta_dtype, _saving_site()))
 
     def __len__(self) -> int:
         return len(self._flags)
 
     def check(self) -> None:
         """Raise ``ValueError`` if any recorded tensor was not finite; forget the recorded flags."""
-        flags, shapes, metas = self._flags, self._shapes, self._meta_dtypes
-        self._flags, self._shapes, self._meta_dtypes = [], [], []
+        flags, what = self._flags, self._what
+        self._flags, self._what = [], []
         if not flags:
             return
         by_device = {}
@@ -317,16 +337,46 @@ class FiniteCheck:
             by_device.setdefault(f.device, []).append(i)
         bad: List[int] = []
         for idx in by_device.values():
-            ok = torch.stack([flags[i] for i in idx]).cpu()  # the one synchronisation per device
-            bad += [i for i, good in zip(idx, ok.tolist()) if not good]
+            together = torch.stack([flags[i] for i in idx])
+            if bool(together.all()):  # the one synchronisation per device
+                continue
+            bad += [i for i, good in zip(idx, together.tolist()) if not good]  # only on the error path
         if bad:
             first = min(bad)
+            shape, dtype, meta_dtype, site = what[first]
             raise ValueError(
                 f"blockquant.quantize (deferred check): {len(bad)} of {len(flags)} tensors quantized since the "
                 f"last check had non-finite values (NaN or Inf) or a range their block metadata cannot hold; "
-                f"the first was call {first + 1}, shape {shapes[first]}, metadata {metas[first]} "
+                f"the first was call {first + 1}, shape {shape}, {dtype}, metadata {meta_dtype}{site} "
                 "(check the learning rate or the input data, or use meta_dtype=torch.bfloat16 or float32)")
 
+
+def _saving_site() -> str:
+    """``", saved by <op> in module '<name>' (<type>)"``: the op (an autograd Function's forward, else
+    the innermost library function) and the converted module on the stack of a ``quantize`` call
+    (module names are those :func:`blockquant.convert` gave)."""
+    op = innermost = module = None
+    frame = sys._getframe(2)
+    while frame is not None and module is None:
+        code = frame.f_code
+        owner = frame.f_locals.get("self") if code.co_name == "forward" and code.co_varnames[:1] == ("self",) \
+            else None
+        if isinstance(owner, torch.nn.Module) and hasattr(owner, "bq_config"):
+            module = f"module '{getattr(owner, 'bq_name', '') or '<root>'}' ({type(owner).__name__})"
+        elif code.co_filename.startswith(_PACKAGE_DIR) and code.co_filename not in _PLUMBING:
+            name = getattr(code, "co_qualname", code.co_name)
+            innermost = innermost or name
+            if op is None and code.co_name == "forward":
+                op = name
+        frame = frame.f_back
+    op = op or innermost
+    text = f", saved by {op}" if op else ""
+    return text + (f" in {module}" if module else "")
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# where quantize is called from on every path, never the op that decided to save a tensor
+_PLUMBING = {os.path.abspath(__file__), os.path.join(_PACKAGE_DIR, "save_policy.py")}
 
 _ACTIVE_CHECK: "contextvars.ContextVar[Optional[FiniteCheck]]" = contextvars.ContextVar(
     "blockquant_finite_check", default=None)
@@ -336,14 +386,19 @@ _ACTIVE_CHECK: "contextvars.ContextVar[Optional[FiniteCheck]]" = contextvars.Con
 def defer_finite_check() -> Iterator[FiniteCheck]:
     """Check the finiteness of quantized tensors once, at the end of the block, not per call.
 
-    By default every :func:`quantize` call checks its metadata at once, which
-    on a GPU is one host-device synchronisation per call. Inside this context
+    Outside any such block, every :func:`quantize` call checks its metadata at once,
+    which on a GPU is one host-device synchronisation per call. Inside this context
     the checks are recorded on the device instead and read together when the
     block exits normally (or when you call ``check()`` on the returned object):
     a non-finite input still raises ``ValueError``, only later -- wrap the
     forward pass, so that the error comes before ``backward()`` and the
     optimizer step. Until then the offending tensor's codes decode to NaN.
     Nested contexts share the outermost check.
+
+    A model converted by :func:`blockquant.convert` does this by itself: each training
+    forward of the converted model is one deferred check (one synchronisation per step),
+    raised when the forward returns, naming the op and the module that saved the first
+    non-finite tensor.
 
     Example::
 
@@ -362,6 +417,30 @@ def defer_finite_check() -> Iterator[FiniteCheck]:
     finally:
         _ACTIVE_CHECK.reset(token)
     check.check()  # not reached when the block raised: that error is the one to see
+
+
+def open_forward_check(owner: torch.nn.Module) -> None:
+    """Start the deferred check of one forward of ``owner`` (a converted model), unless a check
+    is already active (the caller's :func:`defer_finite_check`, or an outer converted model)."""
+    active = _ACTIVE_CHECK.get()
+    if active is not None:
+        return
+    check = FiniteCheck(owner)
+    check._token = _ACTIVE_CHECK.set(check)
+
+
+def close_forward_check(owner: torch.nn.Module, raised: bool) -> None:
+    """End the check :func:`open_forward_check` started for ``owner``: read it (one synchronisation),
+    or, when the forward ``raised``, drop it (that error is the one to see)."""
+    active = _ACTIVE_CHECK.get()
+    if active is None or active.owner is not owner:
+        return
+    try:
+        _ACTIVE_CHECK.reset(active._token)
+    except ValueError:  # set in another context (not expected from module hooks): clear it
+        _ACTIVE_CHECK.set(None)
+    if not raised:
+        active.check()
 
 
 def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None,
@@ -402,7 +481,7 @@ def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None,
     block = config.block_size_for(row)
     if x.numel() == 0:
         if not torch.compiler.is_compiling():
-            get_backend(x.device, backend)  # an unknown backend name fails here too
+            forced_backend(x.device, backend)  # an unknown backend name fails here too
         payload = torch.empty(0, dtype=torch.uint8, device=x.device)
         meta = torch.empty(2, 0, dtype=config.meta_dtype, device=x.device)
     else:
@@ -413,7 +492,7 @@ def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None,
                                      config.rounding == "stochastic", 0 if proj_dims is None else proj_dims[1],
                                      deferred is None, backend)
         if deferred is not None:
-            deferred.record(meta, shape, config.meta_dtype)
+            deferred.record(meta, shape, dtype, config.meta_dtype)
         if proj_dims is not None:
             proj_seed = op_proj_seed
     return PackedTensor(payload, meta, shape, dtype, config, block, seed, proj_seed, proj_dims,

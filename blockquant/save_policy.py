@@ -39,7 +39,7 @@ the same holds for every view inside a compiled graph (its ``_base`` cannot be r
 parameters, leaves that require grad and marked tensors themselves are recognised.
 
 Large 2-D tensors are compressed in row blocks (:class:`RowChunks`) so that the codec's transients
-stay at :data:`CHUNK_ELEMENTS` elements whatever the graph's size.
+stay at :func:`chunk_elements` elements whatever the graph's size.
 """
 from __future__ import annotations
 
@@ -54,12 +54,21 @@ from .packed import PackedTensor, quantize
 from .projection import projected_dim
 
 __all__ = ["keep", "keep_for_ctx", "is_resident", "mark_resident", "compress_shared", "compress",
-           "without_projection", "RowChunks", "CHUNK_ELEMENTS"]
+           "without_projection", "RowChunks", "CHUNK_ELEMENTS", "chunk_elements"]
 
-#: Largest number of elements of one transient in chunked loops (the ``[chunk, F]`` gathers of
-#: max aggregation and edge-weight gradients, and the row blocks compressed (and decoded for
-#: weight gradients) at once). 1M elements, 4 MiB in float32, whatever the graph's size.
-CHUNK_ELEMENTS = 1 << 20
+#: Largest number of elements of one transient in chunked loops, per device type: the ``[chunk, F]``
+#: gathers of max aggregation and edge-weight gradients, the per-edge transients of attention, and
+#: the row blocks compressed (and decoded for weight gradients) at once, whatever the graph's size.
+#: CPU: 1M elements (4 MiB in float32), sized for its caches. CUDA: 16M elements (64 MiB in
+#: float32): one codec launch then runs 4096 programs of 4096 elements, about two full waves of an
+#: H100 at full occupancy, where 1M would be a eighth of one. Other devices: the CPU's size.
+CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
+
+
+def chunk_elements(device: Union[torch.device, str]) -> int:
+    """Elements of one chunk for tensors on ``device`` (:data:`CHUNK_ELEMENTS`)."""
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return CHUNK_ELEMENTS.get(kind, CHUNK_ELEMENTS["cpu"])
 
 Compressed = Union[PackedTensor, "RowChunks"]
 
@@ -168,25 +177,25 @@ def compress_whole(x: torch.Tensor, config: QuantConfig) -> PackedTensor:
     return quantize(x.detach(), config)
 
 
-def rows_per_chunk(width: int, config: QuantConfig) -> int:
-    """Rows of a 2-D tensor of ``width`` columns compressed at once: about
-    :data:`CHUNK_ELEMENTS` elements, and a whole number of codec blocks."""
+def rows_per_chunk(width: int, config: QuantConfig, device: Union[torch.device, str] = "cpu") -> int:
+    """Rows of a 2-D tensor of ``width`` columns on ``device`` compressed at once: about
+    :func:`chunk_elements` elements, and a whole number of codec blocks."""
     stored = width
     if config.rp_ratio > 1 and width > 1:
         r = projected_dim(width, config.rp_ratio)
         stored = r if r < width else width
     block = config.block_size_for(stored)
     unit = block // math.gcd(block, stored)  # rows holding a whole number of blocks
-    return max(unit, (CHUNK_ELEMENTS // max(width, 1)) // unit * unit)
+    return max(unit, (chunk_elements(device) // max(width, 1)) // unit * unit)
 
 
 def compress(x: torch.Tensor, config: QuantConfig) -> Compressed:
     """Compress ``x`` with ``config``, independently of any other compression of it; a large 2-D
     tensor is compressed in row blocks (:class:`RowChunks`) so the codec's transients stay at
-    :data:`CHUNK_ELEMENTS` elements whatever the graph's size."""
-    if x.dim() != 2 or x.numel() <= CHUNK_ELEMENTS or not x.is_floating_point():
+    :func:`chunk_elements` elements whatever the graph's size."""
+    if x.dim() != 2 or x.numel() <= chunk_elements(x.device) or not x.is_floating_point():
         return compress_whole(x, config)
-    rows = rows_per_chunk(x.shape[1], config)
+    rows = rows_per_chunk(x.shape[1], config, x.device)
     if rows >= x.shape[0]:
         return compress_whole(x, config)
     x = x.detach()

@@ -84,7 +84,7 @@ def candidate_configs(bits=BITS, block_sizes=BLOCK_SIZES, rp_ratios=RP_RATIOS, l
 
 
 def _payload_bytes(n: int, block: int, bits: int) -> int:
-    from blockquant.kernels.blockwise import payload_bytes
+    from blockquant.kernels.reference import payload_bytes
 
     return payload_bytes(n, block, bits)
 

@@ -1,38 +1,49 @@
-"""Codec kernels (installed as ``blockquant.kernels``): a PyTorch reference, a
-compiled CPU codec and fused Triton kernels for the same block-wise layout,
-chosen by a registry."""
-from . import blockwise, native, registry
-from .registry import Backend, available_backends, get_backend, register_backend
+"""Codec kernels (installed as ``blockquant.kernels``): the PyTorch reference (:mod:`.reference`,
+the semantics every backend matches), the codec compiled for the CPU (:mod:`.native`) and fused
+Triton kernels (:mod:`.blockwise`), registered per device type as the kernels of two
+``torch.library`` ops (:mod:`.ops`); :mod:`.registry` says which backend runs where."""
+from . import blockwise, native, ops, reference, registry
+from .registry import Backend, available_backends, default_backend, forced_backend, get_backend, register_backend
 
 register_backend(Backend(
     name="torch",
-    quantize=blockwise.quantize_torch,
-    dequantize=blockwise.dequantize_torch,
+    quantize=reference.quantize_torch,
+    dequantize=reference.dequantize_torch,
     supports=lambda device: True,
-    priority=0,
 ))
 
-# compiled at first use with the system C compiler; unsupported (so never picked) where that fails
+# compiled at first use with the system C compiler; unsupported where that fails
 register_backend(Backend(
     name="native",
     quantize=native.quantize_native,
     dequantize=native.dequantize_native,
     supports=native.supports,
-    priority=10,
     why_unsupported=lambda device: (native.unavailable_reason() if device.type == "cpu"
                                     else "it runs on CPU tensors only"),
 ))
 
-if getattr(blockwise, "HAS_TRITON", False):  # Triton is optional; the PyTorch backend works everywhere
+if blockwise.HAS_TRITON:  # Triton is optional; the PyTorch reference works everywhere
     register_backend(Backend(
         name="triton",
         quantize=blockwise.quantize_triton,
         dequantize=blockwise.dequantize_triton,
         supports=blockwise.triton_supports,
-        priority=20,
-        # on CPU the interpreter is a correctness tool, far slower than the other backends
-        chosen_by_default=lambda device: device.type == "cuda" or registry.interpreting(),
         why_unsupported=lambda device: "set TRITON_INTERPRET=1 before importing triton to run it on CPU",
     ))
+    ops.register_device_kernels("cuda", blockwise.quantize_triton, blockwise.dequantize_triton)
 
-__all__ = ["Backend", "available_backends", "get_backend", "register_backend", "blockwise", "native"]
+
+# The CPU's default is decided at the call (registry.default_backend): the compiled codec is
+# built at its first use, and where that fails the reference runs instead.
+def _cpu_quantize(flat, block, bits, meta_dtype, levels, stochastic, seed):
+    return default_backend(flat.device).quantize(flat, block, bits, meta_dtype, levels, stochastic, seed)
+
+
+def _cpu_dequantize(payload, meta, n, block, bits, levels, out_dtype):
+    return default_backend(payload.device).dequantize(payload, meta, n, block, bits, levels, out_dtype)
+
+
+ops.register_device_kernels("cpu", _cpu_quantize, _cpu_dequantize)
+
+__all__ = ["Backend", "available_backends", "default_backend", "forced_backend", "get_backend", "register_backend",
+           "blockwise", "native", "ops", "reference", "registry"]

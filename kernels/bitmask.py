@@ -6,13 +6,25 @@ is zero-padded, so the payload is exactly ``ceil(n / 8)`` bytes.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def _weights(device) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _weights_on(device: torch.device) -> torch.Tensor:
     return torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=device)
+
+
+def _weights(device) -> torch.Tensor:
+    """The bit weights on ``device``, built once per device (from Python data it is a host-to-device
+    copy on a GPU, which waits for the device). Shared: never modified. Under ``torch.compile`` a
+    constant of the graph instead (dynamo does not trace through a cache)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=device)
+    return _weights_on(torch.device(device))
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The codec compiled for the CPU: ``native_codec.c`` built at first use, called through ctypes.
 
-The PyTorch reference (:mod:`blockquant.kernels.blockwise`) makes about ten
+The PyTorch reference (:mod:`blockquant.kernels.reference`) makes about ten
 full-size passes with float temporaries; this backend makes one fused pass per
 block (min/max, metadata, encode and pack while the block is in cache), with
 the same layout and the same float32 arithmetic, so that under nearest
@@ -60,7 +60,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .blockwise import _check_codec_args, _KIND, levels_tensor, payload_bytes
+from .reference import KIND as _KIND
+from .reference import check_codec_args, check_decode_args, levels_arg, payload_bytes
 
 DISABLE_ENV = "BLOCKQUANT_NATIVE"
 CACHE_ENV = "BLOCKQUANT_CACHE_DIR"
@@ -343,7 +344,7 @@ def _load():
 
 def _self_check(lib) -> Optional[str]:
     """Compare with the reference on a small input; a miscompiled build is never used."""
-    from .blockwise import dequantize_torch, quantize_torch
+    from .reference import dequantize_torch, quantize_torch
 
     x = torch.linspace(-3.0, 5.0, 1000) ** 3
     # uniform and non-uniform levels at the two widths that have their own code paths
@@ -443,21 +444,12 @@ def _run(call, ranges) -> None:
                            f"set {DISABLE_ENV}=0 to use the PyTorch backend and please report this")
 
 
-def _levels_arg(levels, bits):
-    if levels is None:
-        return None
-    lv = levels_tensor(levels, "cpu")
-    if lv.numel() != (1 << bits):
-        raise ValueError(f"levels must hold 2**bits = {1 << bits} values for bits={bits}; got {lv.numel()}")
-    return lv
-
-
 def _quantize(lib, flat, block, bits, meta_dtype, levels, stochastic, seed, threads=None):
     n = flat.numel()
     nb = -(-n // block)
     payload = torch.empty(payload_bytes(n, block, bits), dtype=torch.uint8)
     meta = torch.empty((2, nb), dtype=meta_dtype)
-    lv = _levels_arg(levels, bits)
+    lv = levels_arg(levels, bits, "cpu")
     lv_ptr = lv.data_ptr() if lv is not None else None
     x_ptr, p_ptr, m_ptr = flat.data_ptr(), payload.data_ptr(), meta.data_ptr()
     x_kind, m_kind, seed = _KIND[flat.dtype], _KIND[meta_dtype], int(seed) & ((1 << 64) - 1)
@@ -475,7 +467,7 @@ def _dequantize(lib, payload, meta, n, block, bits, levels, out_dtype, threads=N
     out = torch.empty(n, dtype=out_dtype)
     if out.numel() * out.element_size() >= HUGE_PAGE_MIN_BYTES:
         lib.bq_advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
-    lv = _levels_arg(levels, bits)
+    lv = levels_arg(levels, bits, "cpu")
     lv_ptr = lv.data_ptr() if lv is not None else None
     p_ptr, m_ptr, o_ptr = payload.data_ptr(), meta.data_ptr(), out.data_ptr()
     m_kind, o_kind = _KIND[meta.dtype], _KIND[out_dtype]
@@ -498,13 +490,13 @@ def _require(t: torch.Tensor):
 
 def quantize_native(flat: torch.Tensor, block: int, bits: int, meta_dtype: torch.dtype,
                     levels: Optional[Sequence[float]], stochastic: bool, seed: int):
-    """Compiled encoder with the semantics and layout of :func:`~blockquant.kernels.blockwise.quantize_torch`.
+    """Compiled encoder with the semantics and layout of :func:`~blockquant.kernels.reference.quantize_torch`.
 
     Nearest rounding: payload and metadata bit-identical to the reference.
     Stochastic rounding: noise from a hash of ``(seed, block, index in the block)``.
     A block holding NaN or Inf gets non-finite metadata, which the caller reports.
     """
-    _check_codec_args(block, bits, meta_dtype)
+    check_codec_args(block, bits, meta_dtype)
     lib = _require(flat)
     if flat.dtype not in _KIND:
         raise TypeError(f"quantize_native expects float32, float16 or bfloat16 input; got {flat.dtype}")
@@ -518,16 +510,12 @@ def quantize_native(flat: torch.Tensor, block: int, bits: int, meta_dtype: torch
 
 def dequantize_native(payload: torch.Tensor, meta: torch.Tensor, n: int, block: int, bits: int,
                       levels: Optional[Sequence[float]], out_dtype: torch.dtype) -> torch.Tensor:
-    """Compiled decoder, bit-identical to :func:`~blockquant.kernels.blockwise.dequantize_torch`."""
-    _check_codec_args(block, bits, meta.dtype)
+    """Compiled decoder, bit-identical to :func:`~blockquant.kernels.reference.dequantize_torch`."""
+    check_codec_args(block, bits, meta.dtype)
     lib = _require(payload)
     if out_dtype not in _KIND:
         raise TypeError(f"dequantize_native outputs float32, float16 or bfloat16; got {out_dtype}")
     if n == 0:
         return torch.empty(0, dtype=out_dtype)
-    nb = -(-n // block)
-    if payload.numel() != payload_bytes(n, block, bits) or tuple(meta.shape) != (2, nb):
-        raise ValueError(
-            f"payload/meta do not match n={n}, block={block}, bits={bits}: expected {payload_bytes(n, block, bits)} "
-            f"payload bytes and meta of shape (2, {nb}); got {payload.numel()} bytes and {tuple(meta.shape)}")
+    check_decode_args(payload, meta, n, block, bits)
     return _dequantize(lib, payload.contiguous(), meta.contiguous(), n, block, bits, levels, out_dtype)

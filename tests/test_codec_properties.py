@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockquant import ROW, QuantConfig, quantize
-from blockquant.kernels.blockwise import payload_bytes
+from blockquant.kernels.reference import payload_bytes
 
 shapes = st.lists(st.integers(0, 40), min_size=0, max_size=3).map(tuple)
 blocks = st.one_of(st.integers(4, 300), st.just(ROW))

@@ -8,17 +8,19 @@ import pytest
 import torch
 
 import blockquant
+from blockquant.adjacency import cached_graph_tensors
 from blockquant.bench.datasets import SyntheticSpec, generate_synthetic
 from blockquant.memory import graph_saved_bytes
 
 torch_geometric = pytest.importorskip("torch_geometric")
 from torch_geometric.nn import GCNConv, SAGEConv  # noqa: E402
 
-# Graph breaks of one converted conv in training (iexact), as recorded with their reasons in
-# bench/results/compile_graph_breaks_cpu.md: one each for the graph's CSR cache lookup
-# (blockquant.adjacency.as_adjacency runs eagerly); GCNConv's original has 3 of its own (PyG's
-# normalisation with self loops), which the converted layer keeps.
-DOCUMENTED_BREAKS = {"SAGEConv": 1, "GCNConv": 4}
+# Graph breaks of one converted conv in training (iexact): one each for the graph's cache lookup
+# (blockquant.adjacency.as_adjacency, and for GCNConv derived_adjacency, run eagerly). GCNConv's
+# original has 3 of its own (PyG's normalisation with self loops, recorded in
+# bench/results/compile_graph_breaks_cpu.md); converted, the normalised graph is cached on the
+# user's graph and built in that one eager call.
+DOCUMENTED_BREAKS = {"SAGEConv": 1, "GCNConv": 1}
 CODEC_FILES = ("blockquant/packed.py", "blockquant/levels.py", "kernels/")
 
 
@@ -60,8 +62,9 @@ def _step(model, graph):
     x = graph.x * torch.ones(graph.x.size(1), requires_grad=True)
     out = model(x, graph.edge_index)
     # walked after the fact: track_saved's module hooks would break the compiled graph. A
-    # compiled graph saves the graph's cached CSR by reference (graph state, like edge_index)
-    cached_csr = blockquant.as_adjacency(graph.edge_index, num_nodes=graph.num_nodes)._structure.tensors()
+    # compiled graph saves the graph's cached CSRs by reference (graph state, like edge_index;
+    # GCN's normalised graph is one of them)
+    cached_csr = cached_graph_tensors(graph.edge_index)
     held = graph_saved_bytes(out, exclude=(graph.x, graph.edge_index, cached_csr))
     loss = torch.nn.functional.cross_entropy(out, graph.y)
     loss.backward()
@@ -83,5 +86,8 @@ def test_compiled_gradients_and_held_bytes_equal_eager(graph):
     for name, (ge, gc) in zip([n for n, _ in model.named_parameters()], zip(grads_e, grads_c)):
         assert torch.allclose(gc, ge, rtol=1e-4, atol=1e-6 * ge.abs().max()), name
     # the compressed bytes eager holds, not full-precision activations (one [60, 16] float32
-    # activation alone would add 3,840 bytes)
-    assert held_c <= held_e + 512, (held_c, held_e)
+    # activation alone would add 3,840 bytes); AOTAutograd's partitioner also saves the values of
+    # GCN's cached normalised graph in transposed order (4 B per edge) where eager gathers them in
+    # backward
+    normalised = [a for a in cached_graph_tensors(graph.edge_index) if a.is_floating_point()]
+    assert held_c <= held_e + 512 + max(4 * t.numel() for t in normalised), (held_c, held_e)

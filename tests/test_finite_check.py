@@ -94,3 +94,57 @@ def test_deferred_check_in_a_training_step():
                 loss = torch.relu(lin(x)).sum()
     assert lin.weight.grad is None
     del loss
+
+
+# ------------------------------------------------------------------ converted models: one check per forward
+def _converted_sage(seed=0):
+    from blockquant.bench.models import build_model
+
+    torch.manual_seed(seed)
+    model = blockquant.convert(build_model("sage", 8, 16, 3, num_layers=2, dropout=0.0))
+    x = torch.randn(40, 8)
+    edge_index = torch.randint(0, 40, (2, 160))
+    y = torch.randint(0, 3, (40,))
+    return model, x, edge_index, y
+
+
+def test_a_converted_forward_checks_once_and_raises_before_the_optimizer_step(torch_backend):
+    """Training normally for a few epochs, then a weight turns NaN (as after a too large step):
+    the next forward raises, naming the module and the tensor saved first with the NaN, before
+    backward and the optimizer step; each forward reads the device once."""
+    from blockquant.host_syncs import count_host_syncs
+
+    model, x, edge_index, y = _converted_sage()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for epoch in range(3):
+        opt.zero_grad(set_to_none=True)
+        with count_host_syncs() as report:
+            loss = torch.nn.functional.cross_entropy(model(x, edge_index), y)
+        loss.backward()
+        opt.step()
+        if epoch:  # the first forward on the graph also builds its cached structure
+            assert sum(report.syncs.values()) == 1 and "in check" in next(iter(report.syncs)), report.table()
+    with torch.no_grad():
+        model.blocks[0].conv.lin_l.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    opt.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match=r"deferred check\).*shape \(40, 16\), torch.float32.* saved by "
+                                         r"_BatchNorm.forward in module 'blocks.0.norm' \(QBatchNorm1d\)"):
+        torch.nn.functional.cross_entropy(model(x, edge_index), y).backward()
+        opt.step()
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.named_parameters():  # no optimizer step happened
+        assert torch.equal(torch.nan_to_num(v), torch.nan_to_num(before[k])), k
+    # the check does not stay open after the error: a later quantize outside the model checks at once
+    with pytest.raises(ValueError, match="1 non-finite value"):
+        quantize(_bad(), CFG, backend="torch")
+
+
+def test_the_forward_check_is_off_in_eval_and_inside_a_callers_own_check(torch_backend):
+    model, x, edge_index, y = _converted_sage(1)
+    with defer_finite_check() as outer:
+        model(x, edge_index)
+        assert len(outer) > 0  # the model's tensors were recorded in the caller's check
+    model.eval()
+    with torch.no_grad():
+        model(x, edge_index)  # nothing compressed, nothing checked

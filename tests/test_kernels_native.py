@@ -14,7 +14,7 @@ import torch
 
 import blockquant
 from blockquant import ROW, QuantConfig
-from blockquant.kernels import blockwise as bw
+from blockquant.kernels import reference
 from blockquant.kernels import get_backend, native, registry
 from blockquant.levels import optimal_levels
 from codec_utils import check_launcher_rejects_bad_arguments
@@ -42,12 +42,12 @@ def _test_input(n, dtype, seed=0):
 
 def _check_identical(x, block, bits, levels, meta_dtype):
     n = x.numel()
-    ref_p, ref_m = bw.quantize_torch(x, block, bits, meta_dtype, levels, False, 0)
+    ref_p, ref_m = reference.quantize_torch(x, block, bits, meta_dtype, levels, False, 0)
     nat_p, nat_m = native.quantize_native(x, block, bits, meta_dtype, levels, False, 0)
     where = f"n={n} G={block} int{bits} levels={'optimal' if levels else 'uniform'} x={x.dtype} meta={meta_dtype}"
     assert _bits_equal(nat_p, ref_p), f"payload differs from the reference ({where})"
     assert _bits_equal(nat_m, ref_m), f"metadata differs in {(nat_m != ref_m).sum().item()} entries ({where})"
-    ref_d = bw.dequantize_torch(ref_p, ref_m, n, block, bits, levels, x.dtype)
+    ref_d = reference.dequantize_torch(ref_p, ref_m, n, block, bits, levels, x.dtype)
     nat_d = native.dequantize_native(ref_p, ref_m, n, block, bits, levels, x.dtype)
     assert _bits_equal(nat_d, ref_d), f"decode differs in {(nat_d != ref_d).sum().item()} elements ({where})"
 
@@ -111,7 +111,7 @@ def test_stochastic_draws_do_not_depend_on_the_thread_split(levels):
     # _ranges never splits below MIN_ELEMENTS_PER_THREAD; call the ranges by hand to force a split
     split_p = torch.empty_like(one[0])
     split_m = torch.empty_like(one[1])
-    lv_table = bw.levels_tensor(lv, "cpu") if lv is not None else None
+    lv_table = reference.levels_tensor(lv, "cpu") if lv is not None else None
     for b0, b1 in ((0, 17), (17, 18), (18, 50)):
         assert lib.bq_quantize(x.data_ptr(), 0, x.numel(), 100, 4, 2,
                                None if lv_table is None else lv_table.data_ptr(), 1, 77, split_p.data_ptr(),
@@ -217,8 +217,8 @@ def test_fallback_to_the_reference_when_the_build_is_unavailable(how, fresh_nati
     x = _test_input(1000, torch.float32)
     cfg = QuantConfig(bits=2, block_size=64, rounding="nearest")
     p = blockquant.quantize(x, cfg)
-    assert p.payload.numel() == bw.payload_bytes(1000, 64, 2)
-    ref = bw.quantize_torch(x, 64, 2, cfg.meta_dtype, None, False, 0)
+    assert p.payload.numel() == reference.payload_bytes(1000, 64, 2)
+    ref = reference.quantize_torch(x, 64, 2, cfg.meta_dtype, None, False, 0)
     assert torch.equal(p.payload, ref[0]) and torch.equal(p.meta, ref[1])
     # asking for it by name says why it cannot be used
     with pytest.raises(ValueError, match=f"cannot handle tensors on cpu .*{expect}"):

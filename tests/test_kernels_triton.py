@@ -19,6 +19,7 @@ import torch
 import blockquant
 from blockquant import ROW, QuantConfig
 from blockquant.kernels import blockwise as bw
+from blockquant.kernels import reference
 from blockquant.levels import optimal_levels
 from codec_utils import check_launcher_rejects_bad_arguments, per_element_bounds, theoretical_variance
 
@@ -83,11 +84,11 @@ def _test_input(n, dtype, device, seed=0):
 
 def _check_nearest_identical(x, block, bits, levels, meta_dtype, chunk=None):
     n = x.numel()
-    ref_p, ref_m = bw.quantize_torch(x, block, bits, meta_dtype, levels, False, 0)
+    ref_p, ref_m = reference.quantize_torch(x, block, bits, meta_dtype, levels, False, 0)
     tri_p, tri_m = bw.quantize_triton(x, block, bits, meta_dtype, levels, False, 0, _chunk=chunk)
     assert _bits_equal(tri_p, ref_p), "payload differs from the reference"
     assert _bits_equal(tri_m, ref_m), f"metadata differs: {(tri_m != ref_m).sum().item()} entries"
-    ref_d = bw.dequantize_torch(ref_p, ref_m, n, block, bits, levels, x.dtype)
+    ref_d = reference.dequantize_torch(ref_p, ref_m, n, block, bits, levels, x.dtype)
     tri_d = bw.dequantize_triton(ref_p, ref_m, n, block, bits, levels, x.dtype, _chunk=chunk)
     assert _bits_equal(tri_d, ref_d), f"decode differs in {(tri_d != ref_d).sum().item()} elements"
 
@@ -180,11 +181,11 @@ def test_cuda_codes_match_the_cpu_reference(bits, levels, device):
                                     (torch.float16, torch.float32)):
             x = _test_input(n, x_dtype, "cpu")
             lv = _levels(levels, bits, block)
-            ref_p, ref_m = bw.quantize_torch(x, block, bits, meta_dtype, lv, False, 0)
+            ref_p, ref_m = reference.quantize_torch(x, block, bits, meta_dtype, lv, False, 0)
             gpu_p, gpu_m = bw.quantize_triton(x.to(device), block, bits, meta_dtype, lv, False, 0)
             assert _bits_equal(gpu_p.cpu(), ref_p) and _bits_equal(gpu_m.cpu(), ref_m)
             gpu_d = bw.dequantize_triton(gpu_p, gpu_m, n, block, bits, lv, x_dtype)
-            assert _bits_equal(gpu_d.cpu(), bw.dequantize_torch(ref_p, ref_m, n, block, bits, lv, x_dtype))
+            assert _bits_equal(gpu_d.cpu(), reference.dequantize_torch(ref_p, ref_m, n, block, bits, lv, x_dtype))
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])

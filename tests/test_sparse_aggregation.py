@@ -34,7 +34,7 @@ def lossless(monkeypatch):
 @pytest.fixture
 def small_chunks(monkeypatch):
     # the chunk bounds every per-edge transient; shrink it so that E x F is far out of reach
-    monkeypatch.setattr(save_policy, "CHUNK_ELEMENTS", 4096)
+    monkeypatch.setitem(save_policy.CHUNK_ELEMENTS, "cpu", 4096)
 
 
 def _graph(seed=0, n=N, e=E, n_dst=None):
@@ -401,7 +401,7 @@ def test_step_peak_below_half_of_plain_pyg_with_sparse_adj_t(monkeypatch):
     PyG's with a torch.sparse CSR adj_t, PyG's documented memory-efficient form (measured: 0.27x).
     The chunk is scaled down with the graph (1/16 of an [N, F] tensor, as 1M elements is of
     arxiv's), so the chunked regime of large graphs is what is tested."""
-    monkeypatch.setattr(save_policy, "CHUNK_ELEMENTS", 1 << 14)
+    monkeypatch.setitem(save_policy.CHUNK_ELEMENTS, "cpu", 1 << 14)
     from blockquant.bench.models import build_model
 
     n, e, f = 4_000, 80_000, 64
@@ -438,7 +438,7 @@ def test_step_peak_below_half_of_plain_pyg_with_sparse_adj_t(monkeypatch):
                                     QuantConfig(bits=2, block_size=1024, levels="optimal", rounding="nearest")],
                          ids=["int2_G64", "int4_row", "int2_G1024_optimal"])
 def test_row_chunked_compression_is_the_same_codes_and_bytes(config, monkeypatch):
-    monkeypatch.setattr(save_policy, "CHUNK_ELEMENTS", 3000)
+    monkeypatch.setitem(save_policy.CHUNK_ELEMENTS, "cpu", 3000)
     x = torch.randn(301, 48)  # 301 rows: the last row block is short
     chunked, whole = save_policy.compress(x, config), save_policy.compress_whole(x, config)
     assert isinstance(chunked, save_policy.RowChunks) and len(chunked.parts) > 3
@@ -453,7 +453,7 @@ def test_row_chunked_compression_is_the_same_codes_and_bytes(config, monkeypatch
 def test_row_chunked_projected_weight_gradient_is_unbiased(monkeypatch):
     """Every row block has its own projection: the K-draw mean of g^T x_hat still converges
     to g^T x like 1/sqrt(K)."""
-    monkeypatch.setattr(save_policy, "CHUNK_ELEMENTS", 2048)
+    monkeypatch.setitem(save_policy.CHUNK_ELEMENTS, "cpu", 2048)
     config = QuantConfig(bits=2, block_size=64, rp_ratio=4)
     torch.manual_seed(0)
     x, g = torch.randn(200, 32), torch.randn(200, 6)

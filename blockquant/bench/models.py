@@ -132,3 +132,35 @@ def build_model(name: str, in_dim: int, hidden: int, out_dim: int, num_layers: i
     blocks = [hidden_block(conv(i, False)) for i in range(num_layers - 1)]
     blocks.append(Block(conv(num_layers - 1, True), None, None, None))
     return GNN(name, blocks)
+
+
+ZOO_MODEL_NAMES = ("pyg-gcn", "pyg-gatv2", "pyg-graphconv")
+
+
+class _GraphConvNet(nn.Module):
+    """Two GraphConv layers with a ReLU between them (PyG's zoo has no GraphConv model)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        import torch_geometric.nn as pyg
+
+        self.c1, self.act, self.c2 = pyg.GraphConv(in_dim, hidden), nn.ReLU(), pyg.GraphConv(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return self.c2(self.act(self.c1(x, edge_index)), edge_index)
+
+
+def build_zoo_model(name: str, in_dim: int, hidden: int, out_dim: int, num_layers: int = 2, dropout: float = 0.5,
+                    heads: int = 4) -> nn.Module:
+    """A PyG model-zoo model with its defaults, as users build them (the host-sync checks run these beside
+    :func:`build_model`'s): ``pyg-gcn`` is ``torch_geometric.nn.GCN`` (GCNConv's default ``cached=False``),
+    ``pyg-gatv2`` is ``GAT(v2=True)``, ``pyg-graphconv`` two GraphConv layers."""
+    import torch_geometric.nn as pyg
+
+    if name == "pyg-gcn":
+        return pyg.GCN(in_dim, hidden, num_layers, out_dim, dropout=dropout, norm="batch_norm")
+    if name == "pyg-gatv2":
+        return pyg.GAT(in_dim, hidden, num_layers, out_dim, v2=True, heads=heads, dropout=dropout)
+    if name == "pyg-graphconv":
+        return _GraphConvNet(in_dim, hidden, out_dim)
+    raise BenchError(f"unknown zoo model {name!r}; expected one of {', '.join(ZOO_MODEL_NAMES)}")

@@ -25,8 +25,8 @@ def _trailing(shape) -> int:
     return math.prod(shape[1:])
 
 
-def _chunks(total: int, width: int):
-    step = max(1, save_policy.CHUNK_ELEMENTS // max(width, 1))
+def _chunks(total: int, width: int, device: torch.device):
+    step = max(1, save_policy.chunk_elements(device) // max(width, 1))
     for start in range(0, total, step):
         yield start, min(start + step, total)
 
@@ -62,7 +62,7 @@ def _(rowptr, col, values, x2, num_cols):
 
 def _chunked_sum(csr: _CSR, values: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     out = x2.new_zeros((csr.num_rows, x2.shape[1]))
-    for a, b in _chunks(csr.num_edges, x2.shape[1]):
+    for a, b in _chunks(csr.num_edges, x2.shape[1], x2.device):
         msg = x2.index_select(0, csr.col[a:b]) * values[a:b].view(-1, 1)
         out.index_add_(0, csr.rows_of(a, b), msg)
     return out
@@ -78,7 +78,7 @@ def _max_forward(csr: _CSR, values: Optional[torch.Tensor], x2: torch.Tensor, ne
         out = torch.sparse.mm(csr.matrix(v), x2.contiguous(), "amax")  # empty rows give 0
     else:
         out = x2.new_full((csr.num_rows, width), -math.inf)
-        for a, b in _chunks(num_e, width):
+        for a, b in _chunks(num_e, width, x2.device):
             msg = x2.index_select(0, csr.col[a:b])
             if values is not None:
                 msg = msg * values[a:b].view(-1, 1)
@@ -88,7 +88,7 @@ def _max_forward(csr: _CSR, values: Optional[torch.Tensor], x2: torch.Tensor, ne
     if not need_winner:
         return out, None
     winner = torch.full((csr.num_rows, width), num_e, dtype=torch.int64, device=x2.device)
-    for a, b in _chunks(num_e, width):
+    for a, b in _chunks(num_e, width, x2.device):
         rows = csr.rows_of(a, b)
         msg = x2.index_select(0, csr.col[a:b])
         if values is not None:
@@ -111,7 +111,7 @@ def _max_backward(csr: _CSR, values, winner, g: torch.Tensor, x2, n_src: int, ne
         return grad_x, grad_v
     col = csr.col.long()
     feat = torch.arange(width, device=g.device)
-    for a, b in _chunks(num_dst, width):
+    for a, b in _chunks(num_dst, width, g.device):
         win = winner[a:b].long()
         valid = win < num_e
         win = win.clamp_(max=num_e - 1)
@@ -130,7 +130,7 @@ def _max_backward(csr: _CSR, values, winner, g: torch.Tensor, x2, n_src: int, ne
 def _weight_grad(csr: _CSR, g: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     """``grad_v[k] = <g[row_k], x[col_k]>`` for every stored entry, edge-chunked (CSR order)."""
     grad_v = g.new_empty(csr.num_edges)
-    for a, b in _chunks(csr.num_edges, g.shape[1]):
+    for a, b in _chunks(csr.num_edges, g.shape[1], g.device):
         gr = g.index_select(0, csr.rows_of(a, b))
         gr.mul_(x2.index_select(0, csr.col[a:b]).to(gr.dtype))
         torch.sum(gr, dim=1, out=grad_v[a:b])
@@ -141,7 +141,7 @@ def _to_edge_order(csr: _CSR, grad_v: torch.Tensor) -> torch.Tensor:
     if csr.perm is None:
         return grad_v
     out = torch.empty_like(grad_v)
-    for a, b in _chunks(csr.num_edges, 1):
+    for a, b in _chunks(csr.num_edges, 1, grad_v.device):
         out.index_copy_(0, csr.perm[a:b].long(), grad_v[a:b])
     return out
 

@@ -11,7 +11,7 @@ import torch
 from blockquant.kernels.bitmask import BitMask
 
 from .._compat import custom_op
-from ..packed import draw_seed_tensor
+from ..packed import draw_seed_tensor, seed_value
 from ._common import _check_float, _untracked
 
 
@@ -77,7 +77,7 @@ def _dropout_noise(like: torch.Tensor, p: float, seed: Union[int, torch.Tensor])
 def _dropout_noise_op(seed: torch.Tensor, shape: List[int], dtype: torch.dtype, device: torch.device,
                       p: float) -> torch.Tensor:
     gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
+    gen.manual_seed(seed_value(seed))
     noise = torch.empty(shape, dtype=dtype, device=device)
     if p == 1.0:
         return noise.zero_()

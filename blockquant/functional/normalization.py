@@ -11,7 +11,7 @@ import torch
 
 from .._compat import batch_norm_with_update, custom_op
 from ..config import QuantConfig
-from ..packed import draw_seed_tensor
+from ..packed import draw_seed_tensor, seed_value
 from .. import save_policy
 from ..save_policy import keep_for_ctx, without_projection
 from ._common import _check_float, _config, _first_order_only, _untracked
@@ -58,7 +58,7 @@ class SquareSample:
 def _seeded_positions(seed: torch.Tensor, numel: int, k: int, device: torch.device) -> torch.Tensor:
     """``k`` positions in ``[0, numel)`` drawn uniformly with replacement from ``seed``."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
+    gen.manual_seed(seed_value(seed))
     return torch.randint(0, numel, (k,), generator=gen, device=device)
 
 
@@ -116,17 +116,17 @@ class SideRounding:
         return self.packed.dequantize()
 
 
-def _normalized_row_blocks(shape, config: QuantConfig) -> List[Tuple[int, int]]:
-    """Row ranges in which :func:`_keep_normalized` normalises and compresses an input of ``shape``."""
+def _normalized_row_blocks(shape, config: QuantConfig, device="cpu") -> List[Tuple[int, int]]:
+    """Row ranges in which :func:`_keep_normalized` normalises and compresses an input of ``shape`` on ``device``."""
     n = shape[0] if len(shape) else 1
-    rows = (save_policy.rows_per_chunk(shape[1], config)
-            if len(shape) == 2 and math.prod(shape) > save_policy.CHUNK_ELEMENTS else n)
+    rows = (save_policy.rows_per_chunk(shape[1], config, device)
+            if len(shape) == 2 and math.prod(shape) > save_policy.chunk_elements(device) else n)
     if rows >= n:
         return [(0, n)]
     return [(a, min(a + rows, n)) for a in range(0, n, rows)]
 
 
-def square_estimator_nbytes(shape, config: QuantConfig, count: int, packed_nbytes) -> int:
+def square_estimator_nbytes(shape, config: QuantConfig, count: int, packed_nbytes, device="cpu") -> int:
     """Exact bytes of what a normalisation over ``count`` elements keeps, beside ``xn``, for
     the diagonal term of its input gradient (0 under nearest rounding); ``packed_nbytes(shape,
     config)`` is the codec's byte formula. Mirrors :func:`_keep_normalized`."""
@@ -135,7 +135,7 @@ def square_estimator_nbytes(shape, config: QuantConfig, count: int, packed_nbyte
         return 0
     form, param = _square_estimator_form(cfg, count)
     total = 0
-    for a, b in _normalized_row_blocks(tuple(shape), cfg):
+    for a, b in _normalized_row_blocks(tuple(shape), cfg, device):
         piece = (b - a, *shape[1:]) if len(shape) else ()
         if form == "sample":
             total += 4 * max(1, math.ceil(math.prod(piece) * param))
@@ -178,7 +178,7 @@ def _compressed_normalized(x: torch.Tensor, normalize, cfg: QuantConfig, diagona
     (:func:`_square_estimator`). A large 2-D input is normalised and compressed one row block at a
     time (``normalize`` takes a slice of rows), so no full-size ``xn`` is ever formed."""
     estimate = diagonal_count is not None and cfg.rounding == "stochastic"
-    bounds = _normalized_row_blocks(tuple(x.shape), cfg)
+    bounds = _normalized_row_blocks(tuple(x.shape), cfg, x.device)
     if len(bounds) == 1:
         xn = normalize(slice(None))
         state = (save_policy.compress(xn, cfg),)

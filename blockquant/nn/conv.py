@@ -45,7 +45,7 @@ from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import add_self_loops, remove_self_loops
 
 from .. import functional as BF
-from ..adjacency import _is_edge_index_type, as_adjacency
+from ..adjacency import _is_edge_index_type, as_adjacency, derived_adjacency
 from ..attention import attention_graph, gat_attention, gatv2_attention
 from ..saved_hooks import compress_saved_tensors
 from .registry import CompressedModule, lazy_reason, register_wrapper
@@ -265,6 +265,32 @@ def _gcn_normalized(self, x: Tensor, edge_index, edge_weight, improved: bool):
     return edge_index, edge_weight
 
 
+def _normalized_adjacency(self, x: Tensor, edge_index, edge_weight, improved: bool, h: Tensor):
+    """GCN/GCN2: the adjacency ``h`` is aggregated over, normalised when the layer normalises.
+
+    PyG's default ``cached=False`` normalises the graph at every call (degrees, self loops, and
+    here the CSR of the result: device reads and data-dependent shapes, each step). When nothing
+    learnable enters the normalisation (no edge weights), the result is a function of the graph
+    object and the options alone, so it is cached on the user's graph object under those options
+    (:func:`~blockquant.adjacency.derived_adjacency`): built once per graph, rebuilt when the graph
+    tensor changes in place, gone with it. With edge weights it is rebuilt per call, as PyG does.
+    """
+    if self.normalize and not self.cached and edge_weight is None and isinstance(edge_index, Tensor):
+        variant = ("gcn_norm", bool(improved), bool(self.add_self_loops), self.flow, x.dtype)
+        n = x.size(self.node_dim)
+        # a sparse matrix sizes itself ([num_dst, num_src]); an edge_index has n nodes
+        sizes = (edge_index.size(1), edge_index.size(0)) if edge_index.layout != torch.strided else (n, n)
+
+        def derive():
+            ei, ew = _gcn_normalized(self, x, edge_index, None, improved)
+            return self._adjacency(ei, h, None, edge_weight=ew)
+
+        return derived_adjacency(edge_index, variant, sizes, derive)
+    if self.normalize:
+        edge_index, edge_weight = _gcn_normalized(self, x, edge_index, edge_weight, improved)
+    return self._adjacency(edge_index, h, None, edge_weight=edge_weight)
+
+
 # ============================================================================ GCN
 @register_wrapper(GCNConv)
 class QGCNConv(_QConv, GCNConv):
@@ -294,10 +320,8 @@ class QGCNConv(_QConv, GCNConv):
         if isinstance(x, (tuple, list)):
             return GCNConv.forward(self, x, edge_index, edge_weight)  # raises PyG's own error
         self._check_2d(x, "QGCNConv")
-        if self.normalize:
-            edge_index, edge_weight = _gcn_normalized(self, x, edge_index, edge_weight, self.improved)
         h = self._linear(x, self.lin, bias=False)
-        adj = self._adjacency(edge_index, h, None, edge_weight=edge_weight)
+        adj = _normalized_adjacency(self, x, edge_index, edge_weight, self.improved, h)
         out = BF.aggregate(h, adj, "sum", self.bq_config)
         if self.bias is not None:
             out = out + self.bias
@@ -448,9 +472,7 @@ class QGCN2Conv(_QConv, GCN2Conv):
             return GCN2Conv.forward(self, x, x_0, edge_index, edge_weight)
         self._bq_check_runtime()
         self._check_2d(x, "QGCN2Conv")
-        if self.normalize:
-            edge_index, edge_weight = _gcn_normalized(self, x, edge_index, edge_weight, False)
-        adj = self._adjacency(edge_index, x, None, edge_weight=edge_weight)
+        adj = _normalized_adjacency(self, x, edge_index, edge_weight, False, x)
         h = BF.aggregate(x, adj, "sum", self.bq_config)
         h = h * (1 - self.alpha)
         x_0 = self.alpha * x_0[:h.size(0)]
