@@ -22,9 +22,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from . import forward_scope
 from .config import QuantConfig
-from .save_policy import mark_resident
-from .nested import flatten_tensors
 from .nn.registry import WRAPPERS, CompressedModule, lazy_reason
 
 __all__ = ["convert", "to_original", "summary", "ConversionWarning", "ConversionInfo"]
@@ -33,7 +32,6 @@ ConfigSpec = Union[None, str, QuantConfig, Mapping[Union[str, type], Optional[Qu
 FilterFn = Callable[[torch.nn.Module, str], bool]
 
 _INFO_ATTR = "_bq_conversion"
-_HOOK_ATTR = "_bq_resident_hook"
 
 # Modules that look like computation: leaving one of these unconverted leaves its
 # saved tensors at full precision, which the user should hear about.
@@ -155,7 +153,7 @@ def _why_unknown(module: torch.nn.Module) -> str:
 
 
 def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
-            filter_fn: Optional[FilterFn] = None) -> torch.nn.Module:
+            filter_fn: Optional[FilterFn] = None, functional: Optional[bool] = None) -> torch.nn.Module:
     """Replace supported submodules of ``model`` by compressed wrappers, in place.
 
     Supported means the module's exact type is a key of
@@ -203,6 +201,9 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"blockquant.convert: filter_fn must be callable(module, name) -> bool; "
                         f"got {type(filter_fn).__name__}")
+    if functional is not None and not isinstance(functional, bool):
+        raise TypeError(f"blockquant.convert: functional must be True, False or None (keep the setting of an "
+                        f"earlier convert, else True); got {functional!r}")
     _load_nn_wrappers()
     if isinstance(config, str) and config.endswith(".json"):
         from .plan import load_config_or_plan
@@ -214,6 +215,11 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
     info = ConversionInfo()
     unknown: List[Tuple[str, str, str]] = []
     refused: List[Tuple[str, str, str]] = []
+    exact: List[str] = []  # modules left exact on purpose (refused, excluded): no functional compression inside
+
+    def leave_exact(name: str) -> None:
+        if not any(name == e or name.startswith(e + ".") or e == "" for e in exact):
+            exact.append(name)
 
     def visit(module: torch.nn.Module, name: str) -> torch.nn.Module:
         """Return what should stand at ``name``: the module or its wrapper."""
@@ -221,10 +227,11 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
         if isinstance(module, CompressedModule):
             cfg = chooser.choose(module, name)
             if cfg is None:
+                leave_exact(name)
                 return module.to_original()  # the caller asked for this subtree to stay exact
-            if type(module).unsupported_reason(module.to_original()) is None:
+            if type(module).unsupported_reason(module._bq_unwrapped()) is None:
                 if explicit and cfg != module.bq_config:
-                    module = type(module).from_module(module.to_original(), cfg)
+                    module = type(module).from_module(module._bq_unwrapped(), cfg)
                 visit_children(module, name, type(module).bq_convert_children)
                 return module
             module = module.to_original()  # an option changed since the last convert: refused below
@@ -234,6 +241,7 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
             cfg = chooser.choose(module, name)
             keep = filter_fn(module, name) if filter_fn is not None else True
             if cfg is None or not keep:
+                leave_exact(name)
                 info.skipped.append((name, tname, "excluded by config" if cfg is None else "excluded by filter_fn"))
             else:
                 check = getattr(wrapper, "unsupported_reason", None)
@@ -244,6 +252,7 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
                     return new
                 refused.append((name, tname, reason))
                 info.skipped.append((name, tname, reason))
+                leave_exact(name)
                 # A refused layer runs its original forward, children included: they stay exact
                 # too (one rule: a refused layer is exact as a whole; wrappers converted by an
                 # earlier call are undone).
@@ -253,9 +262,11 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
                         info.skipped.append((f"{name}.{child_name}" if name else child_name, type(child).__name__,
                                              f"inside refused {tname} '{name or '<root>'}': left exact with it"))
                 return module
+        elif chooser.choose(module, name) is None:
+            leave_exact(name)  # a subtree the caller excluded by name or type
         elif _looks_like_compute(module):
             # do not warn about a compute module the caller excluded on purpose
-            if not (filter_fn is not None and not filter_fn(module, name)) and chooser.choose(module, name):
+            if not (filter_fn is not None and not filter_fn(module, name)):
                 unknown.append((name, tname, _why_unknown(module)))
                 info.skipped.append((name, tname, _why_unknown(module)))
         visit_children(module, name)
@@ -271,8 +282,16 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
             if new is not child:
                 setattr(module, child_name, new)
 
+    previous_scope = forward_scope.settings_of(model)
     root = visit(model, "")
-    _mark_inputs_resident_on_call(root)
+    if functional is None:
+        functional = previous_scope.functional if previous_scope is not None else True
+    if root is not model:
+        forward_scope.remove(model)
+    if "" in exact:  # the root itself is left exact: it must behave exactly like the original
+        forward_scope.remove(root)
+    else:
+        forward_scope.install(root, forward_scope.ScopeSettings(functional, chooser.choose(root, ""), tuple(exact)))
 
     for name, mod in root.named_modules():
         if isinstance(mod, CompressedModule):
@@ -311,11 +330,12 @@ def _restore_children(module: torch.nn.Module) -> None:
 def to_original(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`convert`: every compressed wrapper in ``model`` is replaced by the module
     it wraps, in place, sharing the same Parameters (so optimizers and checkpoints keep
-    working). Returns ``model``, or the original module when ``model`` itself is a wrapper.
+    working), and the hooks :func:`convert` put on the root (the forward scope of
+    :mod:`blockquant.forward_scope`) are removed. Returns ``model``, or the original module
+    when ``model`` itself is a wrapper. ``wrapper.to_original()`` undoes the same.
 
     Use it for what the compressed path does not support: second-order gradients,
-    ``torch.jit.script``, options changed after conversion. It also removes the
-    forward pre-hook :func:`convert` put on the root.
+    ``torch.jit.script``, options changed after conversion.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"blockquant.to_original expects a torch.nn.Module; got {type(model).__name__}")
@@ -323,23 +343,8 @@ def to_original(model: torch.nn.Module) -> torch.nn.Module:
     root = model.to_original() if isinstance(model, CompressedModule) else model
     for m in {id(model): model, id(root): root}.values():
         m.__dict__.pop(_INFO_ATTR, None)
-        handle = m.__dict__.pop(_HOOK_ATTR, None)
-        if handle is not None:  # the resident-input marker: not needed any more (and not scriptable)
-            handle.remove()
+        forward_scope.remove(m)
     return root
-
-
-def _resident_inputs_hook(module, args, kwargs):
-    tensors: list = []
-    flatten_tensors((args, kwargs), tensors)
-    mark_resident(*tensors)
-
-
-def _mark_inputs_resident_on_call(root: torch.nn.Module) -> None:
-    """Tensors passed to the converted model (features, adjacency) are held by the
-    caller anyway: compressed ops inside save them by reference instead of a copy."""
-    if _HOOK_ATTR not in root.__dict__:
-        root.__dict__[_HOOK_ATTR] = root.register_forward_pre_hook(_resident_inputs_hook, with_kwargs=True)
 
 
 def conversion_info(model: torch.nn.Module) -> Optional[ConversionInfo]:
