@@ -305,16 +305,23 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
         model.__dict__[_INFO_ATTR] = info
 
     if unknown or refused:
+        scope = forward_scope.settings_of(root)
         lines = []
         if unknown:
-            lines.append("no compressed wrapper for: "
+            fate = (_RULES_APPLY if scope is not None and scope.functional
+                    else "left at full precision: blockquant.compress_saved_tensors can cover them")
+            lines.append(f"no compressed wrapper ({fate}) for: "
                          + "; ".join(f"{n or '<root>'} ({t}: {r})" for n, t, r in unknown))
         if refused:
-            lines.append("wrapper refused: " + "; ".join(f"{n or '<root>'} ({t}: {r})" for n, t, r in refused))
-        warnings.warn("blockquant.convert left these modules at full precision (their saved tensors are not "
-                      "compressed; blockquant.compress_saved_tensors can cover them): " + " | ".join(lines),
-                      ConversionWarning, stacklevel=2)
+            lines.append("wrapper refused (left at full precision: the module runs exactly as the original) for: "
+                         + "; ".join(f"{n or '<root>'} ({t}: {r})" for n, t, r in refused))
+        warnings.warn("blockquant.convert did not compress some modules' saved tensors with a wrapper: "
+                      + " | ".join(lines), ConversionWarning, stacklevel=2)
     return root
+
+
+_RULES_APPLY = ("what they save follows the converted forward's functional rules: compressed where backward is "
+                "linear in it, exact otherwise")
 
 
 def _restore_children(module: torch.nn.Module) -> None:
@@ -352,6 +359,26 @@ def conversion_info(model: torch.nn.Module) -> Optional[ConversionInfo]:
     return model.__dict__.get(_INFO_ATTR)
 
 
+def _forward_scope_lines(scope: Optional[forward_scope.ScopeSettings]) -> List[str]:
+    """What happens around the root's forward, for :func:`summary`."""
+    if scope is None:
+        return ["the root is left exact: its forward runs as the original's, nothing compressed around it"]
+    if scope.functional:
+        lines = ["functional calls in forward: compressed by the compress_saved_tensors rules at "
+                 f"{scope.config.short()} (F.dropout: a seed; relu, leaky_relu: 1 bit; elu, gelu, sigmoid, tanh, "
+                 "layer_norm, batch_norm: as blockquant.functional; products, exp: compressed; softmax, division, "
+                 "norms, other ops: exact); modules without a wrapper follow the same rules; "
+                 "blockquant.convert(model, functional=False) turns this off"]
+        if scope.exact:
+            lines.append("left exact (the rules are suspended while they run): " + ", ".join(scope.exact))
+    else:
+        lines = ["functional calls in forward: saved as torch saves them, at full precision "
+                 "(converted with functional=False)"]
+    lines.append("blockquant.track_saved(model).report() lists what a forward holds at full precision, by module "
+                 "and graph node")
+    return lines
+
+
 def summary(model: torch.nn.Module, *, print_it: bool = True) -> str:
     """Table of the compressed modules of ``model`` and of what was left alone and why.
 
@@ -380,6 +407,8 @@ def summary(model: torch.nn.Module, *, print_it: bool = True) -> str:
             lines += [f"  {s[0] or '<root>':<{w}}  {s[1]}: {s[2]}" for s in skipped]
         else:
             lines.append("every module that looks like computation was converted")
+        lines.append("")
+        lines += _forward_scope_lines(forward_scope.settings_of(model))
     text = "\n".join(lines)
     if print_it:
         print(text)

@@ -139,6 +139,18 @@ def _route_gelu(config, input, approximate="none"):
     return BF.gelu(input, approximate, config)
 
 
+def _route_sigmoid(config, input):
+    if not _routable(input):
+        return NotImplemented
+    return BF.sigmoid(input, config)
+
+
+def _route_tanh(config, input):
+    if not _routable(input):
+        return NotImplemented
+    return BF.tanh(input, config)
+
+
 def _route_layer_norm(config, input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if not _routable(input):
         return NotImplemented
@@ -156,13 +168,16 @@ _F = torch.nn.functional
 ROUTED = {
     _F.dropout: _route_dropout, torch.dropout: _route_torch_dropout,
     _F.elu: _route_elu, _F.gelu: _route_gelu,
+    torch.sigmoid: _route_sigmoid, torch.Tensor.sigmoid: _route_sigmoid, _F.sigmoid: _route_sigmoid,
+    torch.tanh: _route_tanh, torch.Tensor.tanh: _route_tanh, _F.tanh: _route_tanh,
     _F.layer_norm: _route_layer_norm, _F.batch_norm: _route_batch_norm,
 }
 """Functions run as the matching :mod:`blockquant.functional` op (what the module wrappers run), so that
 they keep what that op keeps: ``F.dropout`` / ``torch.dropout`` a seed (0 B per element; the mask comes
-from blockquant's seeded stream, not torch's generator), ``F.elu`` / ``F.gelu`` their derivative
-compressed, ``F.layer_norm`` / ``F.batch_norm`` their normalised input compressed. Not routed, and so
-following the save rules above: ``inplace=True`` calls and non-floating inputs."""
+from blockquant's seeded stream, not torch's generator), ``F.elu`` / ``F.gelu`` / sigmoid / tanh their
+derivative, computed exactly and compressed, ``F.layer_norm`` / ``F.batch_norm`` their normalised input
+compressed. Not routed, and so following the save rules above: ``inplace=True`` calls (``relu_``,
+``sigmoid_``...) and non-floating inputs."""
 
 
 class _CurrentOp(TorchFunctionMode):

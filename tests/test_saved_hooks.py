@@ -200,10 +200,10 @@ def test_mlp_through_the_default_backend():
 
 
 def test_only_ops_linear_in_what_they_save_are_compressed():
-    """softmax, sigmoid, tanh, division, norms keep what they save exact; products and exp compress."""
+    """softmax, division, normalize, pow keep what they save exact; products and exp compress."""
     h_leaf = torch.randn(64, 64, requires_grad=True)
     w = torch.randn(64, 64)
-    blocks = [lambda h: torch.softmax(h, -1), torch.sigmoid, torch.tanh, lambda h: h / (h.abs() + 1),
+    blocks = [lambda h: torch.softmax(h, -1), lambda h: h / (h.abs() + 1),
               lambda h: torch.nn.functional.normalize(h, dim=-1), lambda h: h.pow(3)]
     record = []
     for block in blocks:
