@@ -6,13 +6,16 @@ change, checkpoints of the unconverted model load into the converted one and
 back, and an optimizer built before the conversion keeps updating the same
 tensors.
 
-What is *not* covered by a module swap: activations, dropout and norms called
-functionally inside a ``forward`` (``F.relu(x)``, ``F.dropout(x)``). PyG's
-model zoo (``GCN``, ``GraphSAGE``, ``GAT``, ``GIN``, ...) calls them as modules
-(``self.act``, ``self.dropout``, ``self.norms[i]``), so they are converted;
-for hand-written models that use the functional forms, wrap the training
-forward in :func:`blockquant.compress_saved_tensors`, which compresses what
-those calls save.
+What a module swap cannot reach -- activations, dropout and products called
+functionally inside a ``forward`` (``F.dropout(x)``, ``x.relu()``, ``F.elu(x)``,
+``x @ w``), as PyG's own examples and most hand-written models do -- is covered
+by what the converted root does around its training forward
+(:mod:`blockquant.forward_scope`): the rules of
+:func:`blockquant.compress_saved_tensors` apply to everything the forward saves,
+one draw from the user's random stream seeds the whole forward, and the inputs
+the caller holds are saved by reference for the duration of the call.
+``convert(model, functional=False)`` keeps the last two and leaves functional
+calls saving what torch saves.
 """
 from __future__ import annotations
 
@@ -165,10 +168,37 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
     whole, children included (listed in :func:`summary` as "inside refused
     ..."); the children of everything else are visited. Lazily initialised
     modules (``in_channels=-1``, ``torch.nn.Lazy*``) are refused until one
-    forward pass has created their parameters. Tensors passed to the returned
-    model's ``forward`` are marked resident (:func:`blockquant.save_policy.mark_resident`):
-    every compressed op saves them by reference, not compressed (the rule:
-    :mod:`blockquant.save_policy`).
+    forward pass has created their parameters.
+
+    The returned root gets a forward scope (:mod:`blockquant.forward_scope`),
+    active in training with gradients enabled, eagerly:
+
+    * functional calls: what the whole forward saves follows the rules of
+      :func:`blockquant.compress_saved_tensors` at the root's config (the
+      default of every module not named otherwise): ``F.dropout`` keeps a seed
+      (0 B per element; its mask comes from blockquant's seeded stream, not
+      torch's generator), ReLU / LeakyReLU a 1-bit sign, ELU / GELU / sigmoid /
+      tanh their derivative compressed, ``F.layer_norm`` / ``F.batch_norm`` what
+      the module wrappers keep, products and ``exp`` their operands compressed,
+      everything else (softmax, division, norms, ...) exact. Modules without a
+      wrapper follow the same rules; what wrappers keep is never compressed a
+      second time. Modules left exact (refused, or excluded by ``config`` /
+      ``filter_fn``) run with the rules suspended: they save what torch saves.
+      ``functional=False`` turns the rules off;
+    * one draw from PyTorch's default generator per forward, every seed of the
+      forward derived from it (:mod:`blockquant.seeds`): ``torch.manual_seed``
+      reproduces runs, and the user's random stream advances by one draw per
+      training forward whatever the graph's size;
+    * tensors passed to ``forward`` that have no ``grad_fn`` (features, the
+      graph) are resident for the duration of the call: compressed ops save
+      them by reference (:mod:`blockquant.save_policy`). Inputs with a
+      ``grad_fn`` (an unconverted encoder's output) are compressed.
+
+    The scope closes when ``forward`` returns or raises. ``eval()``,
+    ``torch.no_grad()`` and ``torch.compile`` (whose graphs cannot trace
+    saved-tensor hooks; only the residency marks apply there) run without it. A
+    root module that is itself refused or excluded gets no scope: it behaves
+    exactly like the original, ``torch.jit.script`` included.
 
     Args:
         model: the module to convert. If ``model`` itself is supported, the
@@ -184,6 +214,8 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
         filter_fn: ``filter_fn(module, qualified_name) -> bool``; modules for
             which it returns False are not converted (their children are still
             visited, so filter on a name prefix to exclude a subtree).
+        functional: compress what functional calls save (above). ``None``
+            keeps the choice of an earlier ``convert`` of this model, else True.
 
     Returns:
         ``model`` (or the wrapper, if the root itself was swapped).
@@ -191,10 +223,12 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
     Converting an already converted model is harmless: wrappers are kept; a
     wrapper whose chosen config differs from an explicitly passed one is
     rebuilt with the new config (same Parameters). Modules that look like
-    computation but have no wrapper, and wrappers that refuse a particular
-    module configuration (``unsupported_reason``), are left at full precision
-    and listed in one :class:`ConversionWarning`. :func:`summary` prints the
-    outcome.
+    computation but have no wrapper (their saves then follow the functional
+    rules, or stay at full precision with ``functional=False``), and wrappers
+    that refuse a particular module configuration (``unsupported_reason``: the
+    module stays at full precision), are listed in one :class:`ConversionWarning`.
+    :func:`summary` prints the outcome; ``track_saved(model).report()`` lists
+    what a forward holds at full precision, by module and graph node.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"blockquant.convert expects a torch.nn.Module; got {type(model).__name__}")
@@ -262,8 +296,8 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
                         info.skipped.append((f"{name}.{child_name}" if name else child_name, type(child).__name__,
                                              f"inside refused {tname} '{name or '<root>'}': left exact with it"))
                 return module
-        elif chooser.choose(module, name) is None:
-            leave_exact(name)  # a subtree the caller excluded by name or type
+        elif name and chooser.choose(module, name) is None:
+            leave_exact(name)  # a subtree the caller excluded by name or type (for the root: see below)
         elif _looks_like_compute(module):
             # do not warn about a compute module the caller excluded on purpose
             if not (filter_fn is not None and not filter_fn(module, name)):
@@ -288,10 +322,15 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
         functional = previous_scope.functional if previous_scope is not None else True
     if root is not model:
         forward_scope.remove(model)
-    if "" in exact:  # the root itself is left exact: it must behave exactly like the original
+    # a root module that a wrapper refused or the caller excluded behaves exactly like the original: no
+    # scope. Otherwise the scope runs when it has something to do: functional calls to compress (the
+    # root's config, i.e. the default for everything not named, is not None) or wrappers to serve
+    root_config = chooser.choose(root, "")
+    wrapped = any(isinstance(m, CompressedModule) for m in root.modules())
+    if "" in exact or not ((functional and root_config is not None) or wrapped):
         forward_scope.remove(root)
     else:
-        forward_scope.install(root, forward_scope.ScopeSettings(functional, chooser.choose(root, ""), tuple(exact)))
+        forward_scope.install(root, forward_scope.ScopeSettings(functional, root_config, tuple(exact)))
 
     for name, mod in root.named_modules():
         if isinstance(mod, CompressedModule):
@@ -308,7 +347,7 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
         scope = forward_scope.settings_of(root)
         lines = []
         if unknown:
-            fate = (_RULES_APPLY if scope is not None and scope.functional
+            fate = (_RULES_APPLY if scope is not None and scope.functional and scope.config is not None
                     else "left at full precision: blockquant.compress_saved_tensors can cover them")
             lines.append(f"no compressed wrapper ({fate}) for: "
                          + "; ".join(f"{n or '<root>'} ({t}: {r})" for n, t, r in unknown))
@@ -363,7 +402,7 @@ def _forward_scope_lines(scope: Optional[forward_scope.ScopeSettings]) -> List[s
     """What happens around the root's forward, for :func:`summary`."""
     if scope is None:
         return ["the root is left exact: its forward runs as the original's, nothing compressed around it"]
-    if scope.functional:
+    if scope.functional and scope.config is not None:
         lines = ["functional calls in forward: compressed by the compress_saved_tensors rules at "
                  f"{scope.config.short()} (F.dropout: a seed; relu, leaky_relu: 1 bit; elu, gelu, sigmoid, tanh, "
                  "layer_norm, batch_norm: as blockquant.functional; products, exp: compressed; softmax, division, "
@@ -372,8 +411,8 @@ def _forward_scope_lines(scope: Optional[forward_scope.ScopeSettings]) -> List[s
         if scope.exact:
             lines.append("left exact (the rules are suspended while they run): " + ", ".join(scope.exact))
     else:
-        lines = ["functional calls in forward: saved as torch saves them, at full precision "
-                 "(converted with functional=False)"]
+        why = "converted with functional=False" if not scope.functional else "the root's config is None"
+        lines = [f"functional calls in forward: saved as torch saves them, at full precision ({why})"]
     lines.append("blockquant.track_saved(model).report() lists what a forward holds at full precision, by module "
                  "and graph node")
     return lines

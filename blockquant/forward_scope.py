@@ -60,9 +60,12 @@ class ScopeSettings:
     """What the root's scope does (kept in the root's ``__dict__``, so copies and pickles carry it)."""
 
     functional: bool
-    """Apply the :func:`~blockquant.compress_saved_tensors` rules to the whole forward."""
-    config: QuantConfig
-    """Config of those rules (the root's config; random projection is not used by them)."""
+    """Apply the :func:`~blockquant.compress_saved_tensors` rules to the whole forward (what the caller asked:
+    ``convert(..., functional=...)``; they apply only when :attr:`config` is not ``None`` either)."""
+    config: Optional[QuantConfig]
+    """Config of those rules: the root's config, i.e. the default of every module not named otherwise
+    (random projection is not used by them). ``None`` (``convert(model, {"": None, ...})``): everything
+    not named stays at full precision, functional calls included."""
     exact: Tuple[str, ...] = ()
     """Qualified names (relative to the root) of modules left exact: the rules are suspended while they run."""
 
@@ -148,9 +151,10 @@ def _open_scope(module: torch.nn.Module, args, kwargs) -> None:
         # a converted root called inside another one: the outer rules apply (suspended if this one
         # was converted with functional=False)
         rules = next((s.rules for s in reversed(scopes) if s.rules is not None), None)
-        if rules is None and settings.functional:
+        compress = settings.functional and settings.config is not None
+        if rules is None and compress:
             rules = exits.enter_context(SavedTensorRules(settings.config).active())
-        elif rules is not None and not settings.functional:
+        elif rules is not None and not compress:
             exits.enter_context(rules.suspend())
         scope.rules = rules
         exact = _modules_named(module, settings.exact) if rules is not None else []

@@ -1,5 +1,9 @@
 """Compress what autograd saves for backward, for ops blockquant has no wrapper for.
 
+A model converted by :func:`blockquant.convert` applies these rules to its whole training
+forward (:mod:`blockquant.forward_scope`); :func:`compress_saved_tensors` applies them to
+any block of code.
+
 :func:`compress_saved_tensors` installs ``torch.autograd.graph.saved_tensors_hooks``
 together with a ``torch.overrides.TorchFunctionMode`` that records which
 torch-level function (``torch.matmul``, ``F.softmax``, ``Tensor.__mul__``, ...)
@@ -19,14 +23,19 @@ saved values by each other) biases the gradient. So the rule is an allow-list:
   ``leaky_relu`` its input, and backward only reads their sign) are kept as
   an exact 1-bit mask;
 * bool tensors are packed losslessly to 1 bit per element, whatever saved them;
+* the functions of :data:`ROUTED` (``F.dropout``, ``F.elu``, ``F.gelu``, sigmoid,
+  tanh, ``F.layer_norm``, ``F.batch_norm``) do not save through these hooks at
+  all: they run as the matching :mod:`blockquant.functional` op, which keeps a
+  dropout seed (0 B per element) or a compressed derivative / normalised input,
+  as the module wrappers do;
 * everything else is kept exact: tensors saved by any other op (softmax, exp's
-  relatives with curved derivatives, sigmoid, tanh, div, pow, sqrt, norms,
-  GELU, custom ``autograd.Function``s, ...), resident tensors (by reference),
+  relatives with curved derivatives, div, pow, sqrt, ``F.normalize``,
+  custom ``autograd.Function``s, ...), resident tensors (by reference),
   integer tensors, sparse tensors, tensors below ``min_numel`` and tensors
   with non-finite values.
 
 The function recorded is the outermost torch function call: inside a call
-such as ``F.layer_norm`` or ``F.multi_head_attention_forward`` the mode is
+such as ``F.multi_head_attention_forward`` or ``F.normalize`` the mode is
 suspended, so everything that call saves follows that call's rule (here:
 exact). A tensor kept exact by one op is never also compressed for another:
 the exact copy is held anyway, so every saved reference to it, earlier or
