@@ -189,8 +189,8 @@ def main() -> None:
         print(f"{case.name}: total {row['total_bytes']:,} B, plain {row['plain_bytes']:,} B, top level "
               f"{row['top_level_bytes']:,} B ({row['top_level_plain_bytes']:,} B plain)", flush=True)
     if not args.memory_only:
-        for model in args.accuracy_models.split(","):
-            for seed in range(args.seeds):
+        for seed in range(args.seeds):
+            for model in args.accuracy_models.split(","):
                 for case in cases([model]):  # interleaved: every config of a seed, then the next seed
                     r = train(case, data, seed, args.epochs)
                     result["accuracy"].setdefault(case.name, []).append(r)
@@ -225,17 +225,22 @@ def markdown(result, args) -> str:
                      f"{r['top_level_bytes']:,} | {r['top_level_plain_bytes']:,} "
                      f"({100 * r['top_level_plain_bytes'] / t:.1f}%) |")
     if result["accuracy"]:
-        done = min(len(v) for v in result["accuracy"].values())
-        lines += ["", f"## Test accuracy (%), {done} paired seeds (of {args.seeds}), {args.epochs} epochs", "",
-                  "| case | mean ± std | minus fp32: mean ± s.e. | median step ms |", "|---|---|---|---|"]
+        done_by_model: Dict[str, int] = {}
         for name, runs in result["accuracy"].items():
+            model = name.split()[0]
+            done_by_model[model] = min(done_by_model.get(model, len(runs)), len(runs))
+        lines += ["", f"## Test accuracy (%), paired seeds (the first n of {args.seeds}), {args.epochs} epochs", "",
+                  "| case | n | mean ± std | minus fp32: mean ± s.e. | median step ms |", "|---|---|---|---|---|"]
+        for name, runs in result["accuracy"].items():
+            done = done_by_model[name.split()[0]]
             acc = [r["test"] for r in runs][:done]
             ref = [r["test"] for r in result["accuracy"][name.split()[0] + " fp32"]][:done]
             diff = [a - b for a, b in zip(acc, ref)]
             mean, sd = _mean_sd(acc)
             dmean, dsd = _mean_sd(diff)
             steps = sorted(r["median_step_s"] for r in runs[:done])
-            lines.append(f"| {name} | {mean:.2f} ± {sd:.2f} | {dmean:+.2f} ± {dsd / math.sqrt(len(diff)):.2f} | "
+            se = dsd / math.sqrt(len(diff))
+            lines.append(f"| {name} | {done} | {mean:.2f} ± {sd:.2f} | {dmean:+.2f} ± {se:.2f} | "
                          f"{1000 * steps[len(steps) // 2]:.1f} |")
     return "\n".join(lines) + "\n"
 
