@@ -122,53 +122,54 @@ class _Packed:
         return (self.obj,) if self.kind == "ref" else self.obj.storages()
 
 
-def _routable(x) -> bool:
-    return isinstance(x, torch.Tensor) and x.is_floating_point()
+def _routable(x, extra) -> bool:
+    # anything but a floating tensor, or an argument the blockquant op does not take (``out=``), runs as torch's
+    return not extra and isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
-def _route_dropout(config, input, p=0.5, training=True, inplace=False):
-    if inplace or not training or not _routable(input):
+def _route_dropout(config, input, p=0.5, training=True, inplace=False, **extra):
+    if inplace or not training or not _routable(input, extra):
         return NotImplemented
     return BF.dropout(input, p, True)
 
 
-def _route_torch_dropout(config, input, p, train):
-    return _route_dropout(config, input, p, train)
+def _route_torch_dropout(config, input, p, train, **extra):
+    return _route_dropout(config, input, p, train, **extra)
 
 
-def _route_elu(config, input, alpha=1.0, inplace=False):
-    if inplace or not _routable(input):
+def _route_elu(config, input, alpha=1.0, inplace=False, **extra):
+    if inplace or not _routable(input, extra):
         return NotImplemented
     return BF.elu(input, alpha, config)
 
 
-def _route_gelu(config, input, approximate="none"):
-    if not _routable(input):
+def _route_gelu(config, input, approximate="none", **extra):
+    if not _routable(input, extra):
         return NotImplemented
     return BF.gelu(input, approximate, config)
 
 
-def _route_sigmoid(config, input):
-    if not _routable(input):
+def _route_sigmoid(config, input, **extra):
+    if not _routable(input, extra):
         return NotImplemented
     return BF.sigmoid(input, config)
 
 
-def _route_tanh(config, input):
-    if not _routable(input):
+def _route_tanh(config, input, **extra):
+    if not _routable(input, extra):
         return NotImplemented
     return BF.tanh(input, config)
 
 
-def _route_layer_norm(config, input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    if not _routable(input):
+def _route_layer_norm(config, input, normalized_shape, weight=None, bias=None, eps=1e-5, **extra):
+    if not _routable(input, extra):
         return NotImplemented
     return BF.layer_norm(input, normalized_shape, weight, bias, eps, config)
 
 
 def _route_batch_norm(config, input, running_mean, running_var, weight=None, bias=None, training=False,
-                      momentum=0.1, eps=1e-5):
-    if not _routable(input) or input.dim() < 2:
+                      momentum=0.1, eps=1e-5, **extra):
+    if not _routable(input, extra) or input.dim() < 2:
         return NotImplemented
     return BF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, config)
 

@@ -262,3 +262,46 @@ def test_double_backward_through_compressed_tensors_raises():
         y = lin(torch.nn.functional.gelu(h_leaf * 1.0))
     (g,) = torch.autograd.grad(y.pow(2).sum(), lin.weight)  # first order still works
     assert torch.isfinite(g).all()
+
+
+def test_routed_functions_keep_what_the_blockquant_op_keeps():
+    """F.dropout keeps a seed, ELU/GELU/sigmoid/tanh a compressed derivative, the norms a compressed xn: the
+    same autograd nodes as the blockquant.functional ops; under a lossless codec the gradients are torch's
+    (dropout: with blockquant's mask); in-place calls, out= and integer inputs run as torch runs them."""
+    from blockquant import functional as BF
+    from codec_utils import lossless_codec
+
+    F = torch.nn.functional
+    h_leaf = torch.randn(64, 48, requires_grad=True)
+    w, b = torch.rand(48) + 0.5, torch.randn(48)
+    cases = {
+        "_DropoutBackward": lambda h: F.dropout(h, 0.3, True),
+        "_SmoothBackward": lambda h: F.elu(h, 0.7) + F.gelu(h, approximate="tanh") + h.sigmoid() + torch.tanh(h),
+        "_LayerNormBackward": lambda h: F.layer_norm(h, (48,), w, b),
+        "_BatchNormBackward": lambda h: F.batch_norm(h, None, None, w, b, True),
+    }
+    for node, block in cases.items():
+        torch.manual_seed(0)
+        with lossless_codec(), compress_saved_tensors(FINE):
+            y = block(h_leaf * 1.0)
+        names = set()
+        todo = [y.grad_fn]
+        while todo:
+            n = todo.pop()
+            if n is not None:
+                names.add(type(n).__name__)
+                todo.extend(f for f, _ in n.next_functions)
+        assert node in names, (node, names)
+        got = torch.autograd.grad(y.sum(), h_leaf)[0]
+        if node == "_DropoutBackward":  # the mask is blockquant's: the gradient is the scaled mask
+            assert torch.equal(got, (y != 0).float() / 0.7)
+            continue
+        ref = torch.autograd.grad(block(h_leaf * 1.0).sum(), h_leaf)[0]
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6), node
+    out = torch.empty(64, 48)
+    with compress_saved_tensors(FINE):
+        torch.tanh(h_leaf.detach(), out=out)  # out=: torch's
+        z = F.elu(h_leaf * 1.0, inplace=True)  # in place: torch's node
+    assert torch.equal(out, torch.tanh(h_leaf.detach()))
+    assert type(z.grad_fn).__name__ != "_SmoothBackward"
+    assert BF.sigmoid(h_leaf).grad_fn is not None
