@@ -172,12 +172,18 @@ def load_cora():
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--first-seed", type=int, default=0, help="train seeds first-seed .. first-seed + seeds - 1")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="combine the accuracy runs of these result .json files (same memory part) into --out")
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--models", default="gcn,gcn_cached,gat")
     ap.add_argument("--accuracy-models", default="gcn,gat", help="models trained for accuracy")
     ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--out", default=None, help="writes <out>.json and <out>.md")
     args = ap.parse_args()
+    if args.merge:
+        print(write(merge(args.merge), args))
+        return
     torch.set_num_threads(1)
     data = load_cora()
     result: Dict[str, object] = {
@@ -189,7 +195,7 @@ def main() -> None:
         print(f"{case.name}: total {row['total_bytes']:,} B, plain {row['plain_bytes']:,} B, top level "
               f"{row['top_level_bytes']:,} B ({row['top_level_plain_bytes']:,} B plain)", flush=True)
     if not args.memory_only:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for model in args.accuracy_models.split(","):
                 for case in cases([model]):  # interleaved: every config of a seed, then the next seed
                     r = train(case, data, seed, args.epochs)
@@ -200,8 +206,23 @@ def main() -> None:
     print(write(result, args))
 
 
+def merge(paths) -> Dict[str, object]:
+    """The first file's memory part and machine, with every file's accuracy runs appended in order."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    result = parts[0]
+    result["command"] = " + ".join(p["command"] for p in parts)
+    for p in parts[1:]:
+        for name, runs in p["accuracy"].items():
+            result["accuracy"].setdefault(name, []).extend(runs)
+    return result
+
+
 def write(result, args) -> str:
-    result["machine"]["load_avg_1min_end"] = os.getloadavg()[0]
+    if not args.merge:
+        result["machine"]["load_avg_1min_end"] = os.getloadavg()[0]
     text = markdown(result, args)
     if args.out:
         for suffix, body in ((".json", json.dumps(result, indent=1)), (".md", text)):
@@ -229,7 +250,7 @@ def markdown(result, args) -> str:
         for name, runs in result["accuracy"].items():
             model = name.split()[0]
             done_by_model[model] = min(done_by_model.get(model, len(runs)), len(runs))
-        lines += ["", f"## Test accuracy (%), paired seeds (the first n of {args.seeds}), {args.epochs} epochs", "",
+        lines += ["", f"## Test accuracy (%), n paired seeds, {args.epochs} epochs", "",
                   "| case | n | mean ± std | minus fp32: mean ± s.e. | median step ms |", "|---|---|---|---|---|"]
         for name, runs in result["accuracy"].items():
             done = done_by_model[name.split()[0]]

@@ -6,13 +6,16 @@ pre-hook that opens a scope and a forward hook with ``always_call=True`` that cl
 ``torch.no_grad()`` run the forward with nothing around it) and never under ``torch.compile``
 (see below). Inside it:
 
-1. **Functional calls are compressed** (unless ``convert(model, functional=False)``): what autograd
+1. **Functional calls are compressed** (unless ``convert(model, functional=False)``, read from
+   :class:`ScopeSettings` at each call): what autograd
    saves anywhere in the forward, functional calls (``F.dropout``, ``.relu()``, ``F.elu``, ``x @ w``)
    and modules without a wrapper included, follows the rules of
    :func:`blockquant.compress_saved_tensors` with the root's config: dropout keeps a seed (0 B per
    element, the mask from blockquant's seeded stream), ReLU / LeakyReLU a 1-bit sign, ELU / GELU /
-   LayerNorm / BatchNorm what their :mod:`blockquant.functional` op keeps, products and ``exp``
-   their operands compressed, everything else (softmax, sigmoid, tanh, division, ...) exact.
+   sigmoid / tanh / LayerNorm / BatchNorm what their :mod:`blockquant.functional` op keeps, products
+   and ``exp`` their operands compressed, everything else (softmax, division, ...) exact. The rules'
+   config is the root's (``None`` for the root, i.e. everything not named at full precision, leaves
+   functional calls exact too).
    Compressed wrappers keep what their own autograd Functions keep: the rules never compress a
    second time what a wrapper saved (a Function's saved tensors are resident or exact by
    construction, and the rules keep those as they are).
@@ -29,10 +32,12 @@ pre-hook that opens a scope and a forward hook with ``always_call=True`` that cl
    A tensor with a ``grad_fn`` (the output of an unconverted encoder, ``gnn(enc(x), ei)``) is an
    intermediate only the graph would keep: it is compressed like any other.
 
-Under ``torch.compile`` the hooks do nothing: saved-tensor hooks and function modes cannot be
-traced into a compiled graph, so a compiled converted model compresses what its wrappers save
-(they trace through), its functional calls save what torch saves, and each seed is a random op
-drawn inside the graph. A converted root called inside another one shares the outer one's
+Under ``torch.compile`` the hooks only apply the residency marks (attribute writes, which dynamo
+traces): saved-tensor hooks and function modes cannot be traced into a compiled graph, so a
+compiled converted model compresses what its wrappers save (they trace through), its functional
+calls save what torch saves, and each seed is a random op drawn inside the graph. The hooks are
+also skipped when a root has nothing to do: a root with no wrapper and functional calls left
+exact gets none. A converted root called inside another one shares the outer one's
 rules and seed stream.
 """
 from __future__ import annotations
