@@ -275,7 +275,7 @@ class _DropMask:
 
     def __init__(self, p: float):
         self.p = p
-        self.seed = draw_seed_tensor() if p > 0 else None
+        self.seed = draw_seed_tensor("dropout") if p > 0 else None
 
     def chunk(self, like: Tensor, k: int) -> Optional[Tensor]:
         if self.seed is None:

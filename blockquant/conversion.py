@@ -6,27 +6,27 @@ change, checkpoints of the unconverted model load into the converted one and
 back, and an optimizer built before the conversion keeps updating the same
 tensors.
 
-What is *not* covered by a module swap: activations, dropout and norms called
-functionally inside a ``forward`` (``F.relu(x)``, ``F.dropout(x)``). PyG's
-model zoo (``GCN``, ``GraphSAGE``, ``GAT``, ``GIN``, ...) calls them as modules
-(``self.act``, ``self.dropout``, ``self.norms[i]``), so they are converted;
-for hand-written models that use the functional forms, wrap the training
-forward in :func:`blockquant.compress_saved_tensors`, which compresses what
-those calls save.
+What a module swap cannot reach -- activations, dropout and products called
+functionally inside a ``forward`` (``F.dropout(x)``, ``x.relu()``, ``F.elu(x)``,
+``x @ w``), as PyG's own examples and most hand-written models do -- is covered
+by what the converted root does around its training forward
+(:mod:`blockquant.forward_scope`): the rules of
+:func:`blockquant.compress_saved_tensors` apply to everything the forward saves,
+one draw from the user's random stream seeds the whole forward, and the inputs
+the caller holds are saved by reference for the duration of the call.
+``convert(model, functional=False)`` keeps the last two and leaves functional
+calls saving what torch saves.
 """
 from __future__ import annotations
 
 import dataclasses
-import sys
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from . import forward_scope
 from .config import QuantConfig
-from .packed import close_forward_check, open_forward_check
-from .save_policy import mark_resident
-from .nested import flatten_tensors
 from .nn.registry import WRAPPERS, CompressedModule, lazy_reason
 
 __all__ = ["convert", "to_original", "summary", "ConversionWarning", "ConversionInfo"]
@@ -35,8 +35,6 @@ ConfigSpec = Union[None, str, QuantConfig, Mapping[Union[str, type], Optional[Qu
 FilterFn = Callable[[torch.nn.Module, str], bool]
 
 _INFO_ATTR = "_bq_conversion"
-_HOOK_ATTR = "_bq_resident_hook"
-_CHECK_HOOKS_ATTR = "_bq_finite_check_hooks"
 
 # Modules that look like computation: leaving one of these unconverted leaves its
 # saved tensors at full precision, which the user should hear about.
@@ -158,7 +156,7 @@ def _why_unknown(module: torch.nn.Module) -> str:
 
 
 def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
-            filter_fn: Optional[FilterFn] = None) -> torch.nn.Module:
+            filter_fn: Optional[FilterFn] = None, functional: Optional[bool] = None) -> torch.nn.Module:
     """Replace supported submodules of ``model`` by compressed wrappers, in place.
 
     Supported means the module's exact type is a key of
@@ -170,14 +168,42 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
     whole, children included (listed in :func:`summary` as "inside refused
     ..."); the children of everything else are visited. Lazily initialised
     modules (``in_channels=-1``, ``torch.nn.Lazy*``) are refused until one
-    forward pass has created their parameters. Tensors passed to the returned
-    model's ``forward`` are marked resident (:func:`blockquant.save_policy.mark_resident`):
-    every compressed op saves them by reference, not compressed (the rule:
-    :mod:`blockquant.save_policy`). Each training forward of the returned model
-    checks the finiteness of what it compressed once, when it returns (one device
-    synchronisation per step; :func:`blockquant.defer_finite_check`): a NaN or Inf
-    raises ``ValueError`` before backward and the optimizer step, naming the tensor
-    and the module that saved it.
+    forward pass has created their parameters.
+
+    The returned root gets a forward scope (:mod:`blockquant.forward_scope`),
+    active in training with gradients enabled, eagerly:
+
+    * functional calls: what the whole forward saves follows the rules of
+      :func:`blockquant.compress_saved_tensors` at the root's config (the
+      default of every module not named otherwise): ``F.dropout`` keeps a seed
+      (0 B per element; its mask comes from blockquant's seeded stream, not
+      torch's generator), ReLU / LeakyReLU a 1-bit sign, ELU / GELU / sigmoid /
+      tanh their derivative compressed, ``F.layer_norm`` / ``F.batch_norm`` what
+      the module wrappers keep, products and ``exp`` their operands compressed,
+      everything else (softmax, division, norms, ...) exact. Modules without a
+      wrapper follow the same rules; what wrappers keep is never compressed a
+      second time. Modules left exact (refused, or excluded by ``config`` /
+      ``filter_fn``) run with the rules suspended: they save what torch saves.
+      ``functional=False`` turns the rules off;
+    * one draw from PyTorch's default generator per forward, every seed of the
+      forward derived from it (:mod:`blockquant.seeds`): ``torch.manual_seed``
+      reproduces runs, and the user's random stream advances by one draw per
+      training forward whatever the graph's size;
+    * tensors passed to ``forward`` that have no ``grad_fn`` (features, the
+      graph) are resident for the duration of the call: compressed ops save
+      them by reference (:mod:`blockquant.save_policy`). Inputs with a
+      ``grad_fn`` (an unconverted encoder's output) are compressed.
+    * one finiteness check of everything compressed during the forward, when it
+      returns (one device synchronisation per step;
+      :func:`blockquant.defer_finite_check`): a NaN or Inf raises ``ValueError``
+      before backward and the optimizer step, naming the tensor and the module
+      that saved it.
+
+    The scope closes when ``forward`` returns or raises. ``eval()``,
+    ``torch.no_grad()`` and ``torch.compile`` (whose graphs cannot trace
+    saved-tensor hooks; only the residency marks apply there) run without it. A
+    root module that is itself refused or excluded gets no scope: it behaves
+    exactly like the original, ``torch.jit.script`` included.
 
     Args:
         model: the module to convert. If ``model`` itself is supported, the
@@ -193,6 +219,8 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
         filter_fn: ``filter_fn(module, qualified_name) -> bool``; modules for
             which it returns False are not converted (their children are still
             visited, so filter on a name prefix to exclude a subtree).
+        functional: compress what functional calls save (above). ``None``
+            keeps the choice of an earlier ``convert`` of this model, else True.
 
     Returns:
         ``model`` (or the wrapper, if the root itself was swapped).
@@ -200,16 +228,21 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
     Converting an already converted model is harmless: wrappers are kept; a
     wrapper whose chosen config differs from an explicitly passed one is
     rebuilt with the new config (same Parameters). Modules that look like
-    computation but have no wrapper, and wrappers that refuse a particular
-    module configuration (``unsupported_reason``), are left at full precision
-    and listed in one :class:`ConversionWarning`. :func:`summary` prints the
-    outcome.
+    computation but have no wrapper (their saves then follow the functional
+    rules, or stay at full precision with ``functional=False``), and wrappers
+    that refuse a particular module configuration (``unsupported_reason``: the
+    module stays at full precision), are listed in one :class:`ConversionWarning`.
+    :func:`summary` prints the outcome; ``track_saved(model).report()`` lists
+    what a forward holds at full precision, by module and graph node.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"blockquant.convert expects a torch.nn.Module; got {type(model).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"blockquant.convert: filter_fn must be callable(module, name) -> bool; "
                         f"got {type(filter_fn).__name__}")
+    if functional is not None and not isinstance(functional, bool):
+        raise TypeError(f"blockquant.convert: functional must be True, False or None (keep the setting of an "
+                        f"earlier convert, else True); got {functional!r}")
     _load_nn_wrappers()
     if isinstance(config, str) and config.endswith(".json"):
         from .plan import load_config_or_plan
@@ -221,6 +254,11 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
     info = ConversionInfo()
     unknown: List[Tuple[str, str, str]] = []
     refused: List[Tuple[str, str, str]] = []
+    exact: List[str] = []  # modules left exact on purpose (refused, excluded): no functional compression inside
+
+    def leave_exact(name: str) -> None:
+        if not any(name == e or name.startswith(e + ".") or e == "" for e in exact):
+            exact.append(name)
 
     def visit(module: torch.nn.Module, name: str) -> torch.nn.Module:
         """Return what should stand at ``name``: the module or its wrapper."""
@@ -228,19 +266,21 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
         if isinstance(module, CompressedModule):
             cfg = chooser.choose(module, name)
             if cfg is None:
-                return _unwrapped(module)  # the caller asked for this subtree to stay exact
-            if type(module).unsupported_reason(module.to_original()) is None:
+                leave_exact(name)
+                return module.to_original()  # the caller asked for this subtree to stay exact
+            if type(module).unsupported_reason(module._bq_unwrapped()) is None:
                 if explicit and cfg != module.bq_config:
-                    module = type(module).from_module(_unwrapped(module), cfg)
+                    module = type(module).from_module(module._bq_unwrapped(), cfg)
                 visit_children(module, name, type(module).bq_convert_children)
                 return module
-            module = _unwrapped(module)  # an option changed since the last convert: refused below
+            module = module.to_original()  # an option changed since the last convert: refused below
             tname = type(module).__name__
         wrapper = WRAPPERS.get(type(module))
         if wrapper is not None:
             cfg = chooser.choose(module, name)
             keep = filter_fn(module, name) if filter_fn is not None else True
             if cfg is None or not keep:
+                leave_exact(name)
                 info.skipped.append((name, tname, "excluded by config" if cfg is None else "excluded by filter_fn"))
             else:
                 check = getattr(wrapper, "unsupported_reason", None)
@@ -251,6 +291,7 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
                     return new
                 refused.append((name, tname, reason))
                 info.skipped.append((name, tname, reason))
+                leave_exact(name)
                 # A refused layer runs its original forward, children included: they stay exact
                 # too (one rule: a refused layer is exact as a whole; wrappers converted by an
                 # earlier call are undone).
@@ -260,9 +301,11 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
                         info.skipped.append((f"{name}.{child_name}" if name else child_name, type(child).__name__,
                                              f"inside refused {tname} '{name or '<root>'}': left exact with it"))
                 return module
+        elif name and chooser.choose(module, name) is None:
+            leave_exact(name)  # a subtree the caller excluded by name or type (for the root: see below)
         elif _looks_like_compute(module):
             # do not warn about a compute module the caller excluded on purpose
-            if not (filter_fn is not None and not filter_fn(module, name)) and chooser.choose(module, name):
+            if not (filter_fn is not None and not filter_fn(module, name)):
                 unknown.append((name, tname, _why_unknown(module)))
                 info.skipped.append((name, tname, _why_unknown(module)))
         visit_children(module, name)
@@ -278,9 +321,21 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
             if new is not child:
                 setattr(module, child_name, new)
 
+    previous_scope = forward_scope.settings_of(model)
     root = visit(model, "")
-    _mark_inputs_resident_on_call(root)
-    _check_finiteness_per_forward(root)
+    if functional is None:
+        functional = previous_scope.functional if previous_scope is not None else True
+    if root is not model:
+        forward_scope.remove(model)
+    # a root module that a wrapper refused or the caller excluded behaves exactly like the original: no
+    # scope. Otherwise the scope runs when it has something to do: functional calls to compress (the
+    # root's config, i.e. the default for everything not named, is not None) or wrappers to serve
+    root_config = chooser.choose(root, "")
+    wrapped = any(isinstance(m, CompressedModule) for m in root.modules())
+    if "" in exact or not ((functional and root_config is not None) or wrapped):
+        forward_scope.remove(root)
+    else:
+        forward_scope.install(root, forward_scope.ScopeSettings(functional, root_config, tuple(exact)))
 
     for name, mod in root.named_modules():
         if isinstance(mod, CompressedModule):
@@ -295,24 +350,23 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
         model.__dict__[_INFO_ATTR] = info
 
     if unknown or refused:
+        scope = forward_scope.settings_of(root)
         lines = []
         if unknown:
-            lines.append("no compressed wrapper for: "
+            fate = (_RULES_APPLY if scope is not None and scope.functional and scope.config is not None
+                    else "left at full precision: blockquant.compress_saved_tensors can cover them")
+            lines.append(f"no compressed wrapper ({fate}) for: "
                          + "; ".join(f"{n or '<root>'} ({t}: {r})" for n, t, r in unknown))
         if refused:
-            lines.append("wrapper refused: " + "; ".join(f"{n or '<root>'} ({t}: {r})" for n, t, r in refused))
-        warnings.warn("blockquant.convert left these modules at full precision (their saved tensors are not "
-                      "compressed; blockquant.compress_saved_tensors can cover them): " + " | ".join(lines),
-                      ConversionWarning, stacklevel=2)
+            lines.append("wrapper refused (left at full precision: the module runs exactly as the original) for: "
+                         + "; ".join(f"{n or '<root>'} ({t}: {r})" for n, t, r in refused))
+        warnings.warn("blockquant.convert did not compress some modules' saved tensors with a wrapper: "
+                      + " | ".join(lines), ConversionWarning, stacklevel=2)
     return root
 
 
-def _unwrapped(wrapper: CompressedModule) -> torch.nn.Module:
-    """The module ``wrapper`` wraps, with no wrapper below it either: a wrapper's own children
-    (PyG BatchNorm's ``BatchNorm1d``, GIN's MLP) were converted with it and must not outlive it."""
-    original = wrapper.to_original()
-    _restore_children(original)
-    return original
+_RULES_APPLY = ("what they save follows the converted forward's functional rules: compressed where backward is "
+                "linear in it, exact otherwise")
 
 
 def _restore_children(module: torch.nn.Module) -> None:
@@ -328,11 +382,12 @@ def _restore_children(module: torch.nn.Module) -> None:
 def to_original(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`convert`: every compressed wrapper in ``model`` is replaced by the module
     it wraps, in place, sharing the same Parameters (so optimizers and checkpoints keep
-    working). Returns ``model``, or the original module when ``model`` itself is a wrapper.
+    working), and the hooks :func:`convert` put on the root (the forward scope of
+    :mod:`blockquant.forward_scope`) are removed. Returns ``model``, or the original module
+    when ``model`` itself is a wrapper. ``wrapper.to_original()`` undoes the same.
 
     Use it for what the compressed path does not support: second-order gradients,
-    ``torch.jit.script``, options changed after conversion. It also removes the
-    forward pre-hook :func:`convert` put on the root.
+    ``torch.jit.script``, options changed after conversion.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"blockquant.to_original expects a torch.nn.Module; got {type(model).__name__}")
@@ -340,55 +395,33 @@ def to_original(model: torch.nn.Module) -> torch.nn.Module:
     root = model.to_original() if isinstance(model, CompressedModule) else model
     for m in {id(model): model, id(root): root}.values():
         m.__dict__.pop(_INFO_ATTR, None)
-        handle = m.__dict__.pop(_HOOK_ATTR, None)
-        if handle is not None:  # the resident-input marker: not needed any more (and not scriptable)
-            handle.remove()
-        for handle in m.__dict__.pop(_CHECK_HOOKS_ATTR, ()):
-            handle.remove()
+        forward_scope.remove(m)
     return root
-
-
-def _resident_inputs_hook(module, args, kwargs):
-    tensors: list = []
-    flatten_tensors((args, kwargs), tensors)
-    mark_resident(*tensors)
-
-
-def _mark_inputs_resident_on_call(root: torch.nn.Module) -> None:
-    """Tensors passed to the converted model (features, adjacency) are held by the
-    caller anyway: compressed ops inside save them by reference instead of a copy."""
-    if _HOOK_ATTR not in root.__dict__:
-        root.__dict__[_HOOK_ATTR] = root.register_forward_pre_hook(_resident_inputs_hook, with_kwargs=True)
-
-
-def _open_finite_check(module, args, kwargs):
-    if module.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        open_forward_check(module)
-
-
-def _close_finite_check(module, args, kwargs, result):
-    if torch.compiler.is_compiling():  # a compiled graph checks inside the codec op instead
-        return
-    # always called, with result None when the forward raised: that error is the one to see
-    raised = result is None and sys.exc_info()[1] is not None
-    close_forward_check(module, raised)
-
-
-def _check_finiteness_per_forward(root: torch.nn.Module) -> None:
-    """One deferred finiteness check per training forward of the converted model
-    (:func:`blockquant.defer_finite_check`): a non-finite value in any tensor compressed during the
-    forward raises when the forward returns, before backward and the optimizer step, naming the op
-    and the module that saved it, at the cost of one device synchronisation per forward instead
-    of one per compressed tensor."""
-    if _CHECK_HOOKS_ATTR not in root.__dict__:
-        root.__dict__[_CHECK_HOOKS_ATTR] = (
-            root.register_forward_pre_hook(_open_finite_check, with_kwargs=True),
-            root.register_forward_hook(_close_finite_check, with_kwargs=True, always_call=True))
 
 
 def conversion_info(model: torch.nn.Module) -> Optional[ConversionInfo]:
     """The :class:`ConversionInfo` stored by the last :func:`convert` on ``model`` (or ``None``)."""
     return model.__dict__.get(_INFO_ATTR)
+
+
+def _forward_scope_lines(scope: Optional[forward_scope.ScopeSettings]) -> List[str]:
+    """What happens around the root's forward, for :func:`summary`."""
+    if scope is None:
+        return ["the root is left exact: its forward runs as the original's, nothing compressed around it"]
+    if scope.functional and scope.config is not None:
+        lines = ["functional calls in forward: compressed by the compress_saved_tensors rules at "
+                 f"{scope.config.short()} (F.dropout: a seed; relu, leaky_relu: 1 bit; elu, gelu, sigmoid, tanh, "
+                 "layer_norm, batch_norm: as blockquant.functional; products, exp: compressed; softmax, division, "
+                 "norms, other ops: exact); modules without a wrapper follow the same rules; "
+                 "blockquant.convert(model, functional=False) turns this off"]
+        if scope.exact:
+            lines.append("left exact (the rules are suspended while they run): " + ", ".join(scope.exact))
+    else:
+        why = "converted with functional=False" if not scope.functional else "the root's config is None"
+        lines = [f"functional calls in forward: saved as torch saves them, at full precision ({why})"]
+    lines.append("blockquant.track_saved(model).report() lists what a forward holds at full precision, by module "
+                 "and graph node")
+    return lines
 
 
 def summary(model: torch.nn.Module, *, print_it: bool = True) -> str:
@@ -419,6 +452,8 @@ def summary(model: torch.nn.Module, *, print_it: bool = True) -> str:
             lines += [f"  {s[0] or '<root>':<{w}}  {s[1]}: {s[2]}" for s in skipped]
         else:
             lines.append("every module that looks like computation was converted")
+        lines.append("")
+        lines += _forward_scope_lines(forward_scope.settings_of(model))
     text = "\n".join(lines)
     if print_it:
         print(text)

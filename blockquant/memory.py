@@ -202,7 +202,11 @@ class SavedMemory:
             module whose forward created the node holding the storage (``""``:
             code outside any module).
         per_kind: ``{"compressed": bytes, "plain": bytes}``; compressed means held
-            by a blockquant packed object.
+            by a blockquant packed object, plain means held at full precision.
+        plain_by_call: module name (as in ``per_module``) -> ``{graph node name: bytes}``,
+            the bytes held at full precision and the autograd node that holds them
+            (``SoftmaxBackward0``, ``SigmoidBackward0``, a custom Function's
+            ``_DropoutBackward``...): which call saved what is not compressed.
         num_nodes: graph nodes created in the block and reachable from its outputs.
         output_bytes: bytes of the outputs' storages (excluded from the total).
     """
@@ -211,6 +215,7 @@ class SavedMemory:
         self.total_bytes = 0
         self.per_module: Dict[str, int] = OrderedDict()
         self.per_kind: Dict[str, int] = {COMPRESSED: 0, PLAIN: 0}
+        self.plain_by_call: Dict[str, Dict[str, int]] = OrderedDict()
         self.num_nodes = 0
         self.output_bytes = 0
         self.done = False
@@ -244,6 +249,13 @@ class SavedMemory:
         lines.append(line)
         lines.append(f"compressed {self.per_kind[COMPRESSED]:,} B, plain {self.per_kind[PLAIN]:,} B, "
                      f"{self.num_nodes} graph nodes")
+        calls = sorted(((name or "<top level>", node, b) for name, per_node in self.plain_by_call.items()
+                        for node, b in per_node.items() if b > 0), key=lambda r: -r[2])
+        if calls:
+            lines.append("held at full precision, by module and the graph node holding it:")
+            w1 = max(len(r[0]) for r in calls)
+            w2 = max(len(r[1]) for r in calls)
+            lines += [f"  {m:<{w1}}  {n:<{w2}}  {b:>12,}  {100 * b / total:>5.1f}%" for m, n, b in calls]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -416,6 +428,9 @@ class track_saved:
                 counted[k] = b
                 per_module[name] += b
                 res.per_kind[kind] += b
+                if kind == PLAIN:
+                    per_node = res.plain_by_call.setdefault(name, OrderedDict())
+                    per_node[node.name()] = per_node.get(node.name(), 0) + b
         res.per_module = OrderedDict((n, b) for n, b in per_module.items())
         res.total_bytes = sum(counted.values())
         res.num_nodes = len(nodes)

@@ -29,6 +29,7 @@ from .config import QuantConfig
 from .distributed import process_rank, rank_seed
 from .levels import optimal_levels
 from .projection import projected_dim, rademacher
+from .seeds import active_stream
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """Dtypes the codec backends encode and decode."""
@@ -51,9 +52,16 @@ def draw_seed() -> int:
     return rank_seed(int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64).item()), process_rank())
 
 
-def draw_seed_tensor() -> torch.Tensor:
+def draw_seed_tensor(purpose: str = "codec") -> torch.Tensor:
     """:func:`draw_seed` as a 0-d int64 CPU tensor: the same draw and the same value eagerly,
-    and under ``torch.compile`` a random op inside the graph instead of a ``.item()`` graph break."""
+    and under ``torch.compile`` a random op inside the graph instead of a ``.item()`` graph break.
+
+    Inside a converted model's training forward the seed is derived instead, from the one draw
+    that forward made and a counter per ``purpose`` (``"codec"`` or ``"dropout"``): see
+    :mod:`blockquant.seeds`."""
+    stream = active_stream()
+    if stream is not None:
+        return torch.tensor(stream.next(purpose), dtype=torch.int64)
     seed = torch.randint(0, 1 << 62, (1,), dtype=torch.int64).view(())
     rank = process_rank()
     return seed if rank == 0 else _rank_seed_op(seed, rank)

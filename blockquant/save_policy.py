@@ -5,11 +5,12 @@ tensor (or a function of it) for a linear use in backward, and the hooks of
 :func:`blockquant.compress_saved_tensors`, ask :func:`keep` what to hold. What is held is one of:
 
 1. **The tensor itself, by reference**, when it is *resident* (:func:`is_resident`): a parameter,
-   a leaf that requires grad, a tensor marked with :func:`mark_resident` (:func:`blockquant.convert`
-   marks every tensor passed to the converted model's ``forward``, e.g. ``data.x``), or a view of one
-   of those. Its owner holds it for the whole step anyway, so a reference costs nothing and a
-   compressed copy would *add* memory. Having no ``grad_fn`` is not enough: ``dropout(data.x)``
-   has none either, yet it is a fresh tensor that only the graph would keep alive.
+   a leaf that requires grad, a tensor marked with :func:`mark_resident` (a converted model marks
+   the tensors without ``grad_fn`` passed to its ``forward``, e.g. ``data.x`` and ``edge_index``, for
+   the duration of the call: :func:`resident_during`), or a view of one of those. Its owner holds it
+   for the whole step anyway, so a reference costs nothing and a compressed copy would *add* memory.
+   Having no ``grad_fn`` is not enough: ``dropout(data.x)`` has none either, yet it is a fresh tensor
+   that only the graph would keep alive.
 2. **Compressed once and shared** (:func:`compress_shared`), for an intermediate (a tensor with a
    ``grad_fn``) that several ops of one forward save (SAGE's ``x`` feeds the aggregation and
    ``lin_r``): one compression per (tensor, version, config, dtype). A non-resident tensor without
@@ -43,8 +44,9 @@ stay at :func:`chunk_elements` elements whatever the graph's size.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -53,7 +55,7 @@ from .config import QuantConfig
 from .packed import PackedTensor, quantize
 from .projection import projected_dim
 
-__all__ = ["keep", "keep_for_ctx", "is_resident", "mark_resident", "compress_shared", "compress",
+__all__ = ["keep", "keep_for_ctx", "is_resident", "mark_resident", "resident_during", "compress_shared", "compress",
            "without_projection", "RowChunks", "CHUNK_ELEMENTS", "chunk_elements"]
 
 #: Largest number of elements of one transient in chunked loops, per device type: the ``[chunk, F]``
@@ -81,18 +83,53 @@ def mark_resident(*tensors: torch.Tensor) -> None:
     """Declare tensors that stay alive anyway (the graph's features, say), so compressed
     ops save them by reference instead of storing a compressed copy.
 
-    :func:`blockquant.convert` marks every tensor passed to the converted model's
-    ``forward`` automatically. The mark is an attribute of the tensor object: it goes
-    away with the tensor. Arguments that are not tensors are ignored.
+    A model converted by :func:`blockquant.convert` marks the tensors passed to its training
+    ``forward`` that have no ``grad_fn`` (the features, the graph) for the duration of that call
+    (:func:`resident_during`). The mark is an attribute of the tensor object: it goes away with
+    the tensor. Arguments that are not tensors are ignored.
     """
     for t in tensors:
         if isinstance(t, torch.Tensor):
             setattr(t, _RESIDENT_FLAG, True)
 
 
+@contextlib.contextmanager
+def resident_during(*tensors: torch.Tensor) -> Iterator[None]:
+    """Treat ``tensors`` as resident for the duration of the block (a converted model does this
+    for the tensors without ``grad_fn`` passed to its training ``forward``). A compressed op that
+    saved one by reference while the block ran keeps it by reference. Blocks nest; a tensor
+    marked with :func:`mark_resident` stays marked."""
+    enter_resident_call(tensors)
+    try:
+        yield
+    finally:
+        leave_resident_call(tensors)
+
+
+# a counter rather than a flag, so that nested calls on the same tensor unwind correctly; updated
+# with setattr only, which torch.compile traces (a delattr breaks its graph)
+_CALL_COUNT = "_blockquant_resident_calls"
+
+
+def enter_resident_call(tensors) -> None:
+    """Start of a call during which ``tensors`` are resident (:func:`resident_during`)."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            setattr(t, _CALL_COUNT, getattr(t, _CALL_COUNT, 0) + 1)
+
+
+def leave_resident_call(tensors) -> None:
+    """End of the call started by :func:`enter_resident_call` with the same tensors."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            count = getattr(t, _CALL_COUNT, 0)
+            if count > 0:
+                setattr(t, _CALL_COUNT, count - 1)
+
+
 def _held_anyway(t: torch.Tensor) -> bool:
     return (isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad)
-            or getattr(t, _RESIDENT_FLAG, False) is True)
+            or getattr(t, _RESIDENT_FLAG, False) is True or getattr(t, _CALL_COUNT, 0) > 0)
 
 
 def is_resident(t: torch.Tensor) -> bool:

@@ -1,6 +1,8 @@
 """Helpers shared by the codec tests: backends to parametrize over and the theory to check against."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -78,6 +80,20 @@ class ExactPacked:
 
     def left_matmul(self, a):
         return a @ self.x.reshape(-1, self.x.shape[-1]).to(a.dtype)
+
+
+@contextlib.contextmanager
+def lossless_codec():
+    """Inside the block every tensor blockquant compresses is kept as an :class:`ExactPacked` copy
+    (``blockquant.save_policy.compress`` replaced): gradients must then equal full precision."""
+    from blockquant import save_policy
+
+    original = save_policy.compress
+    save_policy.compress = lambda x, config: ExactPacked(x)
+    try:
+        yield
+    finally:
+        save_policy.compress = original
 
 
 def check_launcher_rejects_bad_arguments(quantize, dequantize) -> None:

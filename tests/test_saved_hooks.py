@@ -41,10 +41,10 @@ def test_mlp_gradients_close_at_8_bits_and_packed_objects_recorded():
     approx = _grads(model, x, FINE, record)
     for a, b in zip(approx, exact):
         assert rel_err(a, b) < 1e-2
-    # resident x and the parameters are not compressed. GELU saves its input exactly (its
-    # backward is not linear in it); the next linear's input is compressed; ReLU keeps the
-    # sign of its output as a 1-bit mask and the last linear compresses that output;
-    # pow(2) saves the model output exactly (pow is not linear in what it saves)
+    # resident x and the parameters are not compressed. GELU runs as blockquant.functional.gelu
+    # (its compressed derivative is in its node's bq_state, not recorded); the next linear's input
+    # is compressed; ReLU keeps the sign of its output as a 1-bit mask and the last linear
+    # compresses that output; pow(2) saves the model output exactly (pow is not linear in it)
     kinds = [(type(p).__name__, tuple(p.shape)) for p in record]
     assert kinds == [("PackedTensor", (128, 64)), ("BitMask", (128, 64)), ("PackedTensor", (128, 64))]
 
@@ -161,10 +161,10 @@ def test_track_saved_sees_the_packed_objects():
     with compress_saved_tensors(QuantConfig(bits=2, block_size=1024)):
         with blockquant.track_saved(model, exclude=(x,)) as packed:
             out = model(x)
-    assert packed.total_bytes > 0
+    assert packed.total_bytes > 0 and packed.per_kind["plain"] == 0
     del out  # the graph, and what it saved, stayed alive until here
-    # GELU's input stays exact (131,072 B) in both; the rest is compressed
-    assert packed.total_bytes * 2 < plain.total_bytes
+    # GELU's input (131,072 B) is plain without the rules; with them, its derivative is compressed
+    assert packed.total_bytes * 8 < plain.total_bytes
 
 
 def test_callable_record_and_errors():
@@ -200,11 +200,11 @@ def test_mlp_through_the_default_backend():
 
 
 def test_only_ops_linear_in_what_they_save_are_compressed():
-    """softmax, sigmoid, tanh, division, norms keep what they save exact; products and exp compress."""
+    """softmax, division, normalize, pow keep what they save exact; products and exp compress."""
     h_leaf = torch.randn(64, 64, requires_grad=True)
     w = torch.randn(64, 64)
-    blocks = [lambda h: torch.softmax(h, -1), torch.sigmoid, torch.tanh, lambda h: h / (h.abs() + 1),
-              lambda h: torch.nn.functional.layer_norm(h, (64,)), torch.nn.functional.gelu, lambda h: h.pow(3)]
+    blocks = [lambda h: torch.softmax(h, -1), lambda h: h / (h.abs() + 1),
+              lambda h: torch.nn.functional.normalize(h, dim=-1), lambda h: h.pow(3)]
     record = []
     for block in blocks:
         with compress_saved_tensors(FINE, record=record):
@@ -227,8 +227,8 @@ def test_a_tensor_kept_exact_by_one_op_is_not_also_compressed():
     h_leaf = torch.randn(64, 64, requires_grad=True)
     lin = nn.Linear(64, 64)
     blocks = {
-        "exact_first": lambda h: torch.nn.functional.gelu(h) + lin(h),  # GELU saves h, then linear
-        "compressed_first": lambda h: lin(h) + torch.nn.functional.gelu(h),  # linear compresses h, then GELU
+        "exact_first": lambda h: h.pow(3) + lin(h),  # pow saves h exactly, then linear
+        "compressed_first": lambda h: lin(h) + h.pow(3),  # linear compresses h, then pow
     }
     for order, block in blocks.items():
         with compress_saved_tensors(QuantConfig(bits=2)):
@@ -262,3 +262,46 @@ def test_double_backward_through_compressed_tensors_raises():
         y = lin(torch.nn.functional.gelu(h_leaf * 1.0))
     (g,) = torch.autograd.grad(y.pow(2).sum(), lin.weight)  # first order still works
     assert torch.isfinite(g).all()
+
+
+def test_routed_functions_keep_what_the_blockquant_op_keeps():
+    """F.dropout keeps a seed, ELU/GELU/sigmoid/tanh a compressed derivative, the norms a compressed xn: the
+    same autograd nodes as the blockquant.functional ops; under a lossless codec the gradients are torch's
+    (dropout: with blockquant's mask); in-place calls, out= and integer inputs run as torch runs them."""
+    from blockquant import functional as BF
+    from codec_utils import lossless_codec
+
+    F = torch.nn.functional
+    h_leaf = torch.randn(64, 48, requires_grad=True)
+    w, b = torch.rand(48) + 0.5, torch.randn(48)
+    cases = {
+        "_DropoutBackward": lambda h: F.dropout(h, 0.3, True),
+        "_SmoothBackward": lambda h: F.elu(h, 0.7) + F.gelu(h, approximate="tanh") + h.sigmoid() + torch.tanh(h),
+        "_LayerNormBackward": lambda h: F.layer_norm(h, (48,), w, b),
+        "_BatchNormBackward": lambda h: F.batch_norm(h, None, None, w, b, True),
+    }
+    for node, block in cases.items():
+        torch.manual_seed(0)
+        with lossless_codec(), compress_saved_tensors(FINE):
+            y = block(h_leaf * 1.0)
+        names = set()
+        todo = [y.grad_fn]
+        while todo:
+            n = todo.pop()
+            if n is not None:
+                names.add(type(n).__name__)
+                todo.extend(f for f, _ in n.next_functions)
+        assert node in names, (node, names)
+        got = torch.autograd.grad(y.sum(), h_leaf)[0]
+        if node == "_DropoutBackward":  # the mask is blockquant's: the gradient is the scaled mask
+            assert torch.equal(got, (y != 0).float() / 0.7)
+            continue
+        ref = torch.autograd.grad(block(h_leaf * 1.0).sum(), h_leaf)[0]
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6), node
+    out = torch.empty(64, 48)
+    with compress_saved_tensors(FINE):
+        torch.tanh(h_leaf.detach(), out=out)  # out=: torch's
+        z = F.elu(h_leaf * 1.0, inplace=True)  # in place: torch's node
+    assert torch.equal(out, torch.tanh(h_leaf.detach()))
+    assert type(z.grad_fn).__name__ != "_SmoothBackward"
+    assert BF.sigmoid(h_leaf).grad_fn is not None

@@ -1,8 +1,11 @@
 """The contract behind every compressed op: gradients are noisy but unbiased.
 
 For every wrapper in :mod:`blockquant.nn`, every public op of
-:mod:`blockquant.functional` and typical blocks run under
-:func:`blockquant.compress_saved_tensors`, at int2 and int4 with stochastic
+:mod:`blockquant.functional`, typical blocks run under
+:func:`blockquant.compress_saved_tensors` and whole models written in the
+functional style (PyG's gcn.py and gat.py shapes, a sigmoid gate: ``models.*``,
+paired with a lossless run of the same dropout masks, see :func:`_model_case`),
+at int2 and int4 with stochastic
 rounding, we draw ``K = 64`` independently compressed gradients (weights, and
 the input where it has one) and compare them with the exact gradient.
 
@@ -44,7 +47,9 @@ backend with one thread: the whole file takes seconds.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import math
 from typing import Callable, Dict, List, NamedTuple
 
@@ -59,6 +64,8 @@ from torch_geometric.utils import coalesce, remove_self_loops
 import blockquant
 from blockquant import QuantConfig
 from blockquant import functional as BF
+from codec_utils import lossless_codec
+from example_models import GATExample, GatedExample, GCNExample
 
 pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")
 
@@ -288,9 +295,58 @@ HOOK_CASES = {
                                    {"w": _W})),
 }
 
+# ----------------------------------------------------------------------------- functional-style models
+
+
+def _model_case(factory):
+    """A whole model written in the functional style (``F.dropout``, ``.relu()``, ``F.elu``, ``x.sigmoid()``),
+    converted with :func:`blockquant.convert`, so that its functional calls run under the converted
+    forward's rules. Its dropouts draw fresh masks every forward, so the gradient to converge to differs
+    between draws: draw ``k`` is ``ref + g_k - e_k``, with ``g_k`` the compressed gradient of a forward
+    seeded ``k`` and ``e_k`` the gradient of the same forward (same seed, hence the same masks: dropout
+    seeds have a counter of their own) under a lossless stand-in codec. Unbiased compression makes
+    ``g_k - e_k`` average to zero."""
+
+    def make(config):
+        ei = _graph()
+        torch.manual_seed(0)
+        model = blockquant.convert(factory(), config).train()
+        x_leaf = _features(N, F).requires_grad_()
+
+        def grads(seed, lossless):
+            model.zero_grad()
+            x_leaf.grad = None
+            torch.manual_seed(seed)
+            with lossless_codec() if lossless else contextlib.nullcontext():
+                out = model(x_leaf * 1.0, ei)  # an intermediate input: the first layer compresses it
+                (out * _features(*out.shape, seed=2)).sum().backward()
+            res = {n: p.grad.clone() for n, p in model.named_parameters()}
+            res["input"] = x_leaf.grad.clone()
+            return res
+
+        ref = grads(10_000, True)
+        seeds = itertools.count(1)
+
+        def draw():
+            seed = next(seeds)
+            compressed, exact = grads(seed, False), grads(seed, True)
+            return {k: ref[k] + compressed[k] - exact[k] for k in ref}
+
+        return (lambda: ref), draw
+
+    return make
+
+
+MODEL_CASES = {
+    "gcn_example": Case(_model_case(lambda: GCNExample(F, 16, 7))),
+    "gat_example": Case(_model_case(lambda: GATExample(F, 8, 7, heads=4))),
+    "gated_relu_sigmoid": Case(_model_case(lambda: GatedExample(F, 32, 7))),
+}
+
 ALL_CASES = {**{f"nn.{k}": v for k, v in MODULE_CASES.items()},
              **{f"functional.{k}": v for k, v in FUNCTIONAL_CASES.items()},
-             **{f"hooks.{k}": v for k, v in HOOK_CASES.items()}}
+             **{f"hooks.{k}": v for k, v in HOOK_CASES.items()},
+             **{f"models.{k}": v for k, v in MODEL_CASES.items()}}
 
 
 # ----------------------------------------------------------------------------- measurement

@@ -21,7 +21,7 @@ One module per op family: :mod:`~blockquant.functional.linear_map` (``linear``),
 :mod:`~blockquant.functional.aggregation` (``aggregate``, ``aggregate_linear``),
 :mod:`~blockquant.functional.masked` (``relu``, ``leaky_relu``, ``dropout``),
 :mod:`~blockquant.functional.normalization` (``batch_norm``, ``layer_norm``),
-:mod:`~blockquant.functional.smooth` (``elu``, ``gelu``); the helpers they share are in
+:mod:`~blockquant.functional.smooth` (``elu``, ``gelu``, ``sigmoid``, ``tanh``); the helpers they share are in
 :mod:`~blockquant.functional._common`. Every name is importable from here.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .aggregation import aggregate, aggregate_linear
 from .linear_map import linear
 from .masked import dropout, leaky_relu, relu
 from .normalization import batch_norm, layer_norm
-from .smooth import elu, gelu
+from .smooth import elu, gelu, sigmoid, tanh
 
 # not in __all__, but importable from here as they were from the single module this package replaces
 from ._common import DOUBLE_BACKWARD_MESSAGE  # noqa: F401
@@ -42,5 +42,5 @@ from .normalization import SideRounding, SquareSample, _EstimatorChunks, square_
 
 __all__ = [
     "linear", "aggregate", "aggregate_linear", "relu", "leaky_relu", "dropout", "batch_norm", "layer_norm", "elu",
-    "gelu", "compress_shared", "is_resident", "mark_resident", "BitMask",
+    "gelu", "sigmoid", "tanh", "compress_shared", "is_resident", "mark_resident", "BitMask",
 ]

@@ -109,7 +109,7 @@ class _Dropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p):
-        seed = draw_seed_tensor()
+        seed = draw_seed_tensor("dropout")
         ctx.bq_seed = seed
         ctx.bq_p = p
         ctx.bq_state = ()
@@ -125,7 +125,9 @@ class _Dropout(torch.autograd.Function):
 def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Tensor:
     """Dropout with the same drop probability and ``1 / (1 - p)`` scaling as
     ``torch.nn.functional.dropout``, but its own RNG stream (seeded from
-    PyTorch's default generator, so ``torch.manual_seed`` reproduces it).
+    PyTorch's default generator, so ``torch.manual_seed`` reproduces it; inside a
+    converted model's forward, from that forward's seed stream: :mod:`blockquant.seeds`),
+    also when no gradient is recorded.
 
     Saved for backward: the seed only (0 B per element); backward regenerates the mask."""
     _check_float(x, "dropout")
@@ -134,6 +136,6 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Ten
         raise ValueError(f"dropout probability must be in [0, 1]; got {p}")
     if not training:
         return x
-    if _untracked(x):
-        return torch.nn.functional.dropout(x, p, True)
+    if _untracked(x):  # no graph: nothing to save, but the mask still comes from blockquant's stream
+        return _seeded_dropout(x, draw_seed_tensor("dropout"), p)
     return _Dropout.apply(x, p)

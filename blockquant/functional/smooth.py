@@ -13,16 +13,29 @@ from ..save_policy import keep_for_ctx, without_projection
 from ._common import _check_float, _config, _first_order_only, _untracked
 
 
+_SMOOTH_FORWARD = {
+    "elu": lambda x, alpha: torch.nn.functional.elu(x, alpha),
+    "gelu": lambda x, approximate: torch.nn.functional.gelu(x, approximate=approximate),
+    "sigmoid": lambda x, _: torch.sigmoid(x),
+    "tanh": lambda x, _: torch.tanh(x),
+}
+
+
 def _smooth_derivative(x: torch.Tensor, kind: str, param) -> torch.Tensor:
-    """``f'(x)`` of ELU (``param`` = alpha) or GELU (``param`` = approximate), by the ATen backward kernels."""
+    """``f'(x)`` of ELU (``param`` = alpha), GELU (``param`` = approximate), sigmoid or tanh, by the ATen
+    backward kernels."""
     ones = torch.ones_like(x)
     if kind == "elu":
         return torch.ops.aten.elu_backward(ones, param, 1, 1, False, x)
-    return torch.ops.aten.gelu_backward(ones, x, approximate=param)
+    if kind == "gelu":
+        return torch.ops.aten.gelu_backward(ones, x, approximate=param)
+    if kind == "sigmoid":
+        return torch.ops.aten.sigmoid_backward(ones, torch.sigmoid(x))
+    return torch.ops.aten.tanh_backward(ones, torch.tanh(x))
 
 
 class _Smooth(torch.autograd.Function):
-    """ELU / GELU (exact forward).
+    """ELU / GELU / sigmoid / tanh (exact forward).
 
     Backward is ``grad_x = g * f'(x)``: linear in the local derivative ``f'(x)``,
     not in ``x``. So forward computes ``f'(x)`` exactly and saves *it*
@@ -37,10 +50,7 @@ class _Smooth(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, kind, param, config):
-        if kind == "elu":
-            out = torch.nn.functional.elu(x, param)
-        else:
-            out = torch.nn.functional.gelu(x, approximate=param)
+        out = _SMOOTH_FORWARD[kind](x, param)
         ctx.bq_kind, ctx.bq_param = kind, param
         ctx.bq_state = ()
         ctx.bq_ref = False
@@ -88,3 +98,29 @@ def gelu(x: torch.Tensor, approximate: str = "none", config: Optional[QuantConfi
     if _untracked(x):
         return torch.nn.functional.gelu(x, approximate=approximate)
     return _Smooth.apply(x, "gelu", approximate, config)
+
+
+def sigmoid(x: torch.Tensor, config: Optional[QuantConfig] = None) -> torch.Tensor:
+    """``torch.sigmoid`` whose saved derivative is compressed (torch saves the output exactly: its
+    backward ``g * y * (1 - y)`` is not linear in ``y``).
+
+    Saved for backward: ``sigmoid'(x)``, computed exactly in forward and compressed without projection (0.504 B per
+    element at the default config); ``x`` by reference (0 B) instead when it is resident."""
+    config = _config(config, "sigmoid")
+    _check_float(x, "sigmoid")
+    if _untracked(x):
+        return torch.sigmoid(x)
+    return _Smooth.apply(x, "sigmoid", None, config)
+
+
+def tanh(x: torch.Tensor, config: Optional[QuantConfig] = None) -> torch.Tensor:
+    """``torch.tanh`` whose saved derivative is compressed (torch saves the output exactly: its
+    backward ``g * (1 - y ** 2)`` is not linear in ``y``).
+
+    Saved for backward: ``tanh'(x)``, computed exactly in forward and compressed without projection (0.504 B per
+    element at the default config); ``x`` by reference (0 B) instead when it is resident."""
+    config = _config(config, "tanh")
+    _check_float(x, "tanh")
+    if _untracked(x):
+        return torch.tanh(x)
+    return _Smooth.apply(x, "tanh", None, config)

@@ -87,9 +87,24 @@ class CompressedModule:
         return bool(self.training and torch.is_grad_enabled())
 
     def to_original(self) -> torch.nn.Module:
-        """The plain module again, sharing the same parameters."""
+        """The plain module again, sharing the same parameters, undone as a whole: wrappers
+        inside it (GIN's ``nn`` MLP, converted because the wrapper runs it) are replaced by
+        their originals in place, and the forward scope :func:`blockquant.convert` put on a
+        converted root is removed. The same undo as :func:`blockquant.to_original`."""
+        from .. import forward_scope
+        from ..conversion import _restore_children
+
+        orig = self._bq_unwrapped()
+        _restore_children(orig)
+        forward_scope.remove(orig)  # the hook tables are shared with this wrapper: it loses them too
+        return orig
+
+    def _bq_unwrapped(self) -> torch.nn.Module:
+        """The original class around this wrapper's state (same dicts, children untouched, no
+        blockquant attributes): what ``convert`` checks a wrapper's options on."""
         orig = self.wraps.__new__(self.wraps)
-        orig.__dict__.update({k: v for k, v in self.__dict__.items() if not k.startswith("bq_")})
+        orig.__dict__.update({k: v for k, v in self.__dict__.items()
+                              if not (k.startswith("bq_") or k.startswith("_bq_"))})
         return orig
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
