@@ -220,8 +220,10 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
         tname = type(module).__name__
         if isinstance(module, CompressedModule):
             cfg = chooser.choose(module, name)
-            if cfg is None:
-                return module.to_original()  # the caller asked for this subtree to stay exact
+            if cfg is None:  # the caller asked for this module to stay exact: as if it had never been converted
+                module = module.to_original()
+                visit_children(module, name)  # its children follow their own names and types, as on a fresh model
+                return module
             if type(module).unsupported_reason(module.to_original()) is None:
                 if explicit and cfg != module.bq_config:
                     module = type(module).from_module(module.to_original(), cfg)

@@ -254,6 +254,38 @@ def test_gin_mlp_is_converted_inside_the_wrapper():
     assert conv.nn[0].weight is mlp[0].weight
 
 
+def _configs(model):
+    return {n: (type(m).__name__, m.bq_config if isinstance(m, CompressedModule) else None)
+            for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("spec", [{"": "iexact", "norms.0": None}, {"": "iexact", "norms.0.module": "int8"},
+                                  {nn.BatchNorm1d: None}, {"": "iexact", "convs.1": None}], ids=str)
+def test_converting_a_converted_model_equals_converting_a_fresh_one(spec):
+    """Converting again with new configs gives what converting the unconverted model gives, PyG's
+    BatchNorm (a wrapper around a BatchNorm1d) included: its inner module follows names and types."""
+    from torch_geometric.nn.models import GraphSAGE
+
+    def fresh():
+        torch.manual_seed(0)
+        return GraphSAGE(8, 8, num_layers=2, out_channels=3, norm="batch_norm")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConversionWarning)
+        again = blockquant.convert(blockquant.convert(fresh(), "int4"), spec)
+        direct = blockquant.convert(fresh(), spec)
+    assert _configs(again) == _configs(direct)
+    inner = dict(direct.named_modules())["norms.0.module"]
+    expect = {"norms.0": None, "norms.0.module": QuantConfig.preset("int8")}
+    name = next((k for k in spec if isinstance(k, str) and k.startswith("norms")), None)
+    if name is not None or nn.BatchNorm1d in spec:
+        want = expect.get(name)
+        assert (inner.bq_config if isinstance(inner, CompressedModule) else None) == want
+    # to_original of the PyG wrapper gives the plain module back, inner BatchNorm1d included
+    pyg_bn = dict(blockquant.convert(fresh(), "int4").named_modules())["norms.0"]
+    assert type(pyg_bn.to_original().module) is nn.BatchNorm1d
+
+
 def test_model_inputs_saved_by_reference_fresh_intermediates_compressed():
     """convert() marks the tensors passed to forward as resident: a Linear fed data.x keeps a
     reference (no copy), while dropout(data.x), a fresh tensor without grad_fn, is compressed."""
