@@ -51,7 +51,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import QuantConfig
 from .packed import PackedTensor, quantize
-from .projection import projected_dim
+from .projection import stored_width
 
 __all__ = ["keep", "keep_for_ctx", "is_resident", "mark_resident", "compress_shared", "compress",
            "without_projection", "RowChunks", "CHUNK_ELEMENTS"]
@@ -170,10 +170,7 @@ def compress_whole(x: torch.Tensor, config: QuantConfig) -> PackedTensor:
 def rows_per_chunk(width: int, config: QuantConfig) -> int:
     """Rows of a 2-D tensor of ``width`` columns compressed at once: about
     :data:`CHUNK_ELEMENTS` elements, and a whole number of codec blocks."""
-    stored = width
-    if config.rp_ratio > 1 and width > 1:
-        r = projected_dim(width, config.rp_ratio)
-        stored = r if r < width else width
+    stored = stored_width(width, config.rp_ratio)
     block = config.block_size_for(stored)
     unit = block // math.gcd(block, stored)  # rows holding a whole number of blocks
     return max(unit, (CHUNK_ELEMENTS // max(width, 1)) // unit * unit)

@@ -10,7 +10,8 @@ from blockquant import Plan, QuantConfig, TuneError, track_saved
 from blockquant.bench.datasets import load_dataset
 from blockquant.bench.models import build_model
 from blockquant.cli import main
-from blockquant.tune import gradient_error, packed_nbytes, tune
+from blockquant.packed import packed_nbytes
+from blockquant.tune import gradient_error, tune
 
 pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")
 
@@ -112,6 +113,42 @@ def test_tuned_plan_holds_exactly_the_predicted_bytes(graph, tuned_iexact, tmp_p
         assert len(layer.candidates) <= 4 < layer.num_candidates  # pruned before measuring
         assert all(c.error is not None and c.error >= 0 for c in layer.candidates)
     assert "bits" in res.table() and "measured" in res.table()
+
+
+def _zoo_model(name, data):
+    """PyG model-zoo models with a normalisation wrapper (PyG's ``BatchNorm`` holds a ``BatchNorm1d``)."""
+    from torch_geometric.nn.models import GAT, GCN, GIN, GraphSAGE
+
+    torch.manual_seed(0)
+    kind, norm = name.split("-", 1)
+    cls = {"sage": GraphSAGE, "gcn": GCN, "gat": GAT, "gin": GIN}[kind]
+    kw = dict(heads=2) if kind == "gat" else {}
+    return cls(data.num_features, 16, num_layers=3, out_channels=data.out_dim, norm=norm, dropout=0.5, **kw)
+
+
+BUDGET_MODELS = ["bench-sage", "bench-gcn", "bench-gat", "bench-gin", "bench-gcn2",
+                 "zoo-sage-batch_norm", "zoo-gcn-batch_norm", "zoo-gat-batch_norm", "zoo-gin-batch_norm",
+                 "zoo-sage-layer_norm"]
+
+
+@pytest.mark.parametrize("name", BUDGET_MODELS)
+def test_plan_at_a_preset_budget_holds_at_most_that_presets_bytes(graph, name):
+    """The word tune keeps: a plan for the bytes of uniform iexact holds at most those bytes as
+    the user measures them (track_saved on a fresh model, data excluded), its byte model is exact,
+    and every layer it names gets the config it names (PyG's BatchNorm: the inner BatchNorm1d)."""
+    def fresh():
+        if name.startswith("bench-"):
+            return make_model(graph, name.split("-", 1)[1])
+        return _zoo_model(name.split("-", 1)[1], graph)
+
+    res = tune(fresh(), graph, budget="iexact", **dict(FAST, candidates=SMALL_GRID[::3], max_candidates_per_layer=2))
+    uniform = measured_bytes(fresh(), graph, QuantConfig.preset("iexact"))
+    held = measured_bytes(fresh(), graph, res.plan)
+    assert res.budget_bytes == uniform
+    assert held == res.measured_bytes == res.predicted_bytes <= uniform, res.table()
+    modules = dict(blockquant.convert(fresh(), res.plan).named_modules())
+    ignored = {n: c.short() for n, c in res.plan.layers.items() if modules[n].bq_config != c}
+    assert not ignored, f"the plan names configs that conversion does not give these modules: {ignored}"
 
 
 def test_tune_is_deterministic_under_a_seed(graph, tuned_iexact):
