@@ -171,6 +171,32 @@ def test_tuned_error_never_above_uniform_at_equal_bytes(graph, preset):
     assert tuned_err <= uniform_err, (res.table(), uniform_err)
 
 
+def test_tune_leaves_the_callers_random_state_alone(graph, monkeypatch):
+    """The probes seed the CPU generator (and those of CUDA devices in use) and restore them; they
+    never call torch.manual_seed, which reseeds every CUDA generator of the process."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    models = make_model(graph), make_model(graph)
+    torch.manual_seed(1234)
+    reseeded.clear()
+    before = torch.random.get_rng_state()
+    tune(models[0], graph, budget="iexact", **dict(FAST, candidates=SMALL_GRID[:2] + list(UNIFORM[1:2]), uniform_grid=()))
+    gradient_error(models[1], graph, "iexact", probe_steps=(0,))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert reseeded == [], "tune reseeded every CUDA generator (torch.manual_seed)"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tune_on_cuda_restores_the_cuda_generators(graph):
+    data = load_dataset("synthetic:tiny", seed=0).to("cuda")
+    model = make_model(data).cuda()
+    torch.cuda.manual_seed_all(99)
+    before = torch.cuda.get_rng_state_all()
+    tune(model, data, budget="iexact", **dict(FAST, candidates=SMALL_GRID[:2], uniform_grid=()))
+    assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), before))
+
+
 def test_unreachable_budget_names_the_smallest(graph):
     with pytest.raises(TuneError, match=r"cannot be met: the smallest achievable is [\d,]+ B") as e:
         tune(make_model(graph), graph, budget=1000, **FAST)
