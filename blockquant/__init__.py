@@ -14,6 +14,7 @@ from .adjacency import Adjacency, as_adjacency
 from .saved_hooks import compress_saved_tensors
 from .plan import Plan
 from .tune import TuneError, TuneResult, tune
+from .noise import NoiseReport, noise_report
 
 __version__ = "0.2.0"  # the one place; setup.py reads it from here, CHANGELOG.md says what changed
 
@@ -24,8 +25,8 @@ __all__ = [
     "QuantConfig", "ROW", "PackedTensor", "quantize", "dequantize", "defer_finite_check", "optimal_levels",
     # converting a model
     "convert", "to_original", "summary", "ConversionWarning", "Plan", "tune", "TuneResult", "TuneError",
-    # memory
-    "track_saved", "SavedMemory", "compress_saved_tensors",
+    # memory, and gradient noise against dropout's
+    "track_saved", "SavedMemory", "compress_saved_tensors", "noise_report", "NoiseReport",
     # functional building blocks, and the rule for what they keep for backward
     "functional", "save_policy", "Adjacency", "as_adjacency",
 ]

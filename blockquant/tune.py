@@ -15,8 +15,10 @@ read and called on its own:
    reconstruction error; candidates that another one beats on both predicted error and bytes are
    pruned. The survivors are *measured*: the relative squared error of all weight gradients
    against full precision with only that layer compressed, one forward+backward per probe (a few
-   probes: weights at a few early fp32 training steps, one rounding seed each). Cost: layers x
-   surviving candidates x probes passes.
+   probes: weights at a few early fp32 training steps, one rounding seed each; dropout on, with
+   the same masks in both models, see :class:`blockquant.probes.Prober`). Cost: layers x
+   surviving candidates x probes passes. With ``max_noise_ratio`` the errors are divided by the
+   variance dropout causes instead (:func:`blockquant.noise_report`).
 2. :func:`allocate`. Independent zero-mean rounding noises add in variance, so a plan's predicted
    error is the sum of its layers' measured errors. A greedy marginal-gain allocation over each
    layer's lower convex hull (error saved per byte spent), then single-layer swaps that still fit,
@@ -43,8 +45,6 @@ on) is the same after :func:`tune` as before.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import functools
 import json
@@ -52,13 +52,14 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .config import MAX_BLOCK_SIZE, ROW, QuantConfig
 from .packed import packed_nbytes, stored_shape
 from .plan import Plan
+from .probes import ProbeError, Prober, caller_rng_kept, default_loss
 
 __all__ = ["tune", "TuneResult", "TuneError", "LayerChoice", "candidate_configs", "gradient_error"]
 
@@ -234,178 +235,23 @@ def _first_part(p: Any) -> Any:
 # ----------------------------------------------------------------------------- measurement
 
 
-def _default_loss(data) -> Callable[[torch.Tensor], torch.Tensor]:
-    y = data.y
-    split = getattr(data, "split", None)
-    if isinstance(split, dict) and "train" in split:
-        idx = split["train"]
-    elif getattr(data, "train_mask", None) is not None:
-        idx = data.train_mask
-    else:
-        idx = slice(None)
-    multilabel = y.dim() == 2 and y.is_floating_point()
-    if multilabel:
-        return lambda out: torch.nn.functional.binary_cross_entropy_with_logits(out[idx], y[idx].float())
-    return lambda out: torch.nn.functional.cross_entropy(out[idx], y[idx])
+def _capture(prober: Prober, spec) -> _Captured:
+    """What one training forward (dropout on, as in training) compresses with the model converted by ``spec``."""
+    from .functional import _EstimatorChunks
 
-
-class _DropoutOff:
-    """Dropout (modules and PyG's float ``dropout`` attributes, e.g. GAT's attention dropout)
-    switched off, so that compression is the only difference between two passes."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.saved: List[Tuple[Any, str, Any]] = []
-
-    def __enter__(self):
-        for m in self.model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                self.saved.append((m, "p", m.p))
-                m.p = 0.0
-            elif isinstance(getattr(m, "dropout", None), float):
-                self.saved.append((m, "dropout", m.dropout))
-                m.dropout = 0.0
-        return self
-
-    def __exit__(self, *exc):
-        for m, attr, v in reversed(self.saved):
-            setattr(m, attr, v)
-        self.saved = []
-
-
-
-
-def _cuda_devices(model: torch.nn.Module, data) -> List[int]:
-    """Indices of the CUDA devices the model's tensors and the data's live on."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    tensors += [t for t in (getattr(data, "x", None), getattr(data, "edge_index", None)) if isinstance(t, torch.Tensor)]
-    return sorted({t.device.index if t.device.index is not None else torch.cuda.current_device()
-                   for t in tensors if t.device.type == "cuda"})
-
-
-@contextlib.contextmanager
-def _caller_rng_kept(model: torch.nn.Module, data) -> Iterator[Callable[[int], None]]:
-    """Restores, on exit, every generator the probes seed, and yields the function that seeds them:
-    the CPU generator and those of the CUDA devices in use, and no other (``torch.manual_seed``
-    would reseed every CUDA generator of the process, devices the caller never gave us included)."""
-    devices = _cuda_devices(model, data)
-
-    def seed_all(seed: int) -> None:
-        torch.default_generator.manual_seed(seed)
-        for d in devices:
-            with torch.cuda.device(d):
-                torch.cuda.manual_seed(seed)
-
-    with torch.random.fork_rng(devices=devices):
-        yield seed_all
-
-
-class Prober:
-    """Holds a private, unconverted copy of the model, the probe weights and the fp32 reference
-    gradients, and measures fresh converted copies of it (every measurement converts a new copy
-    of the unconverted model, as a user converts theirs).
-
-    ``seed_all(seed)`` seeds the generators the probes use (see :func:`_caller_rng_kept`).
-    """
-
-    def __init__(self, model: torch.nn.Module, data, loss_fn, probe_steps: Sequence[int], seed: int,
-                 seed_all: Callable[[int], None], lr: float = 0.01):
-        self.data = data
-        self.loss_fn = loss_fn
-        self.seed = seed
-        self.seed_all = seed_all
-        self.base = copy.deepcopy(model)
-        self.base.train()
-        self.known_names = {n for n, _ in self.base.named_modules()}
-        self.exclude = tuple(t for t in (data.x, data.edge_index, getattr(data, "y", None)) if t is not None)
-        self.states: List[Dict[str, torch.Tensor]] = []
-        seed_all(seed)
-        opt = torch.optim.Adam(self.base.parameters(), lr=lr)
-        done = 0
-        for target in sorted(set(int(s) for s in probe_steps)):
-            while done < target:
-                opt.zero_grad(set_to_none=True)
-                self.loss_fn(self._forward(self.base)).backward()
-                opt.step()
-                done += 1
-            self.states.append(copy.deepcopy(self.base.state_dict()))
-        self.names = [n for n, p in self.base.named_parameters() if p.requires_grad]
-        self.ref = [self._grads(self.base, i) for i in range(len(self.states))]
-        self.ref_norm2 = [float(g.pow(2).sum()) for g in self.ref]
-
-    def _forward(self, model: torch.nn.Module) -> torch.Tensor:
-        return model(self.data.x, self.data.edge_index)
-
-    def converted(self, spec) -> torch.nn.Module:
-        """A fresh copy of the unconverted model, converted with ``spec``."""
-        from .conversion import convert
-
-        model = copy.deepcopy(self.base)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            new = convert(model, spec)
-        if new is not model:
-            raise TuneError("tune: the model's root module is itself a compressible layer; wrap it in a container "
-                            "module (e.g. torch.nn.Sequential) so that its name is not ''")
-        return new
-
-    def _at_probe(self, model: torch.nn.Module, i: int) -> torch.nn.Module:
-        model.load_state_dict(self.states[i])
-        model.train()
-        return model
-
-    def _grads(self, model: torch.nn.Module, i: int) -> torch.Tensor:
-        self._at_probe(model, i)
-        self.seed_all(self.seed * 1000003 + 7919 * (i + 1))
-        with _DropoutOff(model):
-            model.zero_grad(set_to_none=True)
-            self.loss_fn(self._forward(model)).backward()
-        params = dict(model.named_parameters())
-        g = torch.cat([(params[n].grad if params[n].grad is not None else torch.zeros_like(params[n])).reshape(-1)
-                       .double() for n in self.names])
-        model.zero_grad(set_to_none=True)
-        return g
-
-    def error(self, spec) -> float:
-        """Mean over probes of ``||g - g_fp32||^2 / ||g_fp32||^2`` with the model converted by ``spec``."""
-        model = self.converted(spec)
-        errs = []
-        for i in range(len(self.states)):
-            g = self._grads(model, i)
-            errs.append(float((g - self.ref[i]).pow(2).sum()) / max(self.ref_norm2[i], 1e-300))
-        return sum(errs) / len(errs)
-
-    def saved_bytes(self, spec) -> int:
-        """Bytes held for backward after one training forward (dropout as in training), as
-        :func:`blockquant.track_saved` measures them with the data excluded."""
-        from .memory import track_saved
-
-        model = self._at_probe(self.converted(spec), 0)
-        self.seed_all(self.seed)
-        with track_saved(model, exclude=self.exclude) as mem:
-            out = self._forward(model)
-        del out
-        return int(mem.total_bytes)
-
-    def capture(self, spec) -> _Captured:
-        """What one training forward (dropout on, as in training) compresses with the model converted by ``spec``."""
-        from .functional import _EstimatorChunks
-
-        model = self._at_probe(self.converted(spec), 0)
-        self.seed_all(self.seed)
-        out = self._forward(model)
-        found = _packed_in_graph([out])
-        del out
-        return _Captured([p for p in found if not isinstance(p, _EstimatorChunks)],
-                         [(e.shape, e.count) for e in found if isinstance(e, _EstimatorChunks)])
+    out = prober.training_output(spec)
+    found = _packed_in_graph([out])
+    del out
+    return _Captured([p for p in found if not isinstance(p, _EstimatorChunks)],
+                     [(e.shape, e.count) for e in found if isinstance(e, _EstimatorChunks)])
 
 
 def gradient_error(model: torch.nn.Module, data, config, *, probe_steps: Sequence[int] = (0, 10), seed: int = 0,
                    loss_fn=None) -> float:
     """Relative squared weight-gradient error of ``convert(model, config)`` against full
     precision, averaged over the probes :func:`tune` uses (the model is not modified)."""
-    with _caller_rng_kept(model, data) as seed_all:
-        prober = Prober(model, data, loss_fn or _default_loss(data), probe_steps, seed, seed_all)
+    with caller_rng_kept(model, data) as seed_all:
+        prober = Prober(model, data, loss_fn or default_loss(data), probe_steps, seed, seed_all)
         return prober.error(config)
 
 
@@ -468,6 +314,13 @@ class TuneResult:
     timings: Dict[str, float]
     num_nodes: Optional[int] = None
     message: str = ""
+    error_unit: str = Prober.GRADIENT
+    """What the errors are in: relative squared gradient error, or (with ``max_noise_ratio``)
+    the variance compression adds to the weight gradients over the variance dropout causes."""
+    max_noise_ratio: Optional[float] = None
+    noise_ratio: Optional[float] = None
+    """The plan's compression variance over dropout's variance at the probe weights (``None``
+    when the model has no dropout); see :func:`blockquant.noise_report`."""
 
     @property
     def compressed(self) -> bool:
@@ -495,8 +348,11 @@ class TuneResult:
         lines.append(f"total: predicted {self.predicted_bytes:,} B, measured {self.measured_bytes:,} B{per_node} "
                      f"= {self.measured_bytes / 2**20:.3f} MiB ({100 * self.measured_bytes / self.fp32_bytes:.1f}% "
                      f"of fp32 {self.fp32_bytes:,} B)")
-        lines.append(f"gradient error (relative squared): predicted {self.predicted_error:.3e}, measured "
+        lines.append(f"error ({self.error_unit}): predicted {self.predicted_error:.3e}, measured "
                      f"{self.measured_error:.3e}; plan from {self.source}")
+        if self.noise_ratio is not None:
+            lines.append(f"compression noise: {100 * self.noise_ratio:.1f}% of the variance dropout causes in the "
+                         f"weight gradients (at the probe weights)")
         if self.budget_bytes is not None:
             lines.append(f"budget {self.budget_bytes:,} B; smallest achievable {self.min_bytes:,} B")
         if self.refine_moves:
@@ -504,7 +360,7 @@ class TuneResult:
         best_u = self.best_uniform()
         if best_u is not None:
             lines.append(f"best uniform config within the same bytes: {best_u['short']} ({best_u['bytes']:,} B, "
-                         f"grad error {best_u['grad_error']:.3e})")
+                         f"error {best_u['grad_error']:.3e})")
         if self.message:
             lines.append(self.message)
         return "\n".join(lines)
@@ -522,7 +378,8 @@ class TuneResult:
             "predicted_error": self.predicted_error, "measured_error": self.measured_error,
             "min_bytes": self.min_bytes, "uniform": self.uniform, "source": self.source,
             "refine_moves": self.refine_moves, "timings": self.timings, "num_nodes": self.num_nodes,
-            "message": self.message,
+            "message": self.message, "error_unit": self.error_unit, "max_noise_ratio": self.max_noise_ratio,
+            "noise_ratio": self.noise_ratio,
         }
 
     def plot(self, path: str, title: str = "") -> str:
@@ -553,7 +410,7 @@ class TuneResult:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("bytes held for backward (track_saved)")
-        ax.set_ylabel("relative squared weight-gradient error")
+        ax.set_ylabel(self.error_unit)
         ax.set_title(title or "memory vs gradient error")
         ax.grid(True, which="both", lw=0.3)
         ax.legend(fontsize=8)
@@ -658,10 +515,10 @@ def capture_layer(prober: Prober, name: str, module_type: str, layer_names: Sequ
                   num_candidates: int) -> Optional["LayerChoice"]:
     """What module ``name`` compresses when it alone is converted; ``None`` when that is nothing
     (its bytes do not depend on the config, or a sub-module holds them)."""
-    exact = prober.capture(_alone(name, _CAPTURE_CONFIG, layer_names))
+    exact = _capture(prober, _alone(name, _CAPTURE_CONFIG, layer_names))
     if not exact.tensors:
         return None
-    projected = prober.capture(_alone(name, _CAPTURE_PROJECTED, layer_names)).tensors
+    projected = _capture(prober, _alone(name, _CAPTURE_PROJECTED, layer_names)).tensors
     if len(projected) != len(exact.tensors):
         raise TuneError(f"tune: layer {name!r} compressed {len(exact.tensors)} tensors in one pass and "
                         f"{len(projected)} in another; cannot profile it")
@@ -925,14 +782,15 @@ def refine_plan(session: Session, state: PlanState, limit: int, uniform: List[Di
 # ----------------------------------------------------------------------------- phase 5: report
 
 
-def report(session: Session, state: PlanState, *, budget_bytes: Optional[int], max_grad_error: Optional[float],
-           uniform: List[Dict[str, Any]], moves: List[str], num_nodes: Optional[int], message: str = "") -> TuneResult:
+def report(session: Session, state: PlanState, *, budget_bytes: Optional[int], max_error: Optional[float],
+           noise_units: bool, uniform: List[Dict[str, Any]], moves: List[str], num_nodes: Optional[int],
+           message: str = "") -> TuneResult:
     """Phase 5: the result, with each layer's chosen candidate (measured alone when it came from
-    a uniform config or a refinement move)."""
+    a uniform config or a refinement move) and the plan's compression noise against dropout's."""
     names = session.names
     for l in session.layers:
         cfg = state.configs.get(l.name)
-        if cfg is None:
+        if cfg is None:  # full precision
             l.chosen = None
             continue
         match = next((c for c in l.candidates if c.config == cfg), None)
@@ -952,9 +810,13 @@ def report(session: Session, state: PlanState, *, budget_bytes: Optional[int], m
         warnings.warn(f"blockquant.tune: the byte model predicted {predicted_bytes:,} B for the plan and "
                       f"track_saved measured {state.held_bytes:,} B (a layer's saved tensors depend on another "
                       f"layer's config); the plan was chosen by the measured bytes", RuntimeWarning, stacklevel=3)
+    noise = session.prober.noise_ratio(plan) if compressed else (0.0 if session.prober.has_dropout_noise() else None)
     for layer in session.layers:
         layer.captured = []  # drop the activation samples
-    return TuneResult(plan=plan, layers=session.layers, budget_bytes=budget_bytes, max_grad_error=max_grad_error,
+    return TuneResult(plan=plan, layers=session.layers, budget_bytes=budget_bytes,
+                      max_grad_error=None if noise_units else max_error,
+                      max_noise_ratio=max_error if noise_units else None, noise_ratio=noise,
+                      error_unit=session.prober.unit,
                       fp32_bytes=session.fp32_bytes, plain_bytes=session.plain_bytes, predicted_bytes=predicted_bytes,
                       measured_bytes=state.held_bytes, predicted_error=predicted_err,
                       measured_error=state.grad_error, min_bytes=session.min_bytes(), uniform=uniform,
@@ -983,10 +845,31 @@ def _resolve_budget(budget) -> Tuple[Optional[int], Optional[QuantConfig]]:
 
 
 
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """What :func:`tune` was asked, checked and resolved."""
+
+    budget_bytes: Optional[int]
+    budget_config: Optional[QuantConfig]
+    max_error: Optional[float]  # max_grad_error or max_noise_ratio, in the prober's units
+    noise_units: bool
+    noise_draws: int
+    grid: List[QuantConfig]
+    base: QuantConfig
+    probe_steps: Tuple[int, ...]
+    seed: int
+    max_candidates: int
+    prune_tolerance: float
+    refine: bool
+    uniform_grid: Tuple[QuantConfig, ...]
+    progress: bool
+
+
 def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfig, None] = None, *,
-         max_grad_error: Optional[float] = None, candidates: Optional[Sequence[QuantConfig]] = None,
-         probe_steps: Sequence[int] = (0, 10), seed: int = 0, max_candidates_per_layer: int = 16,
-         prune_tolerance: float = 0.25, refine: bool = True, uniform_grid: Sequence[QuantConfig] = UNIFORM_GRID,
+         max_grad_error: Optional[float] = None, max_noise_ratio: Optional[float] = None,
+         candidates: Optional[Sequence[QuantConfig]] = None, probe_steps: Sequence[int] = (0, 10), seed: int = 0,
+         max_candidates_per_layer: int = 16, prune_tolerance: float = 0.25, refine: bool = True,
+         uniform_grid: Sequence[QuantConfig] = UNIFORM_GRID, noise_draws: int = 8,
          loss_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, progress: bool = True) -> TuneResult:
     """Find a per-layer plan minimising the weight-gradient error within a memory budget.
 
@@ -1000,6 +883,11 @@ def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfi
             the plan converted onto a fresh model holds at most that many bytes.
         max_grad_error: instead of a budget: the fewest bytes whose predicted
             relative squared gradient error is at most this.
+        max_noise_ratio: instead of a budget: the fewest bytes whose predicted compression
+            noise is at most this fraction of dropout's, i.e. the variance compression adds to
+            the weight gradients over the variance dropout's own randomness causes at the same
+            weights (see :func:`blockquant.noise_report`; the model must use dropout). The
+            errors of the result are then in those units.
         candidates: the per-layer candidate grid (default :func:`candidate_configs`).
         probe_steps: fp32 training steps at which the weights are probed (one
             forward+backward per probe and candidate).
@@ -1007,6 +895,8 @@ def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfi
         max_candidates_per_layer, prune_tolerance: how many candidates per layer
             survive the variance-model pruning to be measured.
         refine: try one-step moves per layer on the verified plan.
+        noise_draws: dropout draws per probe for dropout's variance (0: not measured, no
+            ``noise_ratio`` in the result).
         loss_fn: ``loss_fn(model_output) -> loss``; default cross-entropy on the training nodes.
 
     Returns:
@@ -1014,54 +904,73 @@ def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfi
 
     Raises:
         TuneError: the budget is below the smallest achievable (the message says
-            what that is), or ``max_grad_error`` cannot be reached.
+            what that is), or ``max_grad_error`` / ``max_noise_ratio`` cannot be reached.
     """
-    if (budget is None) == (max_grad_error is None):
-        raise TuneError("tune: give exactly one of budget (bytes, or a uniform config whose bytes to match) "
-                        "and max_grad_error")
-    if max_grad_error is not None and not (max_grad_error > 0 and math.isfinite(max_grad_error)):
-        raise TuneError(f"tune: max_grad_error must be a positive number; got {max_grad_error}")
+    given = [n for n, v in (("budget", budget), ("max_grad_error", max_grad_error),
+                            ("max_noise_ratio", max_noise_ratio)) if v is not None]
+    if len(given) != 1:
+        raise TuneError("tune: give exactly one of budget (bytes, or a uniform config whose bytes to match), "
+                        f"max_grad_error and max_noise_ratio; got {', '.join(given) or 'none'}")
+    limit = max_grad_error if max_grad_error is not None else max_noise_ratio
+    if limit is not None and not (limit > 0 and math.isfinite(limit)):
+        raise TuneError(f"tune: {given[0]} must be a positive number; got {limit}")
+    if max_noise_ratio is not None and noise_draws < 2:
+        raise TuneError(f"tune: max_noise_ratio needs noise_draws >= 2 to measure dropout's variance; "
+                        f"got {noise_draws}")
     budget_bytes, budget_config = _resolve_budget(budget)
     if not probe_steps:
         raise TuneError("tune: probe_steps must name at least one step, e.g. (0, 10)")
-    t_start = time.perf_counter()
     grid = list(candidates) if candidates is not None else candidate_configs()
-    base = budget_config if budget_config is not None else QuantConfig.preset("default")
     if budget_config is not None and budget_config not in grid:
         grid.append(budget_config)  # the uniform plan at the budget is always one the allocation can reach
+    request = _Request(budget_bytes, budget_config, limit, max_noise_ratio is not None,
+                       noise_draws if noise_draws >= 2 else 0, grid,
+                       budget_config if budget_config is not None else QuantConfig.preset("default"),
+                       tuple(int(s) for s in probe_steps), seed, max_candidates_per_layer, prune_tolerance, refine,
+                       tuple(uniform_grid), progress)
+    try:
+        return _run_phases(model, data, loss_fn or default_loss(data), request)
+    except ProbeError as e:
+        raise TuneError(f"tune: {e}") from None
+
+
+def _run_phases(model: torch.nn.Module, data, loss_fn, req: _Request) -> TuneResult:
+    """The five phases in order."""
+    t_start = time.perf_counter()
     nodes = getattr(data, "num_nodes", None)
     nodes = int(nodes) if nodes is not None else None
-
-    with _caller_rng_kept(model, data) as seed_all:
-        prober = Prober(model, data, loss_fn or _default_loss(data), probe_steps, seed, seed_all)
-        if budget_config is not None:
-            budget_bytes = prober.saved_bytes(Plan.uniform(budget_config))
-        session = profile_layers(prober, base, grid, max_candidates=max_candidates_per_layer,
-                                 prune_tolerance=prune_tolerance, progress=progress)
+    budget_bytes = req.budget_bytes
+    with caller_rng_kept(model, data) as seed_all:
+        prober = Prober(model, data, loss_fn, req.probe_steps, req.seed, seed_all, dropout_draws=req.noise_draws)
+        if req.noise_units:
+            prober.use_dropout_units()
+        if req.budget_config is not None:
+            budget_bytes = prober.saved_bytes(Plan.uniform(req.budget_config))
+        session = profile_layers(prober, req.base, req.grid, max_candidates=req.max_candidates,
+                                 prune_tolerance=req.prune_tolerance, progress=req.progress)
         timings = session.timings
+        asked = dict(budget_bytes=budget_bytes, max_error=req.max_error, noise_units=req.noise_units, num_nodes=nodes)
 
         if budget_bytes is not None and budget_bytes >= session.fp32_bytes:
-            for l in session.layers:
-                l.chosen = None
-            none = PlanState({}, base, "full precision", session.fp32_bytes, 0.0)
+            none = PlanState({}, req.base, "full precision", session.fp32_bytes, 0.0)
             timings["total_s"] = time.perf_counter() - t_start
-            return report(session, none, budget_bytes=budget_bytes, max_grad_error=None, uniform=[], moves=[],
-                          num_nodes=nodes, message=f"budget {budget_bytes:,} B is at or above full precision "
-                          f"({session.fp32_bytes:,} B held for backward without compression): no compression chosen")
+            return report(session, none, uniform=[], moves=[], **asked,
+                          message=f"budget {budget_bytes:,} B is at or above full precision ({session.fp32_bytes:,} "
+                                  f"B held for backward without compression): no compression chosen")
         if budget_bytes is not None and budget_bytes < session.min_bytes():
             smallest = session.min_bytes()
             raise TuneError(f"budget {budget_bytes:,} B ({budget_bytes / 2**20:.3f} MiB) cannot be met: the smallest "
                             f"achievable is {smallest:,} B ({smallest / 2**20:.3f} MiB) for this model and data")
 
         t0 = time.perf_counter()
-        state, limit = allocate_verified(session, budget_bytes, max_grad_error, budget_config)
+        state, limit = allocate_verified(session, budget_bytes, req.max_error, req.budget_config)
         timings["allocate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        uniform = measure_uniform(session, uniform_grid, progress)
+        uniform = measure_uniform(session, req.uniform_grid, req.progress)
         timings["uniform_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        state, moves = refine_plan(session, state, limit, uniform, moves=refine)
+        state, moves = refine_plan(session, state, limit, uniform, moves=req.refine)
         timings["refine_s"] = time.perf_counter() - t0
+        result = report(session, state, uniform=uniform, moves=moves, **asked)
         timings["total_s"] = time.perf_counter() - t_start
-        return report(session, state, budget_bytes=budget_bytes, max_grad_error=max_grad_error, uniform=uniform,
-                      moves=moves, num_nodes=nodes)
+        return result
