@@ -215,6 +215,8 @@ MODELS: Dict[str, ModelSpec] = {
     "gcn": ModelSpec(_ogb("gcn"), _adam(0.01), max_epochs=500, patience=100),
     "gat": ModelSpec(_ogb("gat"), _adam(0.01), max_epochs=500, patience=100),
     "ex-gcn": ModelSpec(lambda g: ExampleGCN(g.num_features, g.num_classes), _gcn_optimizer, 200, None),
+    "ex-gcn-128": ModelSpec(lambda g: ExampleGCN(g.num_features, g.num_classes, hidden=128), _gcn_optimizer, 200,
+                            None),
     "ex-gat": ModelSpec(lambda g: ExampleGAT(g.num_features, g.num_classes), _adam(0.005, 5e-4), 200, None),
     "ex-gcn2": ModelSpec(lambda g: ExampleGCN2(g.num_features, g.num_classes), _gcn2_optimizer, 1000, 200,
                          loss="nll"),
@@ -278,11 +280,13 @@ def checksum(model: torch.nn.Module) -> float:
     return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
 
 
-def train_run(model_name: str, g: Graph, config, seed: int, soft_labels: Optional[torch.Tensor] = None
-              ) -> Dict[str, Any]:
+def train_run(model_name: str, g: Graph, config, seed: int, soft_labels: Optional[torch.Tensor] = None,
+              max_epochs: Optional[int] = None, patience: Optional[int] = None) -> Dict[str, Any]:
     """Train one seed; per-epoch training loss and validation/test accuracy, and the test
-    accuracy at the best validation epoch."""
+    accuracy at the best validation epoch. ``max_epochs``/``patience`` override the model's schedule."""
     spec = MODELS[model_name]
+    spec = dataclasses.replace(spec, max_epochs=max_epochs or spec.max_epochs,
+                               patience=patience if patience is not None else spec.patience)
     torch.manual_seed(seed)
     model = spec.build(g)
     init = checksum(model)
@@ -306,7 +310,7 @@ def train_run(model_name: str, g: Graph, config, seed: int, soft_labels: Optiona
         loss.backward()
         opt.step()
         step_s += time.perf_counter() - t0
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         model.eval()
         with torch.no_grad():
             pred = model(g.x, g.edge_index).argmax(-1)
@@ -320,7 +324,9 @@ def train_run(model_name: str, g: Graph, config, seed: int, soft_labels: Optiona
             break
     return {"init_checksum": init, "epochs": len(val_curve), "best_epoch": best_epoch, "best_val": 100 * best_val,
             "test_at_best": 100 * test_curve[best_epoch], "final_loss": losses[-1], "step_s": step_s / len(losses),
-            "val": [round(100 * v, 2) for v in val_curve], "loss": [round(v, 5) for v in losses]}
+            "max_epochs": spec.max_epochs, "patience": spec.patience,
+            "val": [round(100 * v, 2) for v in val_curve], "test": [round(100 * v, 2) for v in test_curve],
+            "loss": [round(v, 5) for v in losses]}
 
 
 def teacher_soft_labels(spec_name: str, g: Graph, seed: int) -> torch.Tensor:
@@ -352,8 +358,8 @@ def _mean_se(xs: List[float]):
 
 def convergence(run: Dict[str, Any], ref: Dict[str, Any]):
     """(epochs to reach ref's best validation accuracy or None, best val up to ref's best epoch - ref's best)."""
-    target = ref["best_val"]
-    reached = next((i + 1 for i, v in enumerate(run["val"]) if v >= target - 1e-9), None)
+    target = round(ref["best_val"], 2)  # the curves are stored rounded to 0.01 point
+    reached = next((i + 1 for i, v in enumerate(run["val"]) if v >= target - 0.005), None)
     upto = run["val"][:ref["best_epoch"] + 1]
     gap = (max(upto) if upto else float("nan")) - target
     return reached, gap
@@ -367,6 +373,12 @@ def summarize(out_dir: str) -> str:
         for line in open(bpath):
             r = json.loads(line)
             sizes[(r["label"], r["dataset"], r["model"], r["config"])] = (r["bytes"], r.get("num_nodes"))
+    noise = {}
+    npath = os.path.join(out_dir, "noise.jsonl")
+    if os.path.exists(npath):
+        for line in open(npath):
+            r = json.loads(line)
+            noise[(r["label"], r["dataset"], r["model"], r["config"])] = r
     groups: Dict[tuple, Dict[tuple, Dict[int, Dict[str, Any]]]] = {}
     for r in runs:
         groups.setdefault((r["dataset"], r["model"]), {}).setdefault((r["label"], r["config"]), {})[r["seed"]] = r
@@ -374,10 +386,10 @@ def summarize(out_dir: str) -> str:
     for (dataset, model), by_cfg in groups.items():
         fp32 = next((v for (lab, c), v in by_cfg.items() if c == "fp32"), None)
         text.append(f"\n### {dataset}, {model}\n")
-        text.append("| code | config | bytes held | B/node | seeds | test acc % | vs fp32 (paired) | best val % | "
-                    "epochs to fp32's best val (ratio to fp32's, median) | reached | gap at fp32's best epoch | "
-                    "final train loss |")
-        text.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        text.append("| code | config | bytes held | B/node | noise / dropout (max layer) | seeds | test acc % | "
+                    "vs fp32 (paired) | best val % | epochs to fp32's best val (ratio to fp32's, median) | reached | "
+                    "gap at fp32's best epoch | final train loss |")
+        text.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for (label, cfg), seeds in by_cfg.items():
             acc = [r["test_at_best"] for r in seeds.values()]
             m, se = _mean_se(acc)
@@ -397,6 +409,9 @@ def summarize(out_dir: str) -> str:
             bcol = f"{b:,}" if b is not None else "-"
             ncol = f"{b / nodes:.1f}" if b is not None and nodes else "-"
             gm, gse = _mean_se(gaps)
+            nz = noise.get((label, dataset, model, cfg))
+            ncol += (" | 0" if cfg == "fp32" else " | -" if nz is None or nz["ratio"] is None else
+                     f" | {nz['ratio']:.3g} ({max(v for v in nz['layers'].values() if v is not None):.3g})")
             text.append(
                 f"| {label} | {cfg} | {bcol} | {ncol} | {len(acc)} | {m:.2f} ± {sd:.2f} | "
                 f"{'-' if cfg == 'fp32' else f'{dm:+.2f} ± {dse:.2f}'} | "
@@ -424,9 +439,14 @@ def main(argv=None) -> None:
     p.add_argument("--configs", default="fp32,iexact,default,tuned:iexact")
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--max-epochs", type=int, default=None, help="override the model's epoch limit")
+    p.add_argument("--patience", type=int, default=None, help="override the model's early-stopping patience")
     p.add_argument("--label", default="current", help="names the code version in the results (e.g. before, after)")
     p.add_argument("--out", required=True)
     p.add_argument("--summarize", action="store_true")
+    p.add_argument("--noise", action="store_true",
+                   help="instead of training: blockquant.noise_report of every model and config (seed-0 weights, "
+                        "probes at steps 0 and 10) into <out>/noise.jsonl; plans are those --label made")
     args = p.parse_args(argv)
     if args.summarize:
         print(summarize(args.out))
@@ -443,6 +463,20 @@ def main(argv=None) -> None:
             r = json.loads(line)
             done.add((r["label"], r["dataset"], r["model"], r["config"], r["seed"]))
     load = os.getloadavg()[0]
+    if args.noise:
+        for model_name in models:
+            for c in args.configs.split(","):
+                if c == "fp32":
+                    continue
+                cfg = resolve_config(c, model_name, g, args.out, args.label)
+                torch.manual_seed(0)
+                rep = blockquant.noise_report(MODELS[model_name].build(g), g, cfg, draws=16, compression_draws=4)
+                with open(os.path.join(args.out, "noise.jsonl"), "a") as f:
+                    f.write(json.dumps({"label": args.label, "dataset": g.name, "model": model_name, "config": c,
+                                        "ratio": rep.ratio, "layers": {r.layer: r.ratio for r in rep.layers},
+                                        "report": rep.to_dict()}) + "\n")
+                print(rep.table(), flush=True)
+        return
     for model_name in models:
         configs = {c: resolve_config(c, model_name, g, args.out, args.label) for c in args.configs.split(",")}
         for c, cfg in configs.items():
@@ -456,7 +490,7 @@ def main(argv=None) -> None:
                 if (args.label, g.name, model_name, c, seed) in done:
                     continue
                 t0 = time.perf_counter()
-                rec = train_run(model_name, g, cfg, seed, soft)
+                rec = train_run(model_name, g, cfg, seed, soft, args.max_epochs, args.patience)
                 rec.update(label=args.label, dataset=g.name, model=model_name, config=c, seed=seed,
                            wall_s=time.perf_counter() - t0, load_start=load, load_end=os.getloadavg()[0],
                            torch=torch.__version__, blockquant=os.path.dirname(blockquant.__file__))

@@ -7,7 +7,7 @@ projection) and decompressed on demand in backward.
 from .config import ROW, QuantConfig
 from .levels import optimal_levels
 from .packed import PackedTensor, defer_finite_check, dequantize, quantize
-from .conversion import ConversionWarning, convert, summary, to_original
+from .conversion import ConversionWarning, ProjectionWarning, convert, summary, to_original
 from .memory import SavedMemory, track_saved
 from . import functional, save_policy
 from .adjacency import Adjacency, as_adjacency
@@ -24,7 +24,8 @@ __all__ = [
     # codec
     "QuantConfig", "ROW", "PackedTensor", "quantize", "dequantize", "defer_finite_check", "optimal_levels",
     # converting a model
-    "convert", "to_original", "summary", "ConversionWarning", "Plan", "tune", "TuneResult", "TuneError",
+    "convert", "to_original", "summary", "ConversionWarning", "ProjectionWarning", "Plan", "tune", "TuneResult",
+    "TuneError",
     # memory, and gradient noise against dropout's
     "track_saved", "SavedMemory", "compress_saved_tensors", "noise_report", "NoiseReport",
     # functional building blocks, and the rule for what they keep for backward

@@ -286,6 +286,25 @@ def test_converting_a_converted_model_equals_converting_a_fresh_one(spec):
     assert type(pyg_bn.to_original().module) is nn.BatchNorm1d
 
 
+@pytest.mark.parametrize("config,warns", [("iexact", True), ("exact", True), ("int2", False), ("default", False),
+                                           ({"": "int2", "convs.1": "iexact"}, True)], ids=str)
+def test_random_projection_is_announced(config, warns):
+    """A config that projects linear inputs (rp_ratio > 1) costs accuracy at every layer width: convert says so,
+    with the way to measure it (noise_report) and the way around it (tune, int2)."""
+    from torch_geometric.nn.models import GraphSAGE
+
+    model = GraphSAGE(8, 16, num_layers=2, out_channels=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        blockquant.convert(model, config)
+    projection = [w for w in caught if issubclass(w.category, blockquant.ProjectionWarning)]
+    assert bool(projection) == warns, [str(w.message) for w in caught]
+    if warns:
+        text = str(projection[0].message)
+        assert "noise_report" in text and "blockquant.tune" in text and "'int2'" in text
+        assert projection[0].filename == __file__  # points at the caller's convert line
+
+
 def test_model_inputs_saved_by_reference_fresh_intermediates_compressed():
     """convert() marks the tensors passed to forward as resident: a Linear fed data.x keeps a
     reference (no copy), while dropout(data.x), a fresh tensor without grad_fn, is compressed."""
