@@ -91,3 +91,14 @@ def test_tune_under_a_noise_budget(graph):
         tune(make(graph, p=0.0), graph, max_noise_ratio=0.25, **fast)
     with pytest.raises(TuneError, match="exactly one of budget"):
         tune(make(graph), graph, budget="iexact", max_noise_ratio=0.25)
+
+
+def test_cli_tune_takes_a_noise_budget(capsys):
+    from blockquant.cli import main
+
+    rc = main(["tune", "--dataset", "synthetic:tiny", "--model", "gcn", "--hidden", "16", "--layers", "2",
+               "--max-noise-ratio", "0.5", "--probe-steps", "0", "--max-candidates", "2", "--uniform-configs", "none",
+               "--no-refine", "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "compression variance / dropout variance" in out and "of the variance dropout causes" in out
