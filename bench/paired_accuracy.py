@@ -365,6 +365,14 @@ def convergence(run: Dict[str, Any], ref: Dict[str, Any]):
     return reached, gap
 
 
+def _noise_cell(report: Dict[str, Any]) -> str:
+    """Total compression variance / dropout variance, and the largest layer's, from a noise report."""
+    def ratio(r):
+        return r["compression_var"] / r["dropout_var"] if r["dropout_var"] > 0 else float("nan")
+
+    return f"{ratio(report['total']):.3g} ({max(ratio(r) for r in report['layers']):.3g})"
+
+
 def summarize(out_dir: str) -> str:
     runs = [json.loads(line) for line in open(os.path.join(out_dir, "runs.jsonl"))]
     sizes = {}
@@ -410,8 +418,7 @@ def summarize(out_dir: str) -> str:
             ncol = f"{b / nodes:.1f}" if b is not None and nodes else "-"
             gm, gse = _mean_se(gaps)
             nz = noise.get((label, dataset, model, cfg))
-            ncol += (" | 0" if cfg == "fp32" else " | -" if nz is None or nz["ratio"] is None else
-                     f" | {nz['ratio']:.3g} ({max(v for v in nz['layers'].values() if v is not None):.3g})")
+            ncol += " | 0" if cfg == "fp32" else " | -" if nz is None else f" | {_noise_cell(nz['report'])}"
             text.append(
                 f"| {label} | {cfg} | {bcol} | {ncol} | {len(acc)} | {m:.2f} ± {sd:.2f} | "
                 f"{'-' if cfg == 'fp32' else f'{dm:+.2f} ± {dse:.2f}'} | "

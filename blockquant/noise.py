@@ -15,13 +15,13 @@ weights, on private copies of the model (the caller's model and random state are
 * their **ratio** ``C / D``: 0.1 means compression adds a tenth of the noise dropout adds.
 
 The weights are those of the unconverted model after each of ``probe_steps`` fp32 Adam steps (lr
-0.01), as :func:`blockquant.tune` probes them; figures are means over those probes. The same
+0.01), as :func:`blockquant.tune` probes them; the variances are means over those probes, and the
+ratio is the ratio of those means. The same
 ratio, for the whole model, is what ``blockquant.tune(..., max_noise_ratio=x)`` keeps below ``x``.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -42,7 +42,7 @@ class LayerNoise:
     dropout_var: float
     compression_var: float
     ratio: Optional[float]
-    """Mean over probes of ``compression_var / dropout_var`` (``None`` where dropout adds no variance)."""
+    """``compression_var / dropout_var`` (``None`` where dropout adds no variance)."""
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,13 +144,11 @@ def noise_report(model: torch.nn.Module, data, config: Any = "iexact", *, probe_
         d = [summed(prober.dropout_var[i], layer) for i in probes]
         c = [summed(compression[i], layer) for i in probes]
         g = [summed(prober.ref[i].pow(2), layer) for i in probes]
-        ratios = [ci / di for ci, di in zip(c, d) if di > 0]
-        ratio = sum(ratios) / len(ratios) if len(ratios) == len(d) else None
         params = (sum(b - a for (a, b), n in zip(bounds, layer_names) if n == layer) if layer is not None
                   else sum(prober.sizes))
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         return LayerNoise(layer or "total", params, mean(g), mean(d), mean(c),
-                          ratio if ratio is None or math.isfinite(ratio) else None)
+                          mean(c) / mean(d) if mean(d) > 0 else None)
 
     name = config if isinstance(config, str) else getattr(config, "short", lambda: type(config).__name__)()
     return NoiseReport(str(name), [row(n) for n in order], row(None), tuple(probe_steps), draws, compression_draws)

@@ -177,7 +177,7 @@ class Prober:
         if dropout_draws:
             self.dropout_var = [self.dropout_variance(i, dropout_draws) for i in range(len(self.states))]
         self.unit = self.GRADIENT
-        self.norms = self.ref_norm2
+        self.norms = self.ref_norm2  # what error() divides each probe's squared error by
 
     # ------------------------------------------------------------------ models
     def forward(self, model: torch.nn.Module) -> torch.Tensor:
@@ -276,15 +276,16 @@ class Prober:
             raise ProbeError("the model's fp32 gradient does not vary with dropout (no dropout, or dropout not "
                              "measured): compression noise cannot be given in units of dropout's noise")
         self.unit = self.DROPOUT
-        self.norms = [float(v.sum()) for v in self.dropout_var]
+        mean = sum(float(v.sum()) for v in self.dropout_var) / len(self.dropout_var)
+        self.norms = [mean] * len(self.dropout_var)  # error() then gives sum of errors / sum of variances
 
     def noise_ratio(self, spec, draws: int = 1) -> Optional[float]:
-        """Mean over probes of the variance compression adds to the weight gradients over the
-        variance dropout causes; ``None`` without dropout noise."""
+        """The variance compression adds to the weight gradients over the variance dropout causes,
+        both summed over the probes; ``None`` without dropout noise."""
         if not self.has_dropout_noise():
             return None
         errs = self.squared_errors(spec, draws)
-        return sum(float(e.sum()) / float(v.sum()) for e, v in zip(errs, self.dropout_var)) / len(errs)
+        return sum(float(e.sum()) for e in errs) / sum(float(v.sum()) for v in self.dropout_var)
 
     # ------------------------------------------------------------------- bytes
     def saved_bytes(self, spec) -> int:
