@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 import blockquant
 from blockquant import QuantConfig
+from blockquant.bench.datasets import GraphDataset, load_dataset
 
 # Configs beside the presets, named here so that results files stay readable.
 NAMED_CONFIGS = {
@@ -58,40 +59,15 @@ NAMED_CONFIGS = {
 # ----------------------------------------------------------------------------- data
 
 
-@dataclasses.dataclass
-class Graph:
-    name: str
-    x: torch.Tensor
-    edge_index: torch.Tensor
-    y: torch.Tensor
-    train: torch.Tensor
-    valid: torch.Tensor
-    test: torch.Tensor
-    num_classes: int
-
-    @property
-    def num_nodes(self) -> int:
-        return int(self.x.size(0))
-
-    @property
-    def num_features(self) -> int:
-        return int(self.x.size(1))
-
-    # what blockquant.tune reads: x, edge_index, y and the training nodes
-    @property
-    def split(self) -> Dict[str, torch.Tensor]:
-        return {"train": self.train, "valid": self.valid, "test": self.test}
-
-
-def load_graph(name: str, root: Optional[str], scale: float, normalize_features: bool) -> Graph:
-    from blockquant.bench.datasets import load_dataset
-
+def load_graph(name: str, root: Optional[str], scale: float, normalize_features: bool) -> GraphDataset:
+    """A ``blockquant bench`` dataset (``x``, ``edge_index``, ``y``, ``split``), features row-normalised
+    on request (PyG's ``T.NormalizeFeatures``: rows summing to one)."""
     ds = load_dataset(name, root, scale=scale)
-    x = ds.x.float()
-    if normalize_features:  # PyG's T.NormalizeFeatures: rows summing to one
-        x = x / x.sum(-1, keepdim=True).clamp(min=1.0)
-    return Graph(ds.name + ("+normfeat" if normalize_features else ""), x, ds.edge_index, ds.y,
-                 ds.split["train"], ds.split["valid"], ds.split["test"], int(ds.num_classes))
+    ds.x = ds.x.float()
+    if normalize_features:
+        ds.x = ds.x / ds.x.sum(-1, keepdim=True).clamp(min=1.0)
+        ds.name += "+normfeat"
+    return ds
 
 
 # ----------------------------------------------------------------------------- models
@@ -101,7 +77,7 @@ def load_graph(name: str, root: Optional[str], scale: float, normalize_features:
 class ModelSpec:
     """How one model is built and trained (the schedule of the script or reference it mirrors)."""
 
-    build: Callable[[Graph], torch.nn.Module]
+    build: Callable[[GraphDataset], torch.nn.Module]
     optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
     max_epochs: int
     patience: Optional[int]  # None: the script's fixed number of epochs
@@ -114,10 +90,10 @@ def _adam(lr: float, wd: float = 0.0):
 
 
 def _ogb(kind: str, hidden: int = 128, layers: int = 3):
-    def build(g: Graph) -> torch.nn.Module:
+    def build(g: GraphDataset) -> torch.nn.Module:
         from blockquant.bench.models import build_model
 
-        return build_model(kind, g.num_features, hidden, g.num_classes, num_layers=layers, dropout=0.5)
+        return build_model(kind, g.num_features, hidden, g.out_dim, num_layers=layers, dropout=0.5)
 
     return build
 
@@ -204,24 +180,24 @@ class StudentMLP(torch.nn.Module):
         return self.mlp(x)
 
 
-def _zoo_gcn(g: Graph) -> torch.nn.Module:  # examples/glnn.py's teacher: GCN(F, 16, 2 layers), no dropout
+def _zoo_gcn(g: GraphDataset) -> torch.nn.Module:  # examples/glnn.py's teacher: GCN(F, 16, 2 layers), no dropout
     from torch_geometric.nn.models import GCN
 
-    return GCN(g.num_features, hidden_channels=16, out_channels=g.num_classes, num_layers=2)
+    return GCN(g.num_features, hidden_channels=16, out_channels=g.out_dim, num_layers=2)
 
 
 MODELS: Dict[str, ModelSpec] = {
     "sage": ModelSpec(_ogb("sage"), _adam(0.01), max_epochs=500, patience=100),
     "gcn": ModelSpec(_ogb("gcn"), _adam(0.01), max_epochs=500, patience=100),
     "gat": ModelSpec(_ogb("gat"), _adam(0.01), max_epochs=500, patience=100),
-    "ex-gcn": ModelSpec(lambda g: ExampleGCN(g.num_features, g.num_classes), _gcn_optimizer, 200, None),
-    "ex-gcn-128": ModelSpec(lambda g: ExampleGCN(g.num_features, g.num_classes, hidden=128), _gcn_optimizer, 200,
+    "ex-gcn": ModelSpec(lambda g: ExampleGCN(g.num_features, g.out_dim), _gcn_optimizer, 200, None),
+    "ex-gcn-128": ModelSpec(lambda g: ExampleGCN(g.num_features, g.out_dim, hidden=128), _gcn_optimizer, 200,
                             None),
-    "ex-gat": ModelSpec(lambda g: ExampleGAT(g.num_features, g.num_classes), _adam(0.005, 5e-4), 200, None),
-    "ex-gcn2": ModelSpec(lambda g: ExampleGCN2(g.num_features, g.num_classes), _gcn2_optimizer, 1000, 200,
+    "ex-gat": ModelSpec(lambda g: ExampleGAT(g.num_features, g.out_dim), _adam(0.005, 5e-4), 200, None),
+    "ex-gcn2": ModelSpec(lambda g: ExampleGCN2(g.num_features, g.out_dim), _gcn2_optimizer, 1000, 200,
                          loss="nll"),
     "ex-glnn-teacher": ModelSpec(_zoo_gcn, _adam(0.01, 5e-4), 200, None),
-    "ex-glnn-student": ModelSpec(lambda g: StudentMLP(g.num_features, g.num_classes), _adam(0.01, 5e-4), 500,
+    "ex-glnn-student": ModelSpec(lambda g: StudentMLP(g.num_features, g.out_dim), _adam(0.01, 5e-4), 500,
                                  None, teacher="ex-glnn-teacher"),
 }
 SUITES = {"ogb": ("sage", "gcn", "gat"),
@@ -231,7 +207,7 @@ SUITES = {"ogb": ("sage", "gcn", "gat"),
 # ----------------------------------------------------------------------------- configs
 
 
-def resolve_config(name: str, model_name: str, g: Graph, out_dir: str, label: str):
+def resolve_config(name: str, model_name: str, g: GraphDataset, out_dir: str, label: str):
     """``fp32`` -> None; a preset or :data:`NAMED_CONFIGS` name; ``tuned:<preset>`` -> the plan
     ``blockquant.tune`` finds at that preset's bytes on the seed-0 model (cached in ``<out>/plans``)."""
     if name == "fp32":
@@ -264,7 +240,7 @@ def convert(model: torch.nn.Module, config) -> torch.nn.Module:
         return blockquant.convert(model, config)
 
 
-def held_bytes(model_name: str, g: Graph, config) -> int:
+def held_bytes(model_name: str, g: GraphDataset, config) -> int:
     """Bytes held for backward after one training forward of the seed-0 model (data excluded)."""
     torch.manual_seed(0)
     model = convert(MODELS[model_name].build(g), config).train()
@@ -280,7 +256,7 @@ def checksum(model: torch.nn.Module) -> float:
     return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
 
 
-def train_run(model_name: str, g: Graph, config, seed: int, soft_labels: Optional[torch.Tensor] = None,
+def train_run(model_name: str, g: GraphDataset, config, seed: int, soft_labels: Optional[torch.Tensor] = None,
               max_epochs: Optional[int] = None, patience: Optional[int] = None) -> Dict[str, Any]:
     """Train one seed; per-epoch training loss and validation/test accuracy, and the test
     accuracy at the best validation epoch. ``max_epochs``/``patience`` override the model's schedule."""
@@ -304,9 +280,9 @@ def train_run(model_name: str, g: Graph, config, seed: int, soft_labels: Optiona
         if soft_labels is not None:  # GLNN: distil the teacher's log-probabilities (lambda = 0)
             loss = F.kl_div(out.log_softmax(-1), soft_labels, reduction="batchmean", log_target=True)
         elif spec.loss == "nll":
-            loss = F.nll_loss(out[g.train], g.y[g.train])
+            loss = F.nll_loss(out[g.split['train']], g.y[g.split['train']])
         else:
-            loss = F.cross_entropy(out[g.train], g.y[g.train])
+            loss = F.cross_entropy(out[g.split['train']], g.y[g.split['train']])
         loss.backward()
         opt.step()
         step_s += time.perf_counter() - t0
@@ -314,8 +290,8 @@ def train_run(model_name: str, g: Graph, config, seed: int, soft_labels: Optiona
         model.eval()
         with torch.no_grad():
             pred = model(g.x, g.edge_index).argmax(-1)
-        val = float((pred[g.valid] == g.y[g.valid]).float().mean())
-        test = float((pred[g.test] == g.y[g.test]).float().mean())
+        val = float((pred[g.split["valid"]] == g.y[g.split["valid"]]).float().mean())
+        test = float((pred[g.split["test"]] == g.y[g.split["test"]]).float().mean())
         val_curve.append(val)
         test_curve.append(test)
         if val > best_val:
@@ -329,7 +305,7 @@ def train_run(model_name: str, g: Graph, config, seed: int, soft_labels: Optiona
             "loss": [round(v, 5) for v in losses]}
 
 
-def teacher_soft_labels(spec_name: str, g: Graph, seed: int) -> torch.Tensor:
+def teacher_soft_labels(spec_name: str, g: GraphDataset, seed: int) -> torch.Tensor:
     """The fp32 teacher's log-probabilities for this seed (the student's target in every config)."""
     teacher = MODELS[spec_name]
     torch.manual_seed(seed)
@@ -338,7 +314,7 @@ def teacher_soft_labels(spec_name: str, g: Graph, seed: int) -> torch.Tensor:
     for _ in range(teacher.max_epochs):
         model.train()
         opt.zero_grad()
-        F.cross_entropy(model(g.x, g.edge_index)[g.train], g.y[g.train]).backward()
+        F.cross_entropy(model(g.x, g.edge_index)[g.split['train']], g.y[g.split['train']]).backward()
         opt.step()
     model.eval()
     with torch.no_grad():
