@@ -408,6 +408,56 @@ def summarize(out_dir: str) -> str:
     return "\n".join(text)
 
 
+def _load(out_dir: str, name: str) -> List[Dict[str, Any]]:
+    path = os.path.join(out_dir, name)
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def compact_tables(out_dirs: List[str], configs: List[str]) -> str:
+    """The README's condensed tables: per model, fp32's accuracy and each config's paired difference
+    (with its noise ratio); then every (model, config) sorted by noise ratio."""
+    rows, points = [], []
+    for out_dir in out_dirs:
+        runs = _load(out_dir, "runs.jsonl")
+        noise = {(r["dataset"], r["model"], r["config"], r["label"]): r["report"]
+                 for r in _load(out_dir, "noise.jsonl")}
+        by: Dict[tuple, Dict[str, Dict[int, Dict[str, Any]]]] = {}
+        for r in runs:
+            key = r["config"] if r["config"] == "fp32" else f"{r['config']} ({r['label']})"
+            by.setdefault((r["dataset"], r["model"]), {}).setdefault(key, {})[r["seed"]] = r
+        for (dataset, model), cfgs in by.items():
+            fp32 = cfgs.get("fp32", {})
+            m, _ = _mean_se([r["test_at_best"] for r in fp32.values()])
+            cells = [f"{m:.2f} ({len(fp32)})"]
+            for c in configs:
+                match = [k for k in cfgs if k == c or k.startswith(c + " (")]
+                if not match:
+                    cells.append("-")
+                    continue
+                part = []
+                for k in sorted(match):
+                    seeds = cfgs[k]
+                    diff = [seeds[s]["test_at_best"] - fp32[s]["test_at_best"] for s in seeds if s in fp32]
+                    dm, dse = _mean_se(diff)
+                    label = k.split(" (")[1].rstrip(")") if " (" in k else ""
+                    rep = noise.get((dataset, model, c, label))
+                    ratio = rep["total"]["compression_var"] / rep["total"]["dropout_var"] if rep else None
+                    nz = f", noise {ratio:.2g}" if ratio is not None else ""
+                    tag = f"{label}: " if len(match) > 1 else ""
+                    seeds_note = f" ({len(diff)})" if len(diff) != len(fp32) else ""
+                    part.append(f"{tag}{dm:+.2f} ± {dse:.2f}{nz}{seeds_note}")
+                    if ratio is not None:
+                        points.append((ratio, dataset, model, k, dm, dse, len(diff)))
+                cells.append("; ".join(part))
+            rows.append(f"| {model} ({dataset}) | " + " | ".join(cells) + " |")
+    head = "| model (data) | fp32 test acc % (seeds) | " + " | ".join(f"{c}: vs fp32" for c in configs) + " |"
+    out = [head, "|" + "---|" * (len(configs) + 2)] + rows
+    out += ["", "| noise / dropout | model (data) | config | vs fp32 (paired) |", "|---|---|---|---|"]
+    out += [f"| {r:.3g} | {m} ({d}) | {k} | {dm:+.2f} ± {dse:.2f} ({n} seeds) |"
+            for r, d, m, k, dm, dse, n in sorted(points)]
+    return "\n".join(out)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -427,12 +477,17 @@ def main(argv=None) -> None:
     p.add_argument("--label", default="current", help="names the code version in the results (e.g. before, after)")
     p.add_argument("--out", required=True)
     p.add_argument("--summarize", action="store_true")
+    p.add_argument("--tables", default=None, metavar="CONFIGS",
+                   help="print the README's condensed tables for these configs, over --out (comma-separated dirs)")
     p.add_argument("--noise", action="store_true",
                    help="instead of training: blockquant.noise_report of every model and config (seed-0 weights, "
                         "probes at steps 0 and 10) into <out>/noise.jsonl; plans are those --label made")
     args = p.parse_args(argv)
     if args.summarize:
         print(summarize(args.out))
+        return
+    if args.tables:
+        print(compact_tables(args.out.split(","), args.tables.split(",")))
         return
     torch.set_num_threads(1)
     models = args.models.split(",") if args.models else list(SUITES[args.suite or "ogb"])
