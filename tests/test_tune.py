@@ -180,7 +180,8 @@ def test_tune_leaves_the_callers_random_state_alone(graph, monkeypatch):
     torch.manual_seed(1234)
     reseeded.clear()
     before = torch.random.get_rng_state()
-    tune(models[0], graph, budget="iexact", **dict(FAST, candidates=SMALL_GRID[:2] + list(UNIFORM[1:2]), uniform_grid=()))
+    grid = SMALL_GRID[:2] + [QuantConfig.preset("iexact")]
+    tune(models[0], graph, budget="iexact", **dict(FAST, candidates=grid, uniform_grid=()))
     gradient_error(models[1], graph, "iexact", probe_steps=(0,))
     assert torch.equal(torch.random.get_rng_state(), before)
     assert reseeded == [], "tune reseeded every CUDA generator (torch.manual_seed)"
