@@ -7,13 +7,14 @@ projection) and decompressed on demand in backward.
 from .config import ROW, QuantConfig
 from .levels import optimal_levels
 from .packed import PackedTensor, defer_finite_check, dequantize, quantize
-from .conversion import ConversionWarning, convert, summary, to_original
+from .conversion import ConversionWarning, ProjectionWarning, convert, summary, to_original
 from .memory import SavedMemory, track_saved
 from . import functional, save_policy
 from .adjacency import Adjacency, as_adjacency
 from .saved_hooks import compress_saved_tensors
 from .plan import Plan
 from .tune import TuneError, TuneResult, tune
+from .noise import NoiseReport, noise_report
 
 __version__ = "0.2.0"  # the one place; setup.py reads it from here, CHANGELOG.md says what changed
 
@@ -23,9 +24,10 @@ __all__ = [
     # codec
     "QuantConfig", "ROW", "PackedTensor", "quantize", "dequantize", "defer_finite_check", "optimal_levels",
     # converting a model
-    "convert", "to_original", "summary", "ConversionWarning", "Plan", "tune", "TuneResult", "TuneError",
-    # memory
-    "track_saved", "SavedMemory", "compress_saved_tensors",
+    "convert", "to_original", "summary", "ConversionWarning", "ProjectionWarning", "Plan", "tune", "TuneResult",
+    "TuneError",
+    # memory, and gradient noise against dropout's
+    "track_saved", "SavedMemory", "compress_saved_tensors", "noise_report", "NoiseReport",
     # functional building blocks, and the rule for what they keep for backward
     "functional", "save_policy", "Adjacency", "as_adjacency",
 ]

@@ -184,8 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 _TUNE_EPILOG = """\
 The budget is the bytes the autograd graph holds after one training forward (blockquant.track_saved,
-data excluded), as in 'blockquant bench'. --budget-config NAME|PATH.json uses the bytes of that config
-applied to every layer (e.g. iexact), so the tuned plan can be compared with it at equal memory.
+data excluded), as in 'blockquant bench'; the plan holds at most that, measured the same way.
+--budget-config NAME|PATH.json uses the bytes of that config applied to every layer (e.g. iexact), so
+the tuned plan can be compared with it at equal memory. --max-noise-ratio R asks for the fewest bytes
+whose compression noise is at most R times the gradient noise dropout already adds.
 
 Writes (with --out): plan.json (blockquant.convert(model, "plan.json"), blockquant.Plan.from_json,
 'blockquant bench --configs plan.json' with the same --model/--hidden/--layers), tune_table.txt,
@@ -231,6 +233,9 @@ def _add_tune_parser(sub, d) -> None:
                    help="the bytes of this preset or JSON QuantConfig applied to every layer")
     g.add_argument("--max-grad-error", type=_positive_float("--max-grad-error"), metavar="E",
                    help="fewest bytes whose predicted relative squared gradient error is at most E")
+    g.add_argument("--max-noise-ratio", type=_positive_float("--max-noise-ratio"), metavar="R",
+                   help="fewest bytes whose predicted compression noise is at most R times the gradient variance "
+                        "dropout causes (blockquant.noise_report)")
     t.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the model and of every probe "
                                                                      "(default: %(default)s)")
     t.add_argument("--probe-steps", default="0,10", metavar="LIST",
@@ -470,7 +475,7 @@ def run_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     model_name = args.model.strip().lower()
     if model_name not in MODEL_NAMES:
         raise BenchError(f"unknown model {args.model!r}; expected one of {', '.join(MODEL_NAMES)}")
-    budget = max_err = None
+    budget = max_err = max_noise = None
     if args.budget_config is not None:
         spec = args.budget_config.strip()
         if spec in QuantConfig.preset_names():
@@ -487,9 +492,11 @@ def run_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
                              f"QuantConfig file; got {spec!r}")
     elif args.max_grad_error is not None:
         max_err = args.max_grad_error
+    elif args.max_noise_ratio is not None:
+        max_noise = args.max_noise_ratio
     elif args.budget_mib is None and args.budget_bytes_per_node is None:
-        raise BenchError("give a budget: --budget-mib X, --budget-bytes-per-node B, --budget-config NAME or "
-                         "--max-grad-error E")
+        raise BenchError("give a budget: --budget-mib X, --budget-bytes-per-node B, --budget-config NAME, "
+                         "--max-grad-error E or --max-noise-ratio R")
     try:
         probes = tuple(int(p) for p in args.probe_steps.split(",") if p.strip())
     except ValueError:
@@ -512,7 +519,8 @@ def run_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         dropout=args.dropout)
     t0 = time.perf_counter()
     try:
-        result = tune(model, data, budget, max_grad_error=max_err, probe_steps=probes, seed=args.seed,
+        result = tune(model, data, budget, max_grad_error=max_err, max_noise_ratio=max_noise, probe_steps=probes,
+                      seed=args.seed,
                       max_candidates_per_layer=args.max_candidates, refine=not args.no_refine,
                       uniform_grid=uniform, progress=not args.quiet)
     except TuneError as e:

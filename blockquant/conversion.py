@@ -29,7 +29,7 @@ from . import forward_scope
 from .config import QuantConfig
 from .nn.registry import WRAPPERS, CompressedModule, lazy_reason
 
-__all__ = ["convert", "to_original", "summary", "ConversionWarning", "ConversionInfo"]
+__all__ = ["convert", "to_original", "summary", "ConversionWarning", "ProjectionWarning", "ConversionInfo"]
 
 ConfigSpec = Union[None, str, QuantConfig, Mapping[Union[str, type], Optional[QuantConfig]]]
 FilterFn = Callable[[torch.nn.Module, str], bool]
@@ -45,6 +45,30 @@ _SILENT_TYPES = (torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten)
 
 class ConversionWarning(UserWarning):
     """Some modules were left at full precision by :func:`convert`."""
+
+
+class ProjectionWarning(UserWarning):
+    """:func:`convert` applied random projection (``rp_ratio > 1``, as in the ``exact`` and ``iexact``
+    presets): it costs accuracy on graphs of Cora's size (see the README's preset table)."""
+
+
+def _warn_projection(root: torch.nn.Module) -> None:
+    """Random projection at ratio r multiplies a projected layer's weight-gradient variance by about r
+    whatever the layer's width: say so, with the way to measure it and the way around it."""
+    projected = [(n, m.bq_config.rp_ratio) for n, m in root.named_modules()
+                 if isinstance(m, CompressedModule) and m.bq_config.rp_ratio > 1]
+    if not projected:
+        return
+    ratios = sorted({r for _, r in projected})
+    warnings.warn(
+        f"blockquant.convert: {len(projected)} module(s) compress linear-layer inputs with random projection "
+        f"(rp_ratio {', '.join(map(str, ratios))}). The projection stores {ratios[-1]}x fewer columns but adds "
+        "gradient noise of about rp_ratio times a projected layer's weight gradient, at every layer width: on "
+        "Cora-sized graphs many times the noise dropout adds, and about a point of test accuracy in paired runs "
+        "(README, 'Presets: what each costs'). Measure it on your data with blockquant.noise_report(model, data, "
+        "config); blockquant.tune(model, data, budget=config) finds a plan of the same bytes, or use 'int2' (no "
+        "projection). Silence with warnings.filterwarnings('ignore', category=blockquant.ProjectionWarning).",
+        ProjectionWarning, stacklevel=3)
 
 
 @dataclasses.dataclass
@@ -265,9 +289,11 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
         tname = type(module).__name__
         if isinstance(module, CompressedModule):
             cfg = chooser.choose(module, name)
-            if cfg is None:
+            if cfg is None:  # the caller asked for this module to stay exact: as if it had never been converted
                 leave_exact(name)
-                return module.to_original()  # the caller asked for this subtree to stay exact
+                module = module.to_original()
+                visit_children(module, name)  # its children follow their own names and types, as on a fresh model
+                return module
             if type(module).unsupported_reason(module._bq_unwrapped()) is None:
                 if explicit and cfg != module.bq_config:
                     module = type(module).from_module(module._bq_unwrapped(), cfg)
@@ -349,6 +375,7 @@ def convert(model: torch.nn.Module, config: ConfigSpec = None, *,
     if root is not model:
         model.__dict__[_INFO_ATTR] = info
 
+    _warn_projection(root)
     if unknown or refused:
         scope = forward_scope.settings_of(root)
         lines = []

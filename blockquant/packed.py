@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 import sys
 from typing import Iterator, List, Optional, Tuple, Union
@@ -28,7 +29,7 @@ from ._compat import custom_op
 from .config import QuantConfig
 from .distributed import process_rank, rank_seed
 from .levels import optimal_levels
-from .projection import projected_dim, rademacher
+from .projection import rademacher, stored_width
 from .seeds import active_stream
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -119,8 +120,26 @@ def _levels_for(bits: int, block: int, optimal: bool) -> Optional[List[float]]:
     return list(optimal_levels(bits, block)) if optimal else None
 
 
-def _stored_numel(x: torch.Tensor, proj_dim: int):
-    return x.numel() if proj_dim == 0 else x.numel() // x.shape[-1] * proj_dim
+def stored_shape(shape, config: QuantConfig) -> Tuple[int, ...]:
+    """Shape of what :func:`quantize` encodes for a tensor of ``shape``: the last dimension
+    becomes :func:`blockquant.projection.stored_width` (the projected width, when projected)."""
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        return shape
+    return shape[:-1] + (stored_width(shape[-1], config.rp_ratio),)
+
+
+def packed_nbytes(shape, config: QuantConfig) -> int:
+    """Exact bytes :func:`quantize` holds for a tensor of ``shape`` (:attr:`PackedTensor.nbytes`):
+    the packed codes of the stored (projected, if projected) tensor plus two ``meta_dtype``
+    values per block. The codec's byte formula; :func:`blockquant.tune` plans with it."""
+    stored = stored_shape(shape, config)
+    n = math.prod(stored)
+    if n == 0:
+        return 0
+    block = config.block_size_for(stored[-1] if stored else 1)
+    meta_item = torch.empty((), dtype=config.meta_dtype).element_size()
+    return payload_bytes(n, block, config.bits) + 2 * (-(-n // block)) * meta_item
 
 
 @custom_op("blockquant::projection", mutates_args=())
@@ -164,7 +183,7 @@ def _quantize_op(x: torch.Tensor, seed: torch.Tensor, bits: int, block: int, met
 
 @_quantize_op.register_fake
 def _(x, seed, bits, block, meta_dtype, levels, stochastic, proj_dim, check_finite, backend):
-    n = _stored_numel(x, proj_dim)
+    n = x.numel() if proj_dim == 0 else x.numel() // x.shape[-1] * proj_dim  # proj_dim: quantize's stored width
     nb = (n + block - 1) // block
     return (x.new_empty(payload_bytes(n, block, bits), dtype=torch.uint8), x.new_empty((2, nb), dtype=meta_dtype),
             torch.empty((), dtype=torch.int64))
@@ -479,13 +498,10 @@ def quantize(x: torch.Tensor, config: Optional[QuantConfig] = None,
     shape = x.shape
     proj_seed = proj_dims = None
     row = x.shape[-1] if x.dim() >= 1 else 1
-    if config.rp_ratio > 1 and x.dim() >= 1 and x.shape[-1] > 1:
-        d = x.shape[-1]
-        r = projected_dim(d, config.rp_ratio)
-        if r < d:
-            proj_seed = projection_seed(seed)
-            proj_dims = (d, r)
-            row = r
+    if x.dim() >= 1 and stored_width(row, config.rp_ratio) < row:
+        proj_seed = projection_seed(seed)
+        proj_dims = (row, stored_width(row, config.rp_ratio))
+        row = proj_dims[1]
     block = config.block_size_for(row)
     if x.numel() == 0:
         if not torch.compiler.is_compiling():

@@ -53,7 +53,7 @@ import torch
 from ._compat import WeakIdKeyDictionary, tensor_version, view_base
 from .config import QuantConfig
 from .packed import PackedTensor, quantize
-from .projection import projected_dim
+from .projection import stored_width
 
 __all__ = ["keep", "keep_for_ctx", "is_resident", "mark_resident", "resident_during", "compress_shared", "compress",
            "without_projection", "RowChunks", "CHUNK_ELEMENTS", "chunk_elements"]
@@ -217,10 +217,7 @@ def compress_whole(x: torch.Tensor, config: QuantConfig) -> PackedTensor:
 def rows_per_chunk(width: int, config: QuantConfig, device: Union[torch.device, str] = "cpu") -> int:
     """Rows of a 2-D tensor of ``width`` columns on ``device`` compressed at once: about
     :func:`chunk_elements` elements, and a whole number of codec blocks."""
-    stored = width
-    if config.rp_ratio > 1 and width > 1:
-        r = projected_dim(width, config.rp_ratio)
-        stored = r if r < width else width
+    stored = stored_width(width, config.rp_ratio)
     block = config.block_size_for(stored)
     unit = block // math.gcd(block, stored)  # rows holding a whole number of blocks
     return max(unit, (chunk_elements(device) // max(width, 1)) // unit * unit)

@@ -1,43 +1,50 @@
 """Choose bits, block size, projection and levels per layer, from measurements, under a memory budget.
 
-:func:`tune` (and ``blockquant tune``) works in four steps:
+:func:`tune` (and ``blockquant tune``) runs five phases, each a function of this module that can be
+read and called on its own:
 
-1. **Profile.** The compressible layers are the modules :func:`blockquant.convert`
-   swaps whose saved bytes depend on the config (a ReLU's 1-bit mask or a
-   Dropout's seed do not). For each one, a forward with only that layer
-   converted captures the tensors it compresses (shape, dtype, whether the
-   wrapper projects it). The bytes of any candidate then follow exactly from
-   the codec's byte formula (:func:`packed_nbytes`: packed codes plus two
-   metadata values per block). The block variance model of ALGORITHM.md
-   (per-block ranges of the captured activations, i-Exact's clipped-normal
-   rounding variance for the levels, projection variance ``(D-1)/R ||H||^2``)
-   predicts each candidate's reconstruction error; candidates that another
-   one beats on both predicted error and bytes are pruned. The survivors are
-   *measured*: the relative squared error of all weight gradients against
-   full precision with only that layer compressed, one forward+backward per
-   probe (a few probes: weights at a few early fp32 training steps, one
-   rounding seed each). Cost: layers x surviving candidates x probes passes.
-2. **Allocate.** Independent zero-mean rounding noises add in variance, so the
-   plan's predicted error is the sum of its layers' measured errors and its
-   bytes the plain bytes of the converted model plus the layers' bytes. A
-   greedy marginal-gain allocation over each layer's lower convex hull
-   (error saved per byte spent), then single-layer swaps that still fit,
-   minimises the predicted error within the budget.
-3. **Verify and refine.** The converted model is measured once: bytes with
-   :func:`blockquant.track_saved` (must equal the prediction exactly) and the
-   gradient error with the same probes. Uniform configs that fit the budget
-   are measured as well; if one beats the allocated plan it is taken (the
-   tuned plan is never worse than the best uniform config at its bytes, in
-   the tuner's own measurement). One-step moves per layer (bits up/down,
-   block doubled/halved) are kept when they lower the measured error at equal
-   or fewer bytes.
-4. **Report.** :class:`TuneResult` has the per-layer table, the plan
-   (:class:`blockquant.Plan`, JSON for ``convert``/``bench --configs``), the
-   uniform configs' memory/error points and a Pareto plot.
+1. :func:`profile`. The compressible layers are the modules :func:`blockquant.convert` swaps whose
+   saved bytes depend on the config (a ReLU's 1-bit mask or a Dropout's seed do not). For each one,
+   a forward with only that layer converted captures the tensors it compresses (shape, dtype,
+   whether the wrapper projects it). The bytes of any candidate then follow from the codec's byte
+   formula (:func:`blockquant.packed.packed_nbytes`), and the bytes of a plan are the *plain*
+   bytes of the converted model (everything :func:`blockquant.track_saved` counts that no layer's
+   config changes, measured once) plus its layers' bytes. The block variance model of
+   ALGORITHM.md (per-block ranges of the captured activations, i-Exact's clipped-normal rounding
+   variance for the levels, projection variance ``(D-1)/R ||H||^2``) predicts each candidate's
+   reconstruction error; candidates that another one beats on both predicted error and bytes are
+   pruned. The survivors are *measured*: the relative squared error of all weight gradients
+   against full precision with only that layer compressed, one forward+backward per probe (a few
+   probes: weights at a few early fp32 training steps, one rounding seed each; dropout on, with
+   the same masks in both models, see :class:`blockquant.probes.Prober`). Cost: layers x
+   surviving candidates x probes passes. With ``max_noise_ratio`` the errors are divided by the
+   variance dropout causes instead (:func:`blockquant.noise_report`).
+2. :func:`allocate`. Independent zero-mean rounding noises add in variance, so a plan's predicted
+   error is the sum of its layers' measured errors. A greedy marginal-gain allocation over each
+   layer's lower convex hull (error saved per byte spent), then single-layer swaps that still fit,
+   minimises the predicted error within the bytes left to the layers.
+3. :func:`verify`. The plan is converted onto a fresh copy of the model and measured as the user
+   will measure it: bytes with :func:`blockquant.track_saved` (data excluded) and the gradient
+   error with the same probes. A plan holding more than the budget is never returned: the
+   allocation is redone with the layers' room reduced by the excess (the byte model's miss), and
+   if that does not converge the result falls back to the budget's own uniform config (or to the
+   smallest plan, or raises :class:`TuneError`).
+4. :func:`refine`. Uniform configs that fit the budget (measured) and beat the plan (measured) are
+   taken instead, so the tuned plan is never worse than the best uniform config at its bytes in the
+   tuner's own measurement; then one-step moves per layer (bits up/down, block doubled/halved) are
+   kept when they lower the measured error and the measured bytes stay within the budget.
+5. :func:`report`. :class:`TuneResult` has the per-layer table, the plan (:class:`blockquant.Plan`,
+   JSON for ``convert``/``bench --configs``), the uniform configs' memory/error points and a Pareto
+   plot.
+
+A budget given as a config (``budget="iexact"``) means the bytes ``track_saved`` measures for
+``convert(model, "iexact")``, data excluded; the modules the plan does not name keep that config.
+Every conversion the tuner measures starts from a fresh copy of the unconverted model, as a user's
+does. The caller's random state (the CPU generator and those of the devices the model and data are
+on) is the same after :func:`tune` as before.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -51,11 +58,11 @@ import torch
 
 from ._compat import is_saved_tensor, raw_saved_slots, saved_tensor_data, sequence_nr
 from .config import MAX_BLOCK_SIZE, ROW, QuantConfig
+from .packed import packed_nbytes, stored_shape
 from .plan import Plan
-from .functional.normalization import square_estimator_nbytes
+from .probes import ProbeError, Prober, caller_rng_kept, default_loss
 
-__all__ = ["tune", "TuneResult", "TuneError", "LayerChoice", "packed_nbytes", "candidate_configs",
-           "gradient_error"]
+__all__ = ["tune", "TuneResult", "TuneError", "LayerChoice", "candidate_configs", "gradient_error"]
 
 BITS = (1, 2, 4, 8)
 BLOCK_SIZES: Tuple[Union[int, str], ...] = tuple(1 << k for k in range(4, 17)) + (ROW,)  # 16 .. 65536, row
@@ -80,37 +87,6 @@ def candidate_configs(bits=BITS, block_sizes=BLOCK_SIZES, rp_ratios=RP_RATIOS, l
             if not (b == 1 and lv == "optimal")]
 
 
-# ----------------------------------------------------------------------------- byte formula
-
-
-def _payload_bytes(n: int, block: int, bits: int) -> int:
-    from blockquant.kernels.reference import payload_bytes
-
-    return payload_bytes(n, block, bits)
-
-
-def _stored_shape(shape: Sequence[int], config: QuantConfig) -> Tuple[int, ...]:
-    from .projection import projected_dim
-
-    shape = tuple(int(s) for s in shape)
-    if config.rp_ratio > 1 and len(shape) >= 1 and shape[-1] > 1:
-        r = projected_dim(shape[-1], config.rp_ratio)
-        if r < shape[-1]:
-            return shape[:-1] + (r,)
-    return shape
-
-
-def packed_nbytes(shape: Sequence[int], config: QuantConfig) -> int:
-    """Exact bytes :func:`blockquant.quantize` holds for a tensor of ``shape``:
-    packed codes (after the projection, if any) plus two ``meta_dtype`` values per block."""
-    stored = _stored_shape(shape, config)
-    n = math.prod(stored)
-    if n == 0:
-        return 0
-    block = config.block_size_for(stored[-1] if stored else 1)
-    num_blocks = -(-n // block)
-    meta_item = torch.empty((), dtype=config.meta_dtype).element_size()
-    return _payload_bytes(n, block, config.bits) + 2 * num_blocks * meta_item
 
 
 # ----------------------------------------------------------------------------- variance model
@@ -164,7 +140,7 @@ class _CapturedTensor:
         x = self.sample
         if x is None or x.numel() == 0:
             return 0.0
-        stored = _stored_shape(self.shape, cfg)
+        stored = stored_shape(self.shape, cfg)
         d = self.shape[-1] if self.shape else 1
         proj = stored != self.shape
         key = (cfg.rp_ratio if proj else 1, cfg.block_size)
@@ -187,18 +163,20 @@ class _CapturedTensor:
         return (d - 1) / r * self._energy[("norm",)] + d / r * quant
 
 
+
 # ----------------------------------------------------------------------------- graph inspection
 
 
 def _find_packed(obj: Any, out: Dict[int, Any], depth: int = 0) -> None:
     from .functional.normalization import _EstimatorChunks
     from .packed import PackedTensor
+    from .save_policy import RowChunks
 
     if depth > 5 or obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
         return
-    if isinstance(obj, _EstimatorChunks):  # a normalisation's xn**2 estimator: bytes from its own rule
-        out.setdefault(id(obj), obj)
-    elif isinstance(obj, PackedTensor):
+    if isinstance(obj, (_EstimatorChunks, PackedTensor, RowChunks)):
+        # one tensor each: a normalisation's xn**2 estimator (bytes from its own rule), a packed
+        # tensor, or a large tensor compressed in row blocks (the bytes of one packed tensor)
         out.setdefault(id(obj), obj)
     elif callable(getattr(obj, "storages", None)):  # a holder of packed storage (saved-tensor hooks, float64)
         attrs = getattr(obj, "__dict__", None)
@@ -217,7 +195,7 @@ def _find_packed(obj: Any, out: Dict[int, Any], depth: int = 0) -> None:
 
 
 def _packed_in_graph(outputs: Sequence[torch.Tensor]) -> List[Any]:
-    """Every PackedTensor the autograd graph behind ``outputs`` holds, in a stable order."""
+    """Every compressed tensor the autograd graph behind ``outputs`` holds, in a stable order."""
     found: Dict[int, Any] = {}
     seen = set()
     todo = [t.grad_fn for t in outputs if t.grad_fn is not None]
@@ -240,145 +218,41 @@ def _packed_in_graph(outputs: Sequence[torch.Tensor]) -> List[Any]:
     return list(found.values())
 
 
+@dataclasses.dataclass
+class _Captured:
+    """What one forward compressed for one layer: the tensors (packed or in row blocks) and the
+    normalisations' ``xn ** 2`` estimators (``(input shape, count)``)."""
+
+    tensors: List[Any]
+    estimators: List[Tuple[Tuple[int, ...], int]]
+
+
+def _first_part(p: Any) -> Any:
+    """The PackedTensor of a packed tensor, or the first row block of one compressed in row blocks."""
+    return p.parts[0] if hasattr(p, "parts") else p
+
+
 # ----------------------------------------------------------------------------- measurement
 
 
-def _default_loss(data) -> Callable[[torch.Tensor], torch.Tensor]:
-    y = data.y
-    split = getattr(data, "split", None)
-    if isinstance(split, dict) and "train" in split:
-        idx = split["train"]
-    elif getattr(data, "train_mask", None) is not None:
-        idx = data.train_mask
-    else:
-        idx = slice(None)
-    multilabel = y.dim() == 2 and y.is_floating_point()
-    if multilabel:
-        return lambda out: torch.nn.functional.binary_cross_entropy_with_logits(out[idx], y[idx].float())
-    return lambda out: torch.nn.functional.cross_entropy(out[idx], y[idx])
+def _capture(prober: Prober, spec) -> _Captured:
+    """What one training forward (dropout on, as in training) compresses with the model converted by ``spec``."""
+    from .functional import _EstimatorChunks
 
-
-class _DropoutOff:
-    """Dropout (modules and PyG's float ``dropout`` attributes, e.g. GAT's attention dropout)
-    switched off, so that compression is the only difference between two passes."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.saved: List[Tuple[Any, str, Any]] = []
-
-    def __enter__(self):
-        for m in self.model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                self.saved.append((m, "p", m.p))
-                m.p = 0.0
-            elif isinstance(getattr(m, "dropout", None), float):
-                self.saved.append((m, "dropout", m.dropout))
-                m.dropout = 0.0
-        return self
-
-    def __exit__(self, *exc):
-        for m, attr, v in reversed(self.saved):
-            setattr(m, attr, v)
-        self.saved = []
-
-
-class _Prober:
-    """Holds a private copy of the model, the probe weights and the fp32 reference gradients."""
-
-    def __init__(self, model: torch.nn.Module, data, loss_fn, probe_steps: Sequence[int], seed: int,
-                 lr: float = 0.01):
-        self.data = data
-        self.loss_fn = loss_fn
-        self.seed = seed
-        self.model = copy.deepcopy(model)
-        self.model.train()
-        self.exclude = tuple(t for t in (data.x, data.edge_index, getattr(data, "y", None)) if t is not None)
-        self.states: List[Dict[str, torch.Tensor]] = []
-        torch.manual_seed(seed)
-        opt = torch.optim.Adam(self.model.parameters(), lr=lr)
-        steps = sorted(set(int(s) for s in probe_steps))
-        done = 0
-        for target in steps:
-            while done < target:
-                opt.zero_grad(set_to_none=True)
-                self.loss_fn(self.forward()).backward()
-                opt.step()
-                done += 1
-            self.states.append(copy.deepcopy(self.model.state_dict()))
-        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        self.ref = [self._grads(i) for i in range(len(self.states))]
-        self.ref_norm2 = [float(g.pow(2).sum()) for g in self.ref]
-
-    def forward(self) -> torch.Tensor:
-        return self.model(self.data.x, self.data.edge_index)
-
-    def convert(self, spec) -> None:
-        from .conversion import convert
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            new = convert(self.model, spec)
-        if new is not self.model:
-            raise TuneError("tune: the model's root module is itself a compressible layer; wrap it in a container "
-                            "module (e.g. torch.nn.Sequential) so that its name is not ''")
-
-    def _grads(self, i: int) -> torch.Tensor:
-        self.model.load_state_dict(self.states[i])
-        self.model.train()
-        torch.manual_seed(self.seed * 1000003 + 7919 * (i + 1))
-        with _DropoutOff(self.model):
-            self.model.zero_grad(set_to_none=True)
-            self.loss_fn(self.forward()).backward()
-        params = dict(self.model.named_parameters())
-        g = torch.cat([(params[n].grad if params[n].grad is not None else torch.zeros_like(params[n])).reshape(-1)
-                       .double() for n in self.names])
-        self.model.zero_grad(set_to_none=True)
-        return g
-
-    def error(self, spec) -> float:
-        """Mean over probes of ``||g - g_fp32||^2 / ||g_fp32||^2`` with the model converted by ``spec``."""
-        self.convert(spec)
-        errs = []
-        for i in range(len(self.states)):
-            g = self._grads(i)
-            errs.append(float((g - self.ref[i]).pow(2).sum()) / max(self.ref_norm2[i], 1e-300))
-        return sum(errs) / len(errs)
-
-    def saved_bytes(self, spec) -> int:
-        """Bytes held for backward after one training forward (dropout as in training)."""
-        from .memory import track_saved
-
-        self.convert(spec)
-        self.model.load_state_dict(self.states[0])
-        self.model.train()
-        torch.manual_seed(self.seed)
-        with track_saved(self.model, exclude=self.exclude) as mem:
-            out = self.forward()
-        del out
-        return int(mem.total_bytes)
-
-    def capture(self, spec) -> List[Any]:
-        """The PackedTensors one training forward (dropout on, as in training) creates with the
-        model converted by ``spec``."""
-        self.convert(spec)
-        self.model.load_state_dict(self.states[0])
-        self.model.train()
-        torch.manual_seed(self.seed)
-        out = self.forward()
-        from .functional.normalization import _EstimatorChunks
-
-        found = _packed_in_graph([out])
-        del out
-        self.estimators = [(e.shape, e.count) for e in found if isinstance(e, _EstimatorChunks)]
-        return [p for p in found if not isinstance(p, _EstimatorChunks)]
+    out = prober.training_output(spec)
+    found = _packed_in_graph([out])
+    del out
+    return _Captured([p for p in found if not isinstance(p, _EstimatorChunks)],
+                     [(e.shape, e.count) for e in found if isinstance(e, _EstimatorChunks)])
 
 
 def gradient_error(model: torch.nn.Module, data, config, *, probe_steps: Sequence[int] = (0, 10), seed: int = 0,
                    loss_fn=None) -> float:
     """Relative squared weight-gradient error of ``convert(model, config)`` against full
     precision, averaged over the probes :func:`tune` uses (the model is not modified)."""
-    prober = _Prober(model, data, loss_fn or _default_loss(data), probe_steps, seed)
-    return prober.error(config)
+    with caller_rng_kept(model, data) as seed_all:
+        prober = Prober(model, data, loss_fn or default_loss(data), probe_steps, seed, seed_all)
+        return prober.error(config)
 
 
 # ----------------------------------------------------------------------------- results
@@ -440,6 +314,13 @@ class TuneResult:
     timings: Dict[str, float]
     num_nodes: Optional[int] = None
     message: str = ""
+    error_unit: str = Prober.GRADIENT
+    """What the errors are in: relative squared gradient error, or (with ``max_noise_ratio``)
+    the variance compression adds to the weight gradients over the variance dropout causes."""
+    max_noise_ratio: Optional[float] = None
+    noise_ratio: Optional[float] = None
+    """The plan's compression variance over dropout's variance at the probe weights (``None``
+    when the model has no dropout); see :func:`blockquant.noise_report`."""
 
     @property
     def compressed(self) -> bool:
@@ -467,8 +348,11 @@ class TuneResult:
         lines.append(f"total: predicted {self.predicted_bytes:,} B, measured {self.measured_bytes:,} B{per_node} "
                      f"= {self.measured_bytes / 2**20:.3f} MiB ({100 * self.measured_bytes / self.fp32_bytes:.1f}% "
                      f"of fp32 {self.fp32_bytes:,} B)")
-        lines.append(f"gradient error (relative squared): predicted {self.predicted_error:.3e}, measured "
+        lines.append(f"error ({self.error_unit}): predicted {self.predicted_error:.3e}, measured "
                      f"{self.measured_error:.3e}; plan from {self.source}")
+        if self.noise_ratio is not None:
+            lines.append(f"compression noise: {100 * self.noise_ratio:.1f}% of the variance dropout causes in the "
+                         f"weight gradients (at the probe weights)")
         if self.budget_bytes is not None:
             lines.append(f"budget {self.budget_bytes:,} B; smallest achievable {self.min_bytes:,} B")
         if self.refine_moves:
@@ -476,7 +360,7 @@ class TuneResult:
         best_u = self.best_uniform()
         if best_u is not None:
             lines.append(f"best uniform config within the same bytes: {best_u['short']} ({best_u['bytes']:,} B, "
-                         f"grad error {best_u['grad_error']:.3e})")
+                         f"error {best_u['grad_error']:.3e})")
         if self.message:
             lines.append(self.message)
         return "\n".join(lines)
@@ -494,7 +378,8 @@ class TuneResult:
             "predicted_error": self.predicted_error, "measured_error": self.measured_error,
             "min_bytes": self.min_bytes, "uniform": self.uniform, "source": self.source,
             "refine_moves": self.refine_moves, "timings": self.timings, "num_nodes": self.num_nodes,
-            "message": self.message,
+            "message": self.message, "error_unit": self.error_unit, "max_noise_ratio": self.max_noise_ratio,
+            "noise_ratio": self.noise_ratio,
         }
 
     def plot(self, path: str, title: str = "") -> str:
@@ -525,7 +410,7 @@ class TuneResult:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("bytes held for backward (track_saved)")
-        ax.set_ylabel("relative squared weight-gradient error")
+        ax.set_ylabel(self.error_unit)
         ax.set_title(title or "memory vs gradient error")
         ax.grid(True, which="both", lw=0.3)
         ax.legend(fontsize=8)
@@ -547,7 +432,151 @@ class TuneResult:
         return paths
 
 
-# ----------------------------------------------------------------------------- allocation
+# ----------------------------------------------------------------------------- what the phases share
+
+
+@dataclasses.dataclass
+class PlanState:
+    """A plan under consideration: one config per layer, the config of every other module, where
+    it came from, and what it holds and costs as measured on a fresh converted copy."""
+
+    configs: Dict[str, QuantConfig]
+    default: QuantConfig
+    source: str
+    held_bytes: int
+    grad_error: float
+
+
+@dataclasses.dataclass
+class Session:
+    """The prober, the layers :func:`profile_layers` found and the byte model of their plans."""
+
+    prober: Prober
+    layers: List["LayerChoice"]
+    base: QuantConfig
+    """The config of every module a plan does not name (the budget's config, else the default preset)."""
+    plain_bytes: int
+    """Bytes that no layer's config changes (measured with every module at ``base``)."""
+    fp32_bytes: int
+    timings: Dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def names(self) -> List[str]:
+        return [l.name for l in self.layers]
+
+    def predicted_bytes(self, configs: Dict[str, QuantConfig]) -> int:
+        """The byte model: plain bytes plus each layer's bytes by the codec's formula."""
+        return self.plain_bytes + sum(layer_bytes(l, configs[l.name]) for l in self.layers)
+
+    def plan(self, configs: Dict[str, QuantConfig], source: str = "", default: Optional[QuantConfig] = None) -> Plan:
+        return Plan({l.name: configs[l.name] for l in self.layers}, default=default or self.base,
+                    info={"source": source} if source else None)
+
+    def min_bytes(self) -> int:
+        return self.plain_bytes + sum(min(c.nbytes for c in l.candidates) for l in self.layers)
+
+
+def layer_bytes(layer: "LayerChoice", config: QuantConfig) -> int:
+    """Bytes ``layer`` holds at ``config``: its captured tensors by the codec's formula
+    (:func:`blockquant.packed.packed_nbytes`) and its normalisations' ``xn ** 2`` estimators."""
+    from .functional import square_estimator_nbytes
+
+    return (sum(t.nbytes(config) for t in layer.captured)
+            + sum(square_estimator_nbytes(shape, config, count, packed_nbytes) for shape, count in layer.estimators))
+
+
+def _alone(name: str, config: Optional[QuantConfig], layer_names: Sequence[str]) -> Dict[str, Optional[QuantConfig]]:
+    """A conversion spec with only ``name`` compressed (at ``config``), its sub-layers and everything else exact."""
+    spec: Dict[str, Optional[QuantConfig]] = {"": None, name: config}
+    for other in layer_names:
+        if other.startswith(name + "."):
+            spec[other] = None
+    return spec
+
+
+# ----------------------------------------------------------------------------- phase 1: profile
+
+# captures at 8 bits in blocks of 16 with float32 metadata: a near-exact sample for the variance model
+_CAPTURE_CONFIG = QuantConfig(bits=8, block_size=16, rp_ratio=1, levels="uniform", meta_dtype=torch.float32)
+_CAPTURE_PROJECTED = _CAPTURE_CONFIG.replace(rp_ratio=2)  # tells which tensors the wrapper projects
+
+
+def compressible_modules(prober: Prober, base: QuantConfig) -> List[Tuple[str, str]]:
+    """``(name, original type)`` of every module :func:`blockquant.convert` swaps, by the names of the
+    unconverted model (a module shared by two parents is named once, as ``named_modules`` does)."""
+    from .nn.registry import CompressedModule
+
+    converted = prober.converted(base)
+    return [(n, type(m).wraps.__name__) for n, m in converted.named_modules()
+            if isinstance(m, CompressedModule) and n and n in prober.known_names]
+
+
+def capture_layer(prober: Prober, name: str, module_type: str, layer_names: Sequence[str],
+                  num_candidates: int) -> Optional["LayerChoice"]:
+    """What module ``name`` compresses when it alone is converted; ``None`` when that is nothing
+    (its bytes do not depend on the config, or a sub-module holds them)."""
+    exact = _capture(prober, _alone(name, _CAPTURE_CONFIG, layer_names))
+    if not exact.tensors:
+        return None
+    projected = _capture(prober, _alone(name, _CAPTURE_PROJECTED, layer_names)).tensors
+    if len(projected) != len(exact.tensors):
+        raise TuneError(f"tune: layer {name!r} compressed {len(exact.tensors)} tensors in one pass and "
+                        f"{len(projected)} in another; cannot profile it")
+    key = lambda p: (tuple(p.shape), str(p.dtype))  # noqa: E731
+    pairs = zip(sorted(exact.tensors, key=key), sorted(projected, key=key))
+    tensors = [_CapturedTensor(tuple(p.shape), str(p.dtype).replace("torch.", ""),
+                               _first_part(q).proj_dims is not None or _first_part(q).config.rp_ratio > 1,
+                               p.dequantize().float())
+               for p, q in pairs]
+    return LayerChoice(name, module_type, [(t.shape, t.dtype, t.projectable) for t in tensors], [], num_candidates,
+                       captured=tensors, estimators=exact.estimators)
+
+
+def measure_candidates(prober: Prober, layers: List["LayerChoice"], grid: Sequence[QuantConfig], *,
+                       max_candidates: int, prune_tolerance: float, progress: bool) -> int:
+    """Each layer's candidates: bytes by formula, error predicted by the variance model, pruned,
+    then measured alone. Returns the number of forward+backward passes spent."""
+    from tqdm.auto import tqdm
+
+    names = [l.name for l in layers]
+    todo: List[Tuple[LayerChoice, Candidate]] = []
+    for l in layers:
+        cands = [Candidate(c, layer_bytes(l, c), sum(t.predicted_error(c) for t in l.captured)) for c in grid]
+        # identical (bytes, prediction) pairs are the same measurement in practice: keep the first
+        uniq: Dict[Tuple[int, float], Candidate] = {}
+        for c in cands:
+            uniq.setdefault((c.nbytes, round(c.predicted, 12)), c)
+        l.candidates = _prune(list(uniq.values()), max_candidates, prune_tolerance)
+        todo.extend((l, c) for c in l.candidates)
+    for l, c in tqdm(todo, desc="tune: profiling layers x candidates", disable=not progress, dynamic_ncols=True):
+        c.error = prober.error(_alone(l.name, c.config, names))
+    return len(todo) * len(prober.states)
+
+
+def profile_layers(prober: Prober, base: QuantConfig, grid: Sequence[QuantConfig], *, max_candidates: int,
+                   prune_tolerance: float, progress: bool) -> Session:
+    """Phase 1: find and capture the compressible layers, measure the plain bytes, measure the
+    surviving candidates of every layer."""
+    timings: Dict[str, float] = {}
+    t0 = time.perf_counter()
+    fp32_bytes = prober.saved_bytes(Plan.uniform(None))
+    swapped = compressible_modules(prober, base)
+    names = [n for n, _ in swapped]
+    layers = [l for l in (capture_layer(prober, n, t, names, len(grid)) for n, t in swapped) if l is not None]
+    if not layers:
+        raise TuneError("tune: no compressible layer found (convert swaps no module that compresses a "
+                        "config-dependent tensor in this model)")
+    plain = prober.saved_bytes(Plan.uniform(base)) - sum(layer_bytes(l, base) for l in layers)
+    timings["capture_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    passes = measure_candidates(prober, layers, grid, max_candidates=max_candidates, prune_tolerance=prune_tolerance,
+                                progress=progress)
+    timings["profile_s"] = time.perf_counter() - t0
+    timings["profile_passes"] = float(passes)
+    return Session(prober, layers, base, plain, fp32_bytes, timings)
+
+
+# ----------------------------------------------------------------------------- phase 2: allocate
 
 
 def _hull(cands: List[Candidate]) -> List[Candidate]:
@@ -573,8 +602,8 @@ def _hull(cands: List[Candidate]) -> List[Candidate]:
     return hull
 
 
-def _allocate(layers: List[LayerChoice], room: Optional[int], max_error: Optional[float]) -> Dict[str, Candidate]:
-    """Greedy marginal gain on each layer's hull, then single-layer swaps that fit.
+def allocate(layers: List[LayerChoice], room: Optional[int], max_error: Optional[float]) -> Dict[str, Candidate]:
+    """Phase 2: greedy marginal gain on each layer's hull, then single-layer swaps that fit.
 
     ``room``: bytes available to the layers (budget minus plain bytes), or ``None``
     with ``max_error``: add bytes until the predicted error is at most ``max_error``.
@@ -639,6 +668,162 @@ def _prune(cands: List[Candidate], max_keep: int, tolerance: float) -> List[Cand
     return sorted(kept, key=lambda c: c.nbytes)
 
 
+
+
+# ----------------------------------------------------------------------------- phase 3: verify
+
+_VERIFY_ATTEMPTS = 4
+
+
+def verify_plan(session: Session, configs: Dict[str, QuantConfig], source: str,
+                default: Optional[QuantConfig] = None) -> PlanState:
+    """The plan converted onto a fresh copy of the model: bytes as :func:`blockquant.track_saved`
+    measures them (data excluded) and the measured gradient error."""
+    plan = session.plan(configs, default=default)
+    return PlanState(dict(configs), default or session.base, source, session.prober.saved_bytes(plan),
+                     session.prober.error(plan))
+
+
+def allocate_verified(session: Session, budget_bytes: Optional[int], max_grad_error: Optional[float],
+                      budget_config: Optional[QuantConfig]) -> Tuple[PlanState, int]:
+    """Phases 2 and 3: allocate, verify, and allocate again with less room while the verified
+    plan holds more than the budget. Returns the plan and the byte limit later phases keep to
+    (the budget; with ``max_grad_error``, the verified plan's bytes)."""
+    room = None if budget_bytes is None else budget_bytes - session.plain_bytes
+    floor = sum(min(c.nbytes for c in l.candidates) for l in session.layers)
+    for _ in range(_VERIFY_ATTEMPTS):
+        pick = allocate(session.layers, room, max_grad_error)
+        predicted_err = sum(c.error for c in pick.values())
+        if max_grad_error is not None and predicted_err > max_grad_error:
+            raise TuneError(f"max_grad_error {max_grad_error:.3e} cannot be met: the smallest predicted gradient "
+                            f"error among the candidates is {predicted_err:.3e}")
+        state = verify_plan(session, {n: c.config for n, c in pick.items()}, "greedy allocation")
+        if budget_bytes is None:
+            return state, state.held_bytes
+        if state.held_bytes <= budget_bytes:
+            return state, budget_bytes
+        # the byte model missed: ask the allocation for that much less
+        room -= state.held_bytes - budget_bytes
+        if room < floor:
+            break
+    if budget_config is not None:  # the budget's own config holds the budget by definition
+        state = verify_plan(session, {n: budget_config for n in session.names}, f"uniform {budget_config.short()}",
+                            default=budget_config)
+    else:
+        smallest = {l.name: min(l.candidates, key=lambda c: c.nbytes).config for l in session.layers}
+        state = verify_plan(session, smallest, "smallest candidates")
+    if state.held_bytes > budget_bytes:
+        raise TuneError(f"no plan found within the budget of {budget_bytes:,} B: the smallest plan tried holds "
+                        f"{state.held_bytes:,} B as track_saved measures it")
+    return state, budget_bytes
+
+
+# ----------------------------------------------------------------------------- phase 4: refine
+
+
+def measure_uniform(session: Session, grid: Sequence[QuantConfig], progress: bool) -> List[Dict[str, Any]]:
+    """Bytes (track_saved) and measured gradient error of each config applied to the whole model."""
+    from tqdm.auto import tqdm
+
+    records = []
+    for u in tqdm(list(grid), desc="tune: uniform configs", disable=not progress, dynamic_ncols=True):
+        plan = Plan.uniform(u)
+        records.append({"config": u.to_dict(), "short": u.short(), "bytes": session.prober.saved_bytes(plan),
+                        "grad_error": session.prober.error(plan)})
+    return records
+
+
+def _one_step_moves(config: QuantConfig) -> List[QuantConfig]:
+    """Bits one step up or down, block doubled or halved."""
+    options = []
+    bi = BITS.index(config.bits)
+    for nb in (BITS[bi - 1] if bi > 0 else None, BITS[bi + 1] if bi + 1 < len(BITS) else None):
+        if nb is not None:  # 1-bit "optimal" levels are the uniform ones: one name for it
+            options.append(config.replace(bits=nb, levels="uniform" if nb == 1 else config.levels))
+    if config.block_size != ROW:
+        for g in (config.block_size * 2, config.block_size // 2):
+            if 16 <= g <= MAX_BLOCK_SIZE:
+                options.append(config.replace(block_size=g))
+    return options
+
+
+def refine_plan(session: Session, state: PlanState, limit: int, uniform: List[Dict[str, Any]], *,
+                moves: bool) -> Tuple[PlanState, List[str]]:
+    """Phase 4: a uniform config within ``limit`` bytes (measured) that beats the plan replaces
+    it; then one-step moves per layer are kept when they lower the measured error and the
+    measured bytes stay within ``limit``."""
+    for rec in uniform:
+        if rec["bytes"] <= limit and rec["grad_error"] < state.grad_error:
+            u = QuantConfig.from_dict(rec["config"])
+            state = PlanState({n: u for n in session.names}, u, f"uniform {u.short()}", rec["bytes"],
+                              rec["grad_error"])
+    kept: List[str] = []
+    if not moves:
+        return state, kept
+    for l in session.layers:
+        for option in _one_step_moves(state.configs[l.name]):
+            trial = dict(state.configs, **{l.name: option})
+            if session.predicted_bytes(trial) > session.predicted_bytes(state.configs):
+                continue
+            plan = session.plan(trial, default=state.default)
+            err = session.prober.error(plan)
+            if err >= state.grad_error:
+                continue
+            held = session.prober.saved_bytes(plan)
+            if held > limit:
+                continue
+            kept.append(f"{l.name}: {state.configs[l.name].short()} -> {option.short()} "
+                        f"(err {state.grad_error:.3e} -> {err:.3e})")
+            source = state.source if state.source.endswith("+ refinement") else state.source + " + refinement"
+            state = PlanState(trial, state.default, source, held, err)
+    return state, kept
+
+
+# ----------------------------------------------------------------------------- phase 5: report
+
+
+def report(session: Session, state: PlanState, *, budget_bytes: Optional[int], max_error: Optional[float],
+           noise_units: bool, uniform: List[Dict[str, Any]], moves: List[str], num_nodes: Optional[int],
+           message: str = "") -> TuneResult:
+    """Phase 5: the result, with each layer's chosen candidate (measured alone when it came from
+    a uniform config or a refinement move) and the plan's compression noise against dropout's."""
+    names = session.names
+    for l in session.layers:
+        cfg = state.configs.get(l.name)
+        if cfg is None:  # full precision
+            l.chosen = None
+            continue
+        match = next((c for c in l.candidates if c.config == cfg), None)
+        if match is None:
+            match = Candidate(cfg, layer_bytes(l, cfg), sum(t.predicted_error(cfg) for t in l.captured),
+                              session.prober.error(_alone(l.name, cfg, names)))
+        l.chosen = match
+    compressed = bool(state.configs)
+    predicted_bytes = session.predicted_bytes(state.configs) if compressed else session.fp32_bytes
+    predicted_err = sum(l.chosen.error for l in session.layers) if compressed else 0.0
+    plan = session.plan(state.configs, state.source, state.default) if compressed else Plan.uniform(None)
+    if compressed:
+        plan.info.update({"budget_bytes": budget_bytes, "predicted_bytes": predicted_bytes,
+                          "predicted_grad_error": predicted_err, "measured_grad_error": state.grad_error,
+                          "measured_bytes": state.held_bytes})
+    if compressed and state.held_bytes != predicted_bytes:
+        warnings.warn(f"blockquant.tune: the byte model predicted {predicted_bytes:,} B for the plan and "
+                      f"track_saved measured {state.held_bytes:,} B (a layer's saved tensors depend on another "
+                      f"layer's config); the plan was chosen by the measured bytes", RuntimeWarning, stacklevel=3)
+    noise = session.prober.noise_ratio(plan) if compressed else (0.0 if session.prober.has_dropout_noise() else None)
+    for layer in session.layers:
+        layer.captured = []  # drop the activation samples
+    return TuneResult(plan=plan, layers=session.layers, budget_bytes=budget_bytes,
+                      max_grad_error=None if noise_units else max_error,
+                      max_noise_ratio=max_error if noise_units else None, noise_ratio=noise,
+                      error_unit=session.prober.unit,
+                      fp32_bytes=session.fp32_bytes, plain_bytes=session.plain_bytes, predicted_bytes=predicted_bytes,
+                      measured_bytes=state.held_bytes, predicted_error=predicted_err,
+                      measured_error=state.grad_error, min_bytes=session.min_bytes(), uniform=uniform,
+                      source=state.source, refine_moves=moves, timings=session.timings, num_nodes=num_nodes,
+                      message=message)
+
+
 # ----------------------------------------------------------------------------- tune
 
 
@@ -659,10 +844,32 @@ def _resolve_budget(budget) -> Tuple[Optional[int], Optional[QuantConfig]]:
                     f"got {type(budget).__name__}")
 
 
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """What :func:`tune` was asked, checked and resolved."""
+
+    budget_bytes: Optional[int]
+    budget_config: Optional[QuantConfig]
+    max_error: Optional[float]  # max_grad_error or max_noise_ratio, in the prober's units
+    noise_units: bool
+    noise_draws: int
+    grid: List[QuantConfig]
+    base: QuantConfig
+    probe_steps: Tuple[int, ...]
+    seed: int
+    max_candidates: int
+    prune_tolerance: float
+    refine: bool
+    uniform_grid: Tuple[QuantConfig, ...]
+    progress: bool
+
+
 def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfig, None] = None, *,
-         max_grad_error: Optional[float] = None, candidates: Optional[Sequence[QuantConfig]] = None,
-         probe_steps: Sequence[int] = (0, 10), seed: int = 0, max_candidates_per_layer: int = 16,
-         prune_tolerance: float = 0.25, refine: bool = True, uniform_grid: Sequence[QuantConfig] = UNIFORM_GRID,
+         max_grad_error: Optional[float] = None, max_noise_ratio: Optional[float] = None,
+         candidates: Optional[Sequence[QuantConfig]] = None, probe_steps: Sequence[int] = (0, 10), seed: int = 0,
+         max_candidates_per_layer: int = 16, prune_tolerance: float = 0.25, refine: bool = True,
+         uniform_grid: Sequence[QuantConfig] = UNIFORM_GRID, noise_draws: int = 8,
          loss_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, progress: bool = True) -> TuneResult:
     """Find a per-layer plan minimising the weight-gradient error within a memory budget.
 
@@ -670,11 +877,17 @@ def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfi
         model: the (unconverted) model; called as ``model(data.x, data.edge_index)``. Not modified.
         data: a PyG ``Data`` (``x``, ``edge_index``, ``y``, ``train_mask``) or a
             ``blockquant.bench`` dataset (``split["train"]``).
-        budget: bytes held for backward after the forward (as :func:`track_saved`
-            measures them, data excluded), or a ``QuantConfig``/preset name meaning
-            "the bytes of that config applied uniformly".
+        budget: bytes held for backward after the forward, as :func:`track_saved`
+            measures them with the data excluded (``exclude=(data.x, data.edge_index)``),
+            or a ``QuantConfig``/preset name meaning "the bytes of ``convert(model, config)``";
+            the plan converted onto a fresh model holds at most that many bytes.
         max_grad_error: instead of a budget: the fewest bytes whose predicted
             relative squared gradient error is at most this.
+        max_noise_ratio: instead of a budget: the fewest bytes whose predicted compression
+            noise is at most this fraction of dropout's, i.e. the variance compression adds to
+            the weight gradients over the variance dropout's own randomness causes at the same
+            weights (see :func:`blockquant.noise_report`; the model must use dropout). The
+            errors of the result are then in those units.
         candidates: the per-layer candidate grid (default :func:`candidate_configs`).
         probe_steps: fp32 training steps at which the weights are probed (one
             forward+backward per probe and candidate).
@@ -682,6 +895,8 @@ def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfi
         max_candidates_per_layer, prune_tolerance: how many candidates per layer
             survive the variance-model pruning to be measured.
         refine: try one-step moves per layer on the verified plan.
+        noise_draws: dropout draws per probe for dropout's variance (0: not measured, no
+            ``noise_ratio`` in the result).
         loss_fn: ``loss_fn(model_output) -> loss``; default cross-entropy on the training nodes.
 
     Returns:
@@ -689,223 +904,73 @@ def tune(model: torch.nn.Module, data, budget: Union[int, float, str, QuantConfi
 
     Raises:
         TuneError: the budget is below the smallest achievable (the message says
-            what that is), or ``max_grad_error`` cannot be reached.
+            what that is), or ``max_grad_error`` / ``max_noise_ratio`` cannot be reached.
     """
-    from tqdm.auto import tqdm
-
-    from .nn.registry import CompressedModule
-
-    if (budget is None) == (max_grad_error is None):
-        raise TuneError("tune: give exactly one of budget (bytes, or a uniform config whose bytes to match) "
-                        "and max_grad_error")
-    if max_grad_error is not None and not (max_grad_error > 0 and math.isfinite(max_grad_error)):
-        raise TuneError(f"tune: max_grad_error must be a positive number; got {max_grad_error}")
+    given = [n for n, v in (("budget", budget), ("max_grad_error", max_grad_error),
+                            ("max_noise_ratio", max_noise_ratio)) if v is not None]
+    if len(given) != 1:
+        raise TuneError("tune: give exactly one of budget (bytes, or a uniform config whose bytes to match), "
+                        f"max_grad_error and max_noise_ratio; got {', '.join(given) or 'none'}")
+    limit = max_grad_error if max_grad_error is not None else max_noise_ratio
+    if limit is not None and not (limit > 0 and math.isfinite(limit)):
+        raise TuneError(f"tune: {given[0]} must be a positive number; got {limit}")
+    if max_noise_ratio is not None and noise_draws < 2:
+        raise TuneError(f"tune: max_noise_ratio needs noise_draws >= 2 to measure dropout's variance; "
+                        f"got {noise_draws}")
     budget_bytes, budget_config = _resolve_budget(budget)
     if not probe_steps:
         raise TuneError("tune: probe_steps must name at least one step, e.g. (0, 10)")
-    t_start = time.perf_counter()
-    timings: Dict[str, float] = {}
-    loss_fn = loss_fn or _default_loss(data)
-    default_cfg = QuantConfig.preset("default")
     grid = list(candidates) if candidates is not None else candidate_configs()
-
-    torch_state = torch.random.get_rng_state()
+    if budget_config is not None and budget_config not in grid:
+        grid.append(budget_config)  # the uniform plan at the budget is always one the allocation can reach
+    request = _Request(budget_bytes, budget_config, limit, max_noise_ratio is not None,
+                       noise_draws if noise_draws >= 2 else 0, grid,
+                       budget_config if budget_config is not None else QuantConfig.preset("default"),
+                       tuple(int(s) for s in probe_steps), seed, max_candidates_per_layer, prune_tolerance, refine,
+                       tuple(uniform_grid), progress)
     try:
-        prober = _Prober(model, data, loss_fn, probe_steps, seed)
-        fp32_bytes = prober.saved_bytes(Plan.uniform(None))
-        # which modules convert swaps, and which of them compress anything config-dependent
-        probe_copy = copy.deepcopy(prober.model)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from .conversion import convert
+        return _run_phases(model, data, loss_fn or default_loss(data), request)
+    except ProbeError as e:
+        raise TuneError(f"tune: {e}") from None
 
-            probe_copy = convert(probe_copy, default_cfg)
-        swapped = [(n, type(m).wraps.__name__) for n, m in probe_copy.named_modules()
-                   if isinstance(m, CompressedModule) and n]
-        del probe_copy
-        swapped_names = [n for n, _ in swapped]
 
-        def alone(name: str, cfg: QuantConfig) -> Dict[str, Optional[QuantConfig]]:
-            spec: Dict[str, Optional[QuantConfig]] = {"": None, name: cfg}
-            for other in swapped_names:
-                if other.startswith(name + "."):
-                    spec[other] = None
-            return spec
+def _run_phases(model: torch.nn.Module, data, loss_fn, req: _Request) -> TuneResult:
+    """The five phases in order."""
+    t_start = time.perf_counter()
+    nodes = getattr(data, "num_nodes", None)
+    nodes = int(nodes) if nodes is not None else None
+    budget_bytes = req.budget_bytes
+    with caller_rng_kept(model, data) as seed_all:
+        prober = Prober(model, data, loss_fn, req.probe_steps, req.seed, seed_all, dropout_draws=req.noise_draws)
+        if req.noise_units:
+            prober.use_dropout_units()
+        if req.budget_config is not None:
+            budget_bytes = prober.saved_bytes(Plan.uniform(req.budget_config))
+        session = profile_layers(prober, req.base, req.grid, max_candidates=req.max_candidates,
+                                 prune_tolerance=req.prune_tolerance, progress=req.progress)
+        timings = session.timings
+        asked = dict(budget_bytes=budget_bytes, max_error=req.max_error, noise_units=req.noise_units, num_nodes=nodes)
 
-        stats_cfg = QuantConfig(bits=8, block_size=16, rp_ratio=1, levels="uniform", meta_dtype=torch.float32)
-        proj_cfg = QuantConfig(bits=8, block_size=16, rp_ratio=2, levels="uniform", meta_dtype=torch.float32)
-        layers: List[LayerChoice] = []
-        t0 = time.perf_counter()
-        for name, tname in swapped:
-            exact = prober.capture(alone(name, stats_cfg))
-            estimators = prober.estimators
-            if not exact:
-                continue
-            projected = prober.capture(alone(name, proj_cfg))
-            if len(projected) != len(exact):
-                raise TuneError(f"tune: layer {name!r} compressed {len(exact)} tensors in one pass and "
-                                f"{len(projected)} in another; cannot profile it")
-            key = lambda p: (tuple(p.shape), str(p.dtype))  # noqa: E731
-            exact.sort(key=key)
-            projected.sort(key=key)
-            tensors = [_CapturedTensor(tuple(p.shape), str(p.dtype).replace("torch.", ""),
-                                       q.proj_dims is not None or q.config.rp_ratio > 1,
-                                       p.dequantize().float())
-                       for p, q in zip(exact, projected)]
-            for p, t in zip(exact, tensors):
-                if p.nbytes != t.nbytes(p.config):
-                    raise TuneError(f"tune: the byte formula gives {t.nbytes(p.config)} B for a {p!r} holding "
-                                    f"{p.nbytes} B; the codec's layout changed (update blockquant.tune.packed_nbytes)")
-            layers.append(LayerChoice(name, tname, [(t.shape, t.dtype, t.projectable) for t in tensors], [],
-                                      len(grid), captured=tensors, estimators=estimators))
-        if not layers:
-            raise TuneError("tune: no compressible layer found (convert swaps no module that compresses a "
-                            "config-dependent tensor in this model)")
-
-        # byte model: plain bytes of the converted model (independent of the configs) + layers' bytes
-        def layer_bytes(layer: LayerChoice, cfg: QuantConfig) -> int:
-            return (sum(t.nbytes(cfg) for t in layer.captured)
-                    + sum(square_estimator_nbytes(shape, cfg, count, packed_nbytes)
-                          for shape, count in layer.estimators))
-
-        ref_plan = Plan({l.name: default_cfg for l in layers}, default=default_cfg)
-        plain_bytes = prober.saved_bytes(ref_plan) - sum(layer_bytes(l, default_cfg) for l in layers)
-        timings["capture_s"] = time.perf_counter() - t0
-
-        def plan_bytes(cfgs: Dict[str, QuantConfig]) -> int:
-            return plain_bytes + sum(layer_bytes(l, cfgs[l.name]) for l in layers)
-
-        if budget_config is not None:
-            budget_bytes = plan_bytes({l.name: budget_config for l in layers})
-
-        # 1. profile: variance-model pruning, then measure the survivors
-        t0 = time.perf_counter()
-        todo: List[Tuple[LayerChoice, Candidate]] = []
-        for l in layers:
-            cands = [Candidate(c, layer_bytes(l, c),
-                               sum(t.predicted_error(c) for t in l.captured))
-                     for c in grid]
-            # identical (bytes, prediction) pairs are the same measurement in practice: keep the first
-            uniq: Dict[Tuple[int, float], Candidate] = {}
-            for c in cands:
-                uniq.setdefault((c.nbytes, round(c.predicted, 12)), c)
-            l.candidates = _prune(list(uniq.values()), max_candidates_per_layer, prune_tolerance)
-            todo.extend((l, c) for c in l.candidates)
-        timings["predict_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for l, c in tqdm(todo, desc="tune: profiling layers x candidates", disable=not progress,
-                         dynamic_ncols=True):
-            c.error = prober.error(alone(l.name, c.config))
-        timings["profile_s"] = time.perf_counter() - t0
-        timings["profile_passes"] = float(len(todo) * len(prober.states))
-
-        min_bytes = plain_bytes + sum(min(c.nbytes for c in l.candidates) for l in layers)
-        uniform_meta: List[Dict[str, Any]] = []
-
-        def finish(plan: Plan, predicted_bytes: int, predicted_err: float, measured_err: float, source: str,
-                   moves: List[str], message: str = "") -> TuneResult:
-            measured_bytes = prober.saved_bytes(plan)
-            if measured_bytes != predicted_bytes:
-                warnings.warn(f"blockquant.tune: predicted {predicted_bytes} B but track_saved measured "
-                              f"{measured_bytes} B for the plan (a layer's saved tensors depend on another "
-                              f"layer's config)", RuntimeWarning, stacklevel=3)
+        if budget_bytes is not None and budget_bytes >= session.fp32_bytes:
+            none = PlanState({}, req.base, "full precision", session.fp32_bytes, 0.0)
             timings["total_s"] = time.perf_counter() - t_start
-            for layer in layers:
-                layer.captured = []  # drop the activation samples
-            n = getattr(data, "num_nodes", None)
-            return TuneResult(plan=plan, layers=layers, budget_bytes=budget_bytes, max_grad_error=max_grad_error,
-                              fp32_bytes=fp32_bytes, plain_bytes=plain_bytes, predicted_bytes=predicted_bytes,
-                              measured_bytes=measured_bytes, predicted_error=predicted_err,
-                              measured_error=measured_err, min_bytes=min_bytes, uniform=uniform_meta,
-                              source=source, refine_moves=moves, timings=timings,
-                              num_nodes=int(n) if n is not None else None, message=message)
-
-        if budget_bytes is not None and budget_bytes >= fp32_bytes:
-            for l in layers:
-                l.chosen = None
-            msg = (f"budget {budget_bytes:,} B is at or above full precision ({fp32_bytes:,} B held for backward "
-                   f"without compression): no compression chosen")
-            res = finish(Plan.uniform(None), fp32_bytes, 0.0, 0.0, "full precision", [], msg)
-            return res
-        if budget_bytes is not None and budget_bytes < min_bytes:
+            return report(session, none, uniform=[], moves=[], **asked,
+                          message=f"budget {budget_bytes:,} B is at or above full precision ({session.fp32_bytes:,} "
+                                  f"B held for backward without compression): no compression chosen")
+        if budget_bytes is not None and budget_bytes < session.min_bytes():
+            smallest = session.min_bytes()
             raise TuneError(f"budget {budget_bytes:,} B ({budget_bytes / 2**20:.3f} MiB) cannot be met: the smallest "
-                            f"achievable is {min_bytes:,} B ({min_bytes / 2**20:.3f} MiB) for this model and data")
+                            f"achievable is {smallest:,} B ({smallest / 2**20:.3f} MiB) for this model and data")
 
-        # 2. allocate
         t0 = time.perf_counter()
-        room = None if budget_bytes is None else budget_bytes - plain_bytes
-        pick = _allocate(layers, room, max_grad_error)
-        pred_err = sum(c.error for c in pick.values())
-        if max_grad_error is not None and pred_err > max_grad_error:
-            raise TuneError(f"max_grad_error {max_grad_error:.3e} cannot be met: the smallest predicted gradient "
-                            f"error among the candidates is {pred_err:.3e}")
-        if max_grad_error is not None:
-            budget_limit = plan_bytes({n: c.config for n, c in pick.items()})
-        else:
-            budget_limit = budget_bytes
-
-        def make_plan(cfgs: Dict[str, QuantConfig], source: str) -> Plan:
-            return Plan({l.name: cfgs[l.name] for l in layers}, default=default_cfg, info={"source": source})
-
-        cfgs = {n: c.config for n, c in pick.items()}
-        plan = make_plan(cfgs, "greedy allocation")
-        measured = prober.error(plan)
-        source = "greedy allocation"
+        state, limit = allocate_verified(session, budget_bytes, req.max_error, req.budget_config)
         timings["allocate_s"] = time.perf_counter() - t0
-
-        # 3a. uniform configs: measured for the Pareto plot, and taken if one beats the plan
         t0 = time.perf_counter()
-        for u in tqdm(list(uniform_grid), desc="tune: uniform configs", disable=not progress, dynamic_ncols=True):
-            ub = plan_bytes({l.name: u for l in layers})
-            rec = {"config": u.to_dict(), "short": u.short(), "bytes": ub, "grad_error": prober.error(
-                Plan({l.name: u for l in layers}, default=default_cfg))}
-            uniform_meta.append(rec)
-            if ub <= budget_limit and rec["grad_error"] < measured:
-                measured, cfgs, source = rec["grad_error"], {l.name: u for l in layers}, f"uniform {u.short()}"
+        uniform = measure_uniform(session, req.uniform_grid, req.progress)
         timings["uniform_s"] = time.perf_counter() - t0
-        plan = make_plan(cfgs, source)
-
-        # 3b. refine: one-step moves per layer at equal or fewer bytes
         t0 = time.perf_counter()
-        moves: List[str] = []
-        if refine:
-            cur_bytes = plan_bytes(cfgs)
-            for l in layers:
-                cfg = cfgs[l.name]
-                options = []
-                bi = BITS.index(cfg.bits)
-                for nb in (BITS[bi - 1] if bi > 0 else None, BITS[bi + 1] if bi + 1 < len(BITS) else None):
-                    if nb is not None:  # 1-bit "optimal" levels are the uniform ones: one name for it
-                        options.append(cfg.replace(bits=nb, levels="uniform" if nb == 1 else cfg.levels))
-                if cfg.block_size != ROW:
-                    for g in (cfg.block_size * 2, cfg.block_size // 2):
-                        if 16 <= g <= MAX_BLOCK_SIZE:
-                            options.append(cfg.replace(block_size=g))
-                for opt in options:
-                    trial = dict(cfgs, **{l.name: opt})
-                    tb = plan_bytes(trial)
-                    if tb > cur_bytes:
-                        continue
-                    e = prober.error(make_plan(trial, "refined"))
-                    if e < measured:
-                        moves.append(f"{l.name}: {cfg.short()} -> {opt.short()} (err {measured:.3e} -> {e:.3e})")
-                        cfgs, measured, cur_bytes, cfg = trial, e, tb, opt
-                        source = source if source.endswith("+ refinement") else source + " + refinement"
-            plan = make_plan(cfgs, source)
+        state, moves = refine_plan(session, state, limit, uniform, moves=req.refine)
         timings["refine_s"] = time.perf_counter() - t0
-
-        for l in layers:
-            cfg = cfgs[l.name]
-            match = next((c for c in l.candidates if c.config == cfg), None)
-            if match is None:  # from the uniform fallback or refinement: measure this layer alone
-                match = Candidate(cfg, layer_bytes(l, cfg), sum(t.predicted_error(cfg) for t in l.captured),
-                                  prober.error(alone(l.name, cfg)))
-            l.chosen = match
-        pred_err = sum(l.chosen.error for l in layers)
-        plan.info.update({"budget_bytes": budget_bytes, "predicted_bytes": plan_bytes(cfgs),
-                          "predicted_grad_error": pred_err, "measured_grad_error": measured})
-        res = finish(plan, plan_bytes(cfgs), pred_err, measured, source, moves)
-        plan.info["measured_bytes"] = res.measured_bytes
-        return res
-    finally:
-        torch.random.set_rng_state(torch_state)
+        result = report(session, state, uniform=uniform, moves=moves, **asked)
+        timings["total_s"] = time.perf_counter() - t_start
+        return result

@@ -19,7 +19,7 @@ from blockquant import QuantConfig
 from blockquant import functional as BF
 from blockquant.nn import WRAPPERS
 from blockquant.nn.conv import QGCNConv, QSAGEConv
-from blockquant.tune import packed_nbytes
+from blockquant.packed import packed_nbytes
 from tolerances import rel_err
 
 N, E, F_IN, F_OUT = 60, 320, 16, 12

@@ -254,6 +254,57 @@ def test_gin_mlp_is_converted_inside_the_wrapper():
     assert conv.nn[0].weight is mlp[0].weight
 
 
+def _configs(model):
+    return {n: (type(m).__name__, m.bq_config if isinstance(m, CompressedModule) else None)
+            for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("spec", [{"": "iexact", "norms.0": None}, {"": "iexact", "norms.0.module": "int8"},
+                                  {nn.BatchNorm1d: None}, {"": "iexact", "convs.1": None}], ids=str)
+def test_converting_a_converted_model_equals_converting_a_fresh_one(spec):
+    """Converting again with new configs gives what converting the unconverted model gives, PyG's
+    BatchNorm (a wrapper around a BatchNorm1d) included: its inner module follows names and types."""
+    from torch_geometric.nn.models import GraphSAGE
+
+    def fresh():
+        torch.manual_seed(0)
+        return GraphSAGE(8, 8, num_layers=2, out_channels=3, norm="batch_norm")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConversionWarning)
+        again = blockquant.convert(blockquant.convert(fresh(), "int4"), spec)
+        direct = blockquant.convert(fresh(), spec)
+    assert _configs(again) == _configs(direct)
+    inner = dict(direct.named_modules())["norms.0.module"]
+    expect = {"norms.0": None, "norms.0.module": QuantConfig.preset("int8")}
+    name = next((k for k in spec if isinstance(k, str) and k.startswith("norms")), None)
+    if name is not None or nn.BatchNorm1d in spec:
+        want = expect.get(name)
+        assert (inner.bq_config if isinstance(inner, CompressedModule) else None) == want
+    # to_original of the PyG wrapper gives the plain module back, inner BatchNorm1d included
+    pyg_bn = dict(blockquant.convert(fresh(), "int4").named_modules())["norms.0"]
+    assert type(pyg_bn.to_original().module) is nn.BatchNorm1d
+
+
+@pytest.mark.parametrize("config,warns", [("iexact", True), ("exact", True), ("int2", False), ("default", False),
+                                           ({"": "int2", "convs.1": "iexact"}, True)], ids=str)
+def test_random_projection_is_announced(config, warns):
+    """A config that projects linear inputs (rp_ratio > 1) costs accuracy at every layer width: convert says so,
+    with the way to measure it (noise_report) and the way around it (tune, int2)."""
+    from torch_geometric.nn.models import GraphSAGE
+
+    model = GraphSAGE(8, 16, num_layers=2, out_channels=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        blockquant.convert(model, config)
+    projection = [w for w in caught if issubclass(w.category, blockquant.ProjectionWarning)]
+    assert bool(projection) == warns, [str(w.message) for w in caught]
+    if warns:
+        text = str(projection[0].message)
+        assert "noise_report" in text and "blockquant.tune" in text and "'int2'" in text
+        assert projection[0].filename == __file__  # points at the caller's convert line
+
+
 def test_model_inputs_saved_by_reference_fresh_intermediates_compressed():
     """convert() marks the tensors passed to forward as resident: a Linear fed data.x keeps a
     reference (no copy), while dropout(data.x), a fresh tensor without grad_fn, is compressed."""

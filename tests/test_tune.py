@@ -10,7 +10,8 @@ from blockquant import Plan, QuantConfig, TuneError, track_saved
 from blockquant.bench.datasets import load_dataset
 from blockquant.bench.models import build_model
 from blockquant.cli import main
-from blockquant.tune import gradient_error, packed_nbytes, tune
+from blockquant.packed import packed_nbytes
+from blockquant.tune import gradient_error, tune
 
 pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")
 
@@ -114,6 +115,42 @@ def test_tuned_plan_holds_exactly_the_predicted_bytes(graph, tuned_iexact, tmp_p
     assert "bits" in res.table() and "measured" in res.table()
 
 
+def _zoo_model(name, data):
+    """PyG model-zoo models with a normalisation wrapper (PyG's ``BatchNorm`` holds a ``BatchNorm1d``)."""
+    from torch_geometric.nn.models import GAT, GCN, GIN, GraphSAGE
+
+    torch.manual_seed(0)
+    kind, norm = name.split("-", 1)
+    cls = {"sage": GraphSAGE, "gcn": GCN, "gat": GAT, "gin": GIN}[kind]
+    kw = dict(heads=2) if kind == "gat" else {}
+    return cls(data.num_features, 16, num_layers=3, out_channels=data.out_dim, norm=norm, dropout=0.5, **kw)
+
+
+BUDGET_MODELS = ["bench-sage", "bench-gcn", "bench-gat", "bench-gin", "bench-gcn2",
+                 "zoo-sage-batch_norm", "zoo-gcn-batch_norm", "zoo-gat-batch_norm", "zoo-gin-batch_norm",
+                 "zoo-sage-layer_norm"]
+
+
+@pytest.mark.parametrize("name", BUDGET_MODELS)
+def test_plan_at_a_preset_budget_holds_at_most_that_presets_bytes(graph, name):
+    """The word tune keeps: a plan for the bytes of uniform iexact holds at most those bytes as
+    the user measures them (track_saved on a fresh model, data excluded), its byte model is exact,
+    and every layer it names gets the config it names (PyG's BatchNorm: the inner BatchNorm1d)."""
+    def fresh():
+        if name.startswith("bench-"):
+            return make_model(graph, name.split("-", 1)[1])
+        return _zoo_model(name.split("-", 1)[1], graph)
+
+    res = tune(fresh(), graph, budget="iexact", **dict(FAST, candidates=SMALL_GRID[::3], max_candidates_per_layer=2))
+    uniform = measured_bytes(fresh(), graph, QuantConfig.preset("iexact"))
+    held = measured_bytes(fresh(), graph, res.plan)
+    assert res.budget_bytes == uniform
+    assert held == res.measured_bytes == res.predicted_bytes <= uniform, res.table()
+    modules = dict(blockquant.convert(fresh(), res.plan).named_modules())
+    ignored = {n: c.short() for n, c in res.plan.layers.items() if modules[n].bq_config != c}
+    assert not ignored, f"the plan names configs that conversion does not give these modules: {ignored}"
+
+
 def test_tune_is_deterministic_under_a_seed(graph, tuned_iexact):
     again = tune(make_model(graph), graph, budget="iexact", **dict(FAST, refine=True))
     assert again.plan == tuned_iexact.plan
@@ -132,6 +169,33 @@ def test_tuned_error_never_above_uniform_at_equal_bytes(graph, preset):
     uniform_err = gradient_error(model, graph, QuantConfig.preset(preset), probe_steps=(0, 3))
     assert tuned_err == pytest.approx(res.measured_error)
     assert tuned_err <= uniform_err, (res.table(), uniform_err)
+
+
+def test_tune_leaves_the_callers_random_state_alone(graph, monkeypatch):
+    """The probes seed the CPU generator (and those of CUDA devices in use) and restore them; they
+    never call torch.manual_seed, which reseeds every CUDA generator of the process."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    models = make_model(graph), make_model(graph)
+    torch.manual_seed(1234)
+    reseeded.clear()
+    before = torch.random.get_rng_state()
+    grid = SMALL_GRID[:2] + [QuantConfig.preset("iexact")]
+    tune(models[0], graph, budget="iexact", **dict(FAST, candidates=grid, uniform_grid=()))
+    gradient_error(models[1], graph, "iexact", probe_steps=(0,))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert reseeded == [], "tune reseeded every CUDA generator (torch.manual_seed)"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tune_on_cuda_restores_the_cuda_generators(graph):
+    data = load_dataset("synthetic:tiny", seed=0).to("cuda")
+    model = make_model(data).cuda()
+    torch.cuda.manual_seed_all(99)
+    before = torch.cuda.get_rng_state_all()
+    tune(model, data, budget="iexact", **dict(FAST, candidates=SMALL_GRID[:2], uniform_grid=()))
+    assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), before))
 
 
 def test_unreachable_budget_names_the_smallest(graph):

@@ -88,13 +88,28 @@ if _PyGBatchNorm is not None:
         """PyG's :class:`torch_geometric.nn.norm.BatchNorm`: it wraps a
         ``torch.nn.BatchNorm1d`` (``self.module``), which is swapped for a
         :class:`QBatchNorm1d` sharing the same parameters and buffers (the
-        original PyG module keeps its own plain child)."""
+        original PyG module keeps its own plain child).
+
+        The inner module is what holds the compressed input, so :func:`blockquant.convert`
+        visits it like any child (``bq_convert_children``): a config given for
+        ``"norms.0"`` reaches ``"norms.0.module"`` by name, one given for
+        ``torch.nn.BatchNorm1d`` by type, and ``None`` for either leaves it exact."""
+
+        bq_convert_children = ("module",)
 
         def _bq_init(self) -> None:
             inner = self._modules.get("module")
             if type(inner) is nn.BatchNorm1d:
                 self._modules = dict(self._modules)  # do not touch the original module's children
                 self._modules["module"] = QBatchNorm1d.from_module(inner, self.bq_config)
+
+        def to_original(self) -> nn.Module:
+            orig = super().to_original()
+            inner = orig._modules.get("module")
+            if isinstance(inner, CompressedModule):  # the plain BatchNorm1d again (same parameters)
+                orig._modules = dict(orig._modules)
+                orig._modules["module"] = inner.to_original()
+            return orig
 else:  # pragma: no cover
     QPyGBatchNorm = None
 
