@@ -431,3 +431,113 @@ int bq_advise_huge_pages(void *p, int64_t nbytes) {
 
 /* lets the loader check that it talks to the build it expects */
 int bq_abi_version(void) { return 1; }
+
+/* ================================================================ elementwise ops beside the codec
+ *
+ * Dropout, ReLU / LeakyReLU with their 1-bit masks, and batch normalisation fused with the codec
+ * (loaded by native_ops.py). Each handles a range of elements (or codec blocks) so that the Python
+ * side can split the work between threads; none allocates tensors.
+ */
+
+/* Dropout: element i is kept iff the hash of (seed, i) is at least `threshold` (P(keep) = 1 - threshold
+ * / 2^32); kept elements are multiplied by `scale`, the others are 0. With x == NULL the noise itself
+ * (scale or 0) is written. The hash is the codec's noise construction over chunks of DROP_CHUNK
+ * elements: mix32(mix32(j + k1) ^ chunk_key(seed, i / DROP_CHUNK)), j = i % DROP_CHUNK; any split of
+ * the elements (begin a multiple of DROP_CHUNK) draws the same mask. */
+#define DROP_CHUNK 4096
+int bq_dropout(const void *x, int kind, int64_t n, uint32_t threshold, float scale, uint64_t seed, void *out,
+               int64_t begin, int64_t end) {
+    if (kind < 0 || kind > 2 || begin % DROP_CHUNK) return -1;
+    uint32_t *mixed = (uint32_t *)malloc(DROP_CHUNK * sizeof(uint32_t));
+    float *vals = (float *)malloc(DROP_CHUNK * sizeof(float));
+    if (!mixed || !vals) { free(mixed); free(vals); return -2; }
+    const uint64_t key = seed_key_of(seed);
+    for (uint32_t j = 0; j < DROP_CHUNK; j++) mixed[j] = mix32(j + (uint32_t)(key >> 32));
+    if (end > n) end = n;
+    for (int64_t c0 = begin; c0 < end; c0 += DROP_CHUNK) {
+        const int64_t len = end - c0 < DROP_CHUNK ? end - c0 : DROP_CHUNK;
+        const uint32_t ck = block_key_of(key, c0 / DROP_CHUNK);
+        if (x == NULL) {
+            for (int64_t j = 0; j < len; j++) vals[j] = mix32(mixed[j] ^ ck) >= threshold ? scale : 0.0f;
+        } else if (kind == KIND_F32) {
+            const float *restrict xs = (const float *)x + c0;
+            for (int64_t j = 0; j < len; j++) vals[j] = mix32(mixed[j] ^ ck) >= threshold ? xs[j] * scale : 0.0f;
+        } else {
+            for (int64_t j = 0; j < len; j++) {
+                const float v = load_as_f32(x, c0 + j, kind);
+                vals[j] = mix32(mixed[j] ^ ck) >= threshold ? v * scale : 0.0f;
+            }
+        }
+        if (kind == KIND_F32) memcpy((float *)out + c0, vals, (size_t)len * sizeof(float));
+        else for (int64_t j = 0; j < len; j++) store_from_f32(out, c0 + j, vals[j], kind);
+    }
+    free(mixed);
+    free(vals);
+    return 0;
+}
+
+/* ReLU (slope 0) / LeakyReLU: out = x > 0 ? x : x * slope (x itself for ReLU's negatives: 0), and the
+ * sign mask x > 0 packed 8 per byte, element i at bit i % 8 of byte i / 8 (BitMask's layout); the last
+ * byte zero-padded. begin must be a multiple of 8. */
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+INLINE float relu_value(float v, float slope, int leaky) {
+    return v > 0.0f ? v : (leaky ? v * slope : (v <= 0.0f ? 0.0f : v));
+}
+int bq_relu_pack(const void *x, int kind, int64_t n, float slope, int leaky, void *out, uint8_t *bits,
+                 int64_t begin, int64_t end) {
+    if (kind < 0 || kind > 2 || begin % 8) return -1;
+    if (end > n) end = n;
+    int64_t i = begin;
+    if (kind == KIND_F32) {
+        const float *restrict xs = (const float *)x;
+        float *restrict o = (float *)out;
+        const int64_t full = begin + (end - begin) / 8 * 8;
+        for (int64_t k = begin; k < full; k++) o[k] = relu_value(xs[k], slope, leaky);
+#if defined(__AVX2__)
+        const __m256 zero = _mm256_setzero_ps();
+        for (; i < full; i += 8)
+            bits[i / 8] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(xs + i), zero, _CMP_GT_OQ));
+#else
+        for (; i < full; i += 8) {
+            uint32_t byte = 0;
+            for (int j = 0; j < 8; j++) byte |= (uint32_t)(xs[i + j] > 0.0f) << j;
+            bits[i / 8] = (uint8_t)byte;
+        }
+#endif
+    }
+    for (; i < end; i += 8) {
+        uint32_t byte = 0;
+        for (int j = 0; j < 8 && i + j < end; j++) {
+            const float v = load_as_f32(x, i + j, kind);
+            store_from_f32(out, i + j, relu_value(v, slope, leaky), kind);
+            byte |= (uint32_t)(v > 0.0f) << j;
+        }
+        bits[i / 8] = (uint8_t)byte;
+    }
+    return 0;
+}
+
+/* The gradient through a 1-bit mask: out = g * (bit ? 1 : slope) (slope 0: ReLU). begin a multiple of 8. */
+int bq_mask_grad(const void *g, int kind, int64_t n, const uint8_t *bits, float slope, void *out, int64_t begin,
+                 int64_t end) {
+    if (kind < 0 || kind > 2 || begin % 8) return -1;
+    if (end > n) end = n;
+    float (*lut)[8] = (float (*)[8])malloc(256 * 8 * sizeof(float));  /* factor of every bit of every byte */
+    if (!lut) return -2;
+    for (int v = 0; v < 256; v++)
+        for (int j = 0; j < 8; j++) lut[v][j] = ((v >> j) & 1) ? 1.0f : slope;
+    int64_t i = begin;
+    if (kind == KIND_F32) {
+        const float *restrict gs = (const float *)g;
+        float *restrict o = (float *)out;
+        for (; i + 8 <= end; i += 8) {
+            const float *restrict f = lut[bits[i / 8]];
+            for (int j = 0; j < 8; j++) o[i + j] = gs[i + j] * f[j];
+        }
+    }
+    for (; i < end; i++) store_from_f32(out, i, load_as_f32(g, i, kind) * lut[bits[i / 8]][i % 8], kind);
+    free(lut);
+    return 0;
+}

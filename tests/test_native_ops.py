@@ -1,0 +1,103 @@
+"""The compiled CPU elementwise ops (``blockquant.kernels.native_ops``): the same results as PyTorch's ops,
+masks regenerated identically whatever the thread split, and the ops picked only where the codec is native."""
+import math
+
+import pytest
+import torch
+
+from blockquant import functional as BF
+from blockquant.kernels import native, native_ops
+from blockquant.kernels.bitmask import BitMask
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"compiled CPU codec unavailable: {native.unavailable_reason()}")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture
+def native_backend(monkeypatch):
+    monkeypatch.setenv("BLOCKQUANT_BACKEND", "native")
+
+
+def _x(shape, dtype=torch.float32, seed=0):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    x[::5, 0] = 0.0  # zeros sit on the mask's edge
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("slope", [None, 0.2], ids=["relu", "leaky"])
+def test_activation_and_gradient_equal_torch(native_backend, dtype, slope):
+    leaf = _x((1003, 7), dtype).requires_grad_()  # 7021 elements: the mask's last byte is partial
+    h = leaf * 1
+    assert native_ops.enabled(h)
+    out = BF.relu(h) if slope is None else BF.leaky_relu(h, slope)
+    ref = torch.relu(h) if slope is None else torch.nn.functional.leaky_relu(h, slope)
+    assert torch.equal(out, ref)
+    mask = out.grad_fn.bq_state[0]
+    assert torch.equal(mask.unpack(), h > 0) and mask.nbytes == math.ceil(h.numel() / 8)
+    go = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, leaf, go, retain_graph=True)
+    (want,) = torch.autograd.grad(ref, leaf, go)
+    assert torch.equal(got, want)
+
+
+def test_mask_and_gradient_do_not_depend_on_the_thread_split(native_backend):
+    x = _x((3000, 500))  # 1.5M elements: several threads' ranges
+    one = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        out1, bits1 = native_ops.relu_pack(x, None)
+        drop1 = native_ops.dropout(x, 0.3, 77)
+        torch.set_num_threads(3)
+        assert len(native_ops._element_ranges(x.numel(), 8)) == 3
+        out3, bits3 = native_ops.relu_pack(x, None)
+        drop3 = native_ops.dropout(x, 0.3, 77)
+        g3 = native_ops.mask_grad(x, bits3, 0.1)
+    finally:
+        torch.set_num_threads(one)
+    assert torch.equal(out1, out3) and torch.equal(bits1, bits3) and torch.equal(drop1, drop3)
+    assert torch.equal(g3, torch.where(x > 0, x, x * 0.1))
+    assert torch.equal(BitMask(bits1, x.shape).unpack(), x > 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_keeps_one_minus_p_and_backward_regenerates_the_mask(native_backend, dtype):
+    leaf = _x((400, 301), dtype).requires_grad_()  # 120,400 elements: not a multiple of the noise chunk
+    h = leaf * 1
+    p = 0.4
+    y = BF.dropout(h, p)
+    kept = y != 0
+    frac = kept[h != 0].float().mean().item()
+    assert abs(frac - (1 - p)) < 4 * math.sqrt(p * (1 - p) / h.numel())
+    scale = torch.ones((), dtype=dtype) / (1 - p)
+    assert torch.equal(y[kept], h[kept] * scale)
+    (g,) = torch.autograd.grad(y, leaf, torch.ones_like(y))
+    assert torch.equal(g, torch.where(native_ops.dropout(None, p, y.grad_fn.bq_seed, like=h) != 0, scale,
+                                      torch.zeros((), dtype=dtype)))
+    # the noise tensor (attention dropout) is the same mask
+    noise = native_ops.dropout(None, p, y.grad_fn.bq_seed, like=h)
+    assert torch.equal(y, h * noise)
+    # masks of neighbouring seeds and chunks are not correlated
+    other = native_ops.dropout(None, p, int(y.grad_fn.bq_seed) + 1, like=h) != 0
+    agree = (other == (noise != 0)).float().mean().item()
+    assert abs(agree - (p * p + (1 - p) ** 2)) < 0.01
+
+
+def test_dropout_reproducible_from_the_torch_seed_and_edge_probabilities(native_backend):
+    x = _x((300, 40))
+    torch.manual_seed(5)
+    a = BF.dropout(x, 0.5)
+    torch.manual_seed(5)
+    assert torch.equal(a, BF.dropout(x, 0.5))
+    assert torch.equal(BF.dropout(x.requires_grad_(), 0.0), x)
+    assert torch.count_nonzero(BF.dropout(x, 1.0)) == 0
+
+
+def test_compiled_ops_only_where_the_codec_is_native(monkeypatch):
+    x = _x((10, 10))
+    monkeypatch.setenv("BLOCKQUANT_BACKEND", "torch")
+    assert not native_ops.enabled(x)
+    monkeypatch.setenv("BLOCKQUANT_BACKEND", "native")
+    assert native_ops.enabled(x) and not native_ops.enabled(x.double())
