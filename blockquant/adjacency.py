@@ -123,21 +123,32 @@ def _csr_from_edges(rows: torch.Tensor, cols: torch.Tensor, num_rows: int, num_c
 
 
 class _Structure:
-    """A graph's CSR (rows are targets) and, built on first use, its transpose (rows are sources)."""
+    """A graph's CSR (rows are targets) and, built on first use, its transpose (rows are sources);
+    ``weights``: constant edge values cached with the graph (a derived graph's, such as GCN's
+    normalisation: :func:`derived_adjacency`), in the adjacency's edge order, or None."""
 
-    __slots__ = ("fwd", "_bwd", "owner", "__weakref__")
+    __slots__ = ("fwd", "_bwd", "owner", "weights", "_weights_t", "__weakref__")
 
-    def __init__(self, fwd: _CSR, bwd: Optional[_CSR] = None):
+    def __init__(self, fwd: _CSR, bwd: Optional[_CSR] = None, weights: Optional[torch.Tensor] = None):
         self.fwd = fwd
         self._bwd = bwd
         self.owner = None  # weak reference to the graph object it is cached on
+        self.weights = weights
+        self._weights_t = None
+
+    def weights_t(self, dtype: torch.dtype) -> torch.Tensor:
+        """:attr:`weights` in the transposed CSR's order (for the backward product), gathered once."""
+        if self._weights_t is None:
+            self._weights_t = self.bwd.values(self.weights, self.weights.dtype)
+        return self._weights_t.to(dtype)
 
     def owned_by_a_live_graph(self) -> bool:
         return self.owner is not None and self.owner() is not None
 
     def tensors(self):
         parts = [self.fwd] + ([self._bwd] if self._bwd is not None else [])
-        return tuple(t for c in parts for t in (c.rowptr, c.col, c.perm, *c._units.values()) if t is not None)
+        held = tuple(t for c in parts for t in (c.rowptr, c.col, c.perm, *c._units.values()) if t is not None)
+        return held + tuple(w for w in (self.weights, self._weights_t) if w is not None)
 
     @property
     def bwd(self) -> _CSR:
@@ -146,7 +157,8 @@ class _Structure:
         return self._bwd
 
     def nbytes(self) -> int:
-        return self.fwd.nbytes() + (self._bwd.nbytes() if self._bwd is not None else 0)
+        w = sum(t.numel() * t.element_size() for t in (self.weights, self._weights_t) if t is not None)
+        return self.fwd.nbytes() + (self._bwd.nbytes() if self._bwd is not None else 0) + w
 
 
 class Adjacency:
@@ -236,16 +248,22 @@ class Adjacency:
         _check_weight(edge_weight, self.num_edges)
         return Adjacency._of(self._structure, self.num_src, self.num_dst, edge_weight, self._edges)
 
+    @property
+    def weights_are_graph_state(self) -> bool:
+        """Whether the edge weights are constant values cached with the graph (:func:`derived_adjacency`)."""
+        return self.edge_weight is not None and self.edge_weight is self._structure.weights
+
     def tensors(self):
         """The tensors this adjacency keeps alive for a step (for memory accounting): the edge
         weights, and the CSR when nothing else holds it. The CSR of a graph the caller keeps
-        (``data.edge_index``) is graph state cached for that graph's lifetime
+        (``data.edge_index``), and a derived graph cached with it (GCN's normalisation:
+        :func:`derived_adjacency`), is graph state cached for that graph's lifetime
         (:meth:`cache_nbytes`), like the ``edge_index`` itself; the CSR of a graph built inside
-        the step (GCN's normalised graph without ``cached=True``) lives only as long as the
+        the step (GCN's normalised graph when it cannot be cached) lives only as long as the
         autograd graph does, and is counted."""
-        held = tuple(t for t in (self.edge_weight,) if t is not None)
         if self._structure.owned_by_a_live_graph():
-            return held
+            return tuple(t for t in (self.edge_weight,) if t is not None and not self.weights_are_graph_state)
+        held = tuple(t for t in (self.edge_weight,) if t is not None and not self.weights_are_graph_state)
         return held + self._structure.tensors()
 
     def cache_nbytes(self) -> int:
@@ -318,6 +336,38 @@ def _cached(key_obj, sizes: Tuple[int, int], build) -> _Structure:
         del per_obj[stale]
     per_obj[sizes] = (version, structure)
     return structure
+
+
+def derived_adjacency(graph, variant, build) -> Adjacency:
+    """A graph derived from ``graph`` by a deterministic function of it (GCN's normalisation: self
+    loops added, symmetric edge weights), cached with ``graph``: built once per ``graph`` object
+    and ``variant`` (a hashable key naming the derivation and its options), rebuilt when ``graph``
+    is modified in place, gone with ``graph``. Its edge weights are cached with it as graph state
+    (:attr:`Adjacency.weights_are_graph_state`), stored in CSR order so that a step reads them
+    without a gather. Only the CSR is kept, not the derived ``edge_index``.
+
+    ``build()`` returns ``(adjacency, edge_weight, num_nodes)``: the derived graph in any form
+    :func:`as_adjacency` takes; it runs only on a miss.
+    """
+    key = ("derived", variant)
+    version = getattr(graph, "_version", 0)
+    per_obj = _STRUCTURES.get(graph)
+    if per_obj is None:
+        per_obj = {}
+        _STRUCTURES[graph] = per_obj
+    hit = per_obj.get(key)
+    if hit is None or hit[0] != version:
+        derived, weight, num_nodes = build()
+        adj = _as_adjacency(derived, num_nodes, weight)
+        fwd = adj._structure.fwd
+        w = None if adj.edge_weight is None else fwd.values(adj.edge_weight, adj.edge_weight.dtype).detach()
+        structure = _Structure(_CSR(fwd.rowptr, fwd.col, None, fwd.num_rows, fwd.num_cols), None, w)
+        structure.owner = weakref.ref(graph)
+        for stale in [k for k, v in per_obj.items() if v[0] != version]:
+            del per_obj[stale]
+        hit = (version, structure, adj.num_src, adj.num_dst)
+        per_obj[key] = hit
+    return Adjacency._of(hit[1], hit[2], hit[3], hit[1].weights)
 
 
 def _check_edge_index(ei: torch.Tensor) -> None:

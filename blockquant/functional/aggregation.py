@@ -171,7 +171,8 @@ class _Aggregate(torch.autograd.Function):
       * learnable edge weights (``w.requires_grad``): ``x`` compressed with the
         config without projection (or by reference when resident), used only
         linearly in ``grad_w[e] = <g[dst_e], x[src_e]>``, computed edge-chunked.
-      * edge weights (``[E]``, by reference) when a gradient needs them.
+      * edge weights (``[E]``, by reference) when a gradient needs them; none when they are constant
+        values cached with the graph (GCN's normalisation, :func:`~blockquant.adjacency.derived_adjacency`).
       * max: the winning edge of every output element as an int32 tensor
         ``[num_dst, F]`` (int64 beyond 2^31 edges; integers, not compressed);
         ties go to the first edge in CSR order (the lowest edge id for ``edge_index``).
@@ -188,7 +189,9 @@ class _Aggregate(torch.autograd.Function):
         ctx.bq_has_weight = weight is not None
         to_save = []
         state = [] if winner is None else [winner]
-        if weight is not None and (need_x or need_w):
+        # constant weights cached with the graph (GCN's normalisation) are read from the adjacency
+        ctx.bq_weight_in_adj = weight is not None and adj.weights_are_graph_state
+        if weight is not None and (need_x or need_w) and not ctx.bq_weight_in_adj:
             to_save.append(weight)  # resident-sized ([E]) and needed for A^T g
         ctx.bq_ref = False
         if need_w:
@@ -210,7 +213,7 @@ class _Aggregate(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         state = list(ctx.bq_state)
         x_ref = saved.pop(0) if ctx.bq_ref else None
-        weight = saved.pop(0) if ctx.bq_has_weight else None
+        weight = adj.edge_weight if ctx.bq_weight_in_adj else (saved.pop(0) if ctx.bq_has_weight else None)
         n_src = ctx.bq_x_shape[0]
         g = grad_out.reshape(adj.num_dst, _trailing(grad_out.shape))
         fwd = adj._structure.fwd
@@ -230,7 +233,8 @@ class _Aggregate(torch.autograd.Function):
             del x2
             if need_x:
                 bwd = adj._structure.bwd
-                grad_x = _spmm(bwd, bwd.values(weight, g.dtype), g)
+                values_t = adj._structure.weights_t(g.dtype) if ctx.bq_weight_in_adj else bwd.values(weight, g.dtype)
+                grad_x = _spmm(bwd, values_t, g)
         if need_x:
             grad_x = grad_x.view(ctx.bq_x_shape)
         if need_w:

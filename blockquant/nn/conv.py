@@ -45,7 +45,7 @@ from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import add_self_loops, remove_self_loops
 
 from .. import functional as BF
-from ..adjacency import _is_edge_index_type, as_adjacency
+from ..adjacency import _is_edge_index_type, as_adjacency, derived_adjacency
 from ..attention import attention_graph, gat_attention, gatv2_attention
 from ..saved_hooks import compress_saved_tensors
 from .registry import CompressedModule, lazy_reason, register_wrapper
@@ -242,6 +242,42 @@ class _QConv(CompressedModule):
                              f"got shape {tuple(x.shape)}")
 
 
+def _gcn_adjacency(self, x: Tensor, edge_index, edge_weight, improved: bool):
+    """GCN/GCN2's normalised graph as an :class:`~blockquant.adjacency.Adjacency`, cached with the
+    user's graph object when the layer does not cache it itself (``cached=False``, PyG's default):
+    PyG normalises the same graph again in every layer of every step; here it is normalised once
+    per graph object and options (rebuilt when the graph is modified in place, gone with it), and
+    each step reuses its CSR. ``None`` when that cannot apply (``cached=True`` keeps PyG's own
+    cache; edge weights given: normalised per call as PyG does)."""
+    if self.cached or edge_weight is not None:
+        return None
+    if not (isinstance(edge_index, Tensor) or _is_torch_sparse_tensor_type(edge_index)):
+        return None
+    if torch.compiler.is_compiling():
+        return _gcn_adjacency_outside_the_graph(edge_index, x.size(self.node_dim), improved, self.add_self_loops,
+                                                self.flow, x.dtype)
+    return _gcn_derived(edge_index, x.size(self.node_dim), improved, self.add_self_loops, self.flow, x.dtype)
+
+
+def _gcn_derived(edge_index, num_nodes: int, improved: bool, add_loops: bool, flow: str, dtype):
+    def build():
+        normalized = gcn_norm(edge_index, None, num_nodes, improved, add_loops, flow, dtype)
+        graph, weight = normalized if isinstance(normalized, tuple) else (normalized, None)  # SparseTensor: alone
+        dense_index = isinstance(graph, Tensor) and graph.layout == torch.strided and not _is_edge_index_type(graph)
+        return graph, weight, num_nodes if dense_index else None
+
+    return derived_adjacency(edge_index, ("gcn_norm", num_nodes, improved, add_loops, flow, dtype), build)
+
+
+@torch.compiler.disable
+def _gcn_adjacency_outside_the_graph(*args):
+    """Under ``torch.compile``: the cache lookup (a weak dictionary keyed on the graph's identity) runs
+    eagerly, one graph break, in place of PyG's normalisation and the CSR lookup."""
+    adj = _gcn_derived(*args)
+    adj._structure.weights_t(adj.edge_weight.dtype)  # the transpose and its weights, built now for the backward
+    return adj
+
+
 def _gcn_normalized(self, x: Tensor, edge_index, edge_weight, improved: bool):
     """GCN/GCN2 symmetric normalisation, with the originals' caching, as the originals do it."""
     if isinstance(edge_index, Tensor):
@@ -294,10 +330,12 @@ class QGCNConv(_QConv, GCNConv):
         if isinstance(x, (tuple, list)):
             return GCNConv.forward(self, x, edge_index, edge_weight)  # raises PyG's own error
         self._check_2d(x, "QGCNConv")
-        if self.normalize:
+        adj = _gcn_adjacency(self, x, edge_index, edge_weight, self.improved) if self.normalize else None
+        if self.normalize and adj is None:
             edge_index, edge_weight = _gcn_normalized(self, x, edge_index, edge_weight, self.improved)
         h = self._linear(x, self.lin, bias=False)
-        adj = self._adjacency(edge_index, h, None, edge_weight=edge_weight)
+        if adj is None:
+            adj = self._adjacency(edge_index, h, None, edge_weight=edge_weight)
         out = BF.aggregate(h, adj, "sum", self.bq_config)
         if self.bias is not None:
             out = out + self.bias
@@ -448,9 +486,11 @@ class QGCN2Conv(_QConv, GCN2Conv):
             return GCN2Conv.forward(self, x, x_0, edge_index, edge_weight)
         self._bq_check_runtime()
         self._check_2d(x, "QGCN2Conv")
-        if self.normalize:
+        adj = _gcn_adjacency(self, x, edge_index, edge_weight, False) if self.normalize else None
+        if self.normalize and adj is None:
             edge_index, edge_weight = _gcn_normalized(self, x, edge_index, edge_weight, False)
-        adj = self._adjacency(edge_index, x, None, edge_weight=edge_weight)
+        if adj is None:
+            adj = self._adjacency(edge_index, x, None, edge_weight=edge_weight)
         h = BF.aggregate(x, adj, "sum", self.bq_config)
         h = h * (1 - self.alpha)
         x_0 = self.alpha * x_0[:h.size(0)]
