@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import native
-from .blockwise import _KIND
+from .blockwise import _KIND, payload_bytes
 
 #: dropout draws its noise in chunks of this many elements (the C side's DROP_CHUNK)
 DROP_CHUNK = 4096
@@ -36,7 +36,13 @@ def _lib():
         lib.bq_dropout.argtypes = [vp, ctypes.c_int, i64, ctypes.c_uint32, f32, ctypes.c_uint64, vp, i64, i64]
         lib.bq_relu_pack.argtypes = [vp, ctypes.c_int, i64, f32, ctypes.c_int, vp, vp, i64, i64]
         lib.bq_mask_grad.argtypes = [vp, ctypes.c_int, i64, vp, f32, vp, i64, i64]
-        for f in (lib.bq_dropout, lib.bq_relu_pack, lib.bq_mask_grad):
+        lib.bq_quantize_affine.argtypes = [vp, i64, i64, vp, vp, i64, ctypes.c_int, ctypes.c_int, vp, ctypes.c_int,
+                                           ctypes.c_uint64, vp, vp, i64, i64, i64]
+        lib.bq_bn_sums.argtypes = [vp, vp, vp, ctypes.c_int, vp, i64, i64, ctypes.c_int, i64, i64, i64, i64, vp, vp]
+        lib.bq_bn_dx.argtypes = [vp, vp, vp, ctypes.c_int, vp, i64, i64, ctypes.c_int, i64, i64, i64, i64, vp, vp, vp,
+                                 f32, ctypes.c_int, vp]
+        for f in (lib.bq_dropout, lib.bq_relu_pack, lib.bq_mask_grad, lib.bq_quantize_affine, lib.bq_bn_sums,
+                  lib.bq_bn_dx):
             f.restype = ctypes.c_int
         _declared["done"] = True
     return lib
@@ -122,4 +128,64 @@ def mask_grad(g: torch.Tensor, bits: torch.Tensor, slope: Optional[float]) -> to
     s = float(slope) if slope is not None else 0.0  # as leaky_relu_backward: the float32 slope in every dtype
     kind, g_ptr, b_ptr, o_ptr = _KIND[g.dtype], src.data_ptr(), bits.data_ptr(), out.data_ptr()
     native._run(lambda a, b: lib.bq_mask_grad(g_ptr, kind, n, b_ptr, s, o_ptr, a, b), _element_ranges(n, 8))
+    return out
+
+
+# ----------------------------------------------------------------------------- normalisation and the codec
+
+def _levels_ptr(levels, bits):
+    lv = native._levels_arg(levels, bits)
+    return lv, (lv.data_ptr() if lv is not None else None)
+
+
+def quantize_affine(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, block: int, bits: int,
+                    meta_dtype: torch.dtype, levels, stochastic: bool, seed) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The codec (``quantize_native``'s layout and noise) applied to ``(x - shift) * scale`` column-wise,
+    ``x`` a contiguous float32 ``[rows, C]``, ``shift`` and ``scale`` float32 ``[C]``: a normalisation's
+    output encoded without being stored. Returns ``(payload, meta)``."""
+    lib = _lib()
+    n, cols = x.numel(), x.shape[-1]
+    nb = -(-n // block)
+    payload = torch.empty(payload_bytes(n, block, bits), dtype=torch.uint8)
+    meta = torch.empty((2, nb), dtype=meta_dtype)
+    _lv, lv_ptr = _levels_ptr(levels, bits)  # _lv keeps the levels alive during the calls
+    sh, sc = shift.contiguous(), scale.contiguous()
+    args = (x.data_ptr(), n, cols, sh.data_ptr(), sc.data_ptr(), block, bits, _KIND[meta_dtype], lv_ptr,
+            int(bool(stochastic)), _seed_arg(seed), payload.data_ptr(), meta.data_ptr(), nb)
+    native._run(lambda b0, b1: lib.bq_quantize_affine(*args, b0, b1), native._ranges(nb, n, None))
+    return payload, meta
+
+
+def bn_backward(g: torch.Tensor, payload: torch.Tensor, meta: torch.Tensor, block: int, bits: int, levels,
+                scale: Optional[torch.Tensor] = None, count: int = 1, diag: bool = False, sums=None,
+                out: Optional[torch.Tensor] = None):
+    """Two passes of batch normalisation's backward over one compressed ``xn`` (``[rows, C]``, float32 codes
+    of ``quantize_affine``) and the float32 gradient ``g`` of the same shape, decoding block by block.
+
+    With ``sums=None`` returns ``(sum_g, sum_gx)`` (float64 ``[C]``: column sums of ``g`` and ``g * xn``).
+    Given ``sums = (mean_g, mean_gx)`` (float32 ``[C]``, over the whole normalisation), writes
+    ``dx = scale * (g * (1 + xn^2 / count) - mean_g - xn * mean_gx)`` (without the ``xn^2`` term unless
+    ``diag``), ``scale = weight * invstd``, into ``out`` (contiguous float32, ``g``'s shape; new when None)
+    and returns it."""
+    lib = _lib()
+    g = g.contiguous()
+    n, cols = g.numel(), g.shape[-1]
+    nb = -(-n // block)
+    _lv, lv_ptr = _levels_ptr(levels, bits)  # _lv keeps the levels alive during the calls
+    head = (g.data_ptr(), payload.data_ptr(), meta.data_ptr(), _KIND[meta.dtype], lv_ptr, n, block, bits, cols, nb)
+    ranges = native._ranges(nb, n, None)
+    if sums is None:
+        acc = torch.zeros((len(ranges), 2, cols), dtype=torch.float64)
+        ptrs = [(acc[i, 0].data_ptr(), acc[i, 1].data_ptr()) for i in range(len(ranges))]
+        jobs = [(b0, b1, i) for i, (b0, b1) in enumerate(ranges)]
+        native._run(lambda b0, b1, i: lib.bq_bn_sums(*head, b0, b1, *ptrs[i]), jobs)
+        total = acc.sum(0)
+        return total[0], total[1]
+    mean_g, mean_gx = (t.to(torch.float32).contiguous() for t in sums)
+    sc = scale.to(torch.float32).contiguous()
+    out = torch.empty_like(g) if out is None else out
+    if not (out.is_contiguous() and out.shape == g.shape and out.dtype == torch.float32):
+        raise ValueError("bn_backward: out must be a contiguous float32 tensor of g's shape")
+    native._run(lambda b0, b1: lib.bq_bn_dx(*head, b0, b1, sc.data_ptr(), mean_g.data_ptr(), mean_gx.data_ptr(),
+                                            1.0 / count, int(bool(diag)), out.data_ptr()), ranges)
     return out
