@@ -13,11 +13,13 @@ norm estimator        the normalisation's independent estimate of ``xn ** 2`` (f
 graph structure       building a graph's CSR (``as_adjacency``), GCN's normalisation (``gcn_norm``)
 projection            the random projection (``blockquant::projection`` and the product
                       inside ``blockquant::quantize``; the back-projection in weight gradients)
-encode                ``blockquant::quantize`` (the codec), ReLU's 1-bit mask packing
+encode                ``blockquant::quantize`` (the codec), batch norm's fused encode of ``xn``, ReLU's
+                      1-bit mask packing (the compiled ReLU packs inside the activation: forward)
 decode                ``blockquant::dequantize``, unpacking the ReLU mask
 aggregation           the sparse products (``blockquant::csr_spmm``, PyG's ``spmm``), and
                       scatter / gather of PyG's message path
-normalisation         BatchNorm forward / backward arithmetic (less the above)
+normalisation         BatchNorm forward / backward arithmetic (less the above; the compiled backward
+                      decodes ``xn`` block by block inside it)
 optimizer             ``Optimizer.step``
 forward / backward    everything else: the dense products, elementwise ops, dropout, loss
 ====================  =====================================================================
@@ -54,6 +56,7 @@ _RANGES = {
     "blockquant::projection": ("projection", 7),
     "bq::projection": ("projection", 7),
     "blockquant::quantize": ("encode", 6),
+    "bq::encode": ("encode", 6),
     "bq::mask_pack": ("encode", 6),
     "blockquant::dequantize": ("decode", 6),
     "bq::mask_unpack": ("decode", 6),
@@ -97,6 +100,10 @@ def install_ranges() -> None:
 
     _wrap(norm, "_square_estimator", "bq::norm_estimator")
     _wrap(norm, "_add_diagonal_term_", "bq::norm_estimator")
+    norm.SquareSample.of_affine = classmethod(_labelled(norm.SquareSample.of_affine.__func__, "bq::norm_estimator"))
+    import blockquant.kernels.native_ops as native_ops
+
+    _wrap(native_ops, "quantize_affine", "bq::encode")  # batch norm's xn, encoded from x
     _wrap(adjacency, "_as_adjacency", "bq::graph_structure")
     _wrap(attention, "_attention_graph", "bq::graph_structure")
     _wrap(conv, "gcn_norm", "bq::graph_structure")

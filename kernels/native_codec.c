@@ -716,3 +716,49 @@ int bq_bn_dx(const float *g, const uint8_t *payload, const void *meta, int meta_
     free(vals);
     return 0;
 }
+
+/* Multi-head attention aggregation over a CSR (rows [r0, r1)):
+ *     out[j, h, :] = sum over positions e of row j of alpha[edge, h] * x[nbr[edge], h, :],  edge = eid ? eid[e] : e
+ * (the transpose walks the source-sorted positions with eid = their target-sorted edge). float32, int32 indices;
+ * x is [*, H, C] and out [rows, H, C], both contiguous. */
+int bq_heads_spmm(const int32_t *crow, const int32_t *nbr, const int32_t *eid, const float *alpha, const float *x,
+                  int64_t H, int64_t C, float *out, int64_t r0, int64_t r1) {
+    if (H < 1 || C < 1) return -1;
+    const int64_t W = H * C;
+    for (int64_t j = r0; j < r1; j++) {
+        float *restrict o = out + j * W;
+        for (int64_t k = 0; k < W; k++) o[k] = 0.0f;
+        for (int64_t e = crow[j]; e < crow[j + 1]; e++) {
+            const int64_t edge = eid ? eid[e] : e;
+            const float *restrict xs = x + (int64_t)nbr[edge] * W;
+            const float *restrict a = alpha + edge * H;
+            for (int64_t h = 0; h < H; h++) {
+                const float w = a[h];
+                float *restrict oh = o + h * C;
+                const float *restrict xh = xs + h * C;
+                for (int64_t c = 0; c < C; c++) oh[c] += w * xh[c];
+            }
+        }
+    }
+    return 0;
+}
+
+/* out[e - a, h] = <g[dst[e], h, :], x[src[e], h, :]> for edges [e0, e1) of a chunk starting at a (float32,
+ * int32 indices); the sums over channels may be reassociated (vectorised), like any BLAS dot product. */
+__attribute__((optimize("associative-math", "no-signed-zeros")))
+int bq_heads_sddmm(const int32_t *src, const int32_t *dst, const float *g, const float *x, int64_t H, int64_t C,
+                   float *out, int64_t a, int64_t e0, int64_t e1) {
+    if (H < 1 || C < 1) return -1;
+    const int64_t W = H * C;
+    for (int64_t e = e0; e < e1; e++) {
+        const float *restrict gs = g + (int64_t)dst[e] * W;
+        const float *restrict xs = x + (int64_t)src[e] * W;
+        float *restrict o = out + (e - a) * H;
+        for (int64_t h = 0; h < H; h++) {
+            float acc = 0.0f;
+            for (int64_t c = 0; c < C; c++) acc += gs[h * C + c] * xs[h * C + c];
+            o[h] = acc;
+        }
+    }
+    return 0;
+}

@@ -41,8 +41,10 @@ def _lib():
         lib.bq_bn_sums.argtypes = [vp, vp, vp, ctypes.c_int, vp, i64, i64, ctypes.c_int, i64, i64, i64, i64, vp, vp]
         lib.bq_bn_dx.argtypes = [vp, vp, vp, ctypes.c_int, vp, i64, i64, ctypes.c_int, i64, i64, i64, i64, vp, vp, vp,
                                  f32, ctypes.c_int, vp]
+        lib.bq_heads_spmm.argtypes = [vp, vp, vp, vp, vp, i64, i64, vp, i64, i64]
+        lib.bq_heads_sddmm.argtypes = [vp, vp, vp, vp, i64, i64, vp, i64, i64, i64]
         for f in (lib.bq_dropout, lib.bq_relu_pack, lib.bq_mask_grad, lib.bq_quantize_affine, lib.bq_bn_sums,
-                  lib.bq_bn_dx):
+                  lib.bq_bn_dx, lib.bq_heads_spmm, lib.bq_heads_sddmm):
             f.restype = ctypes.c_int
         _declared["done"] = True
     return lib
@@ -188,4 +190,48 @@ def bn_backward(g: torch.Tensor, payload: torch.Tensor, meta: torch.Tensor, bloc
         raise ValueError("bn_backward: out must be a contiguous float32 tensor of g's shape")
     native._run(lambda b0, b1: lib.bq_bn_dx(*head, b0, b1, sc.data_ptr(), mean_g.data_ptr(), mean_gx.data_ptr(),
                                             1.0 / count, int(bool(diag)), out.data_ptr()), ranges)
+    return out
+
+
+# ----------------------------------------------------------------------------- multi-head attention
+
+def heads_applies(*tensors: torch.Tensor) -> bool:
+    """Whether :func:`heads_spmm` / :func:`heads_sddmm` take these: float32 features and int32 indices on CPU."""
+    return enabled(*[t for t in tensors if t.is_floating_point()]) and all(
+        t.dtype == torch.float32 if t.is_floating_point() else t.dtype == torch.int32 for t in tensors)
+
+
+def _work_ranges(n: int, per_item: int) -> List[Tuple[int, int]]:
+    threads = max(1, min(torch.get_num_threads(), -(-n * max(per_item, 1) // native.MIN_ELEMENTS_PER_THREAD)))
+    edges = [n * i // threads for i in range(threads + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(threads) if edges[i] < edges[i + 1]]
+
+
+def heads_spmm(crow: torch.Tensor, nbr: torch.Tensor, eid: Optional[torch.Tensor], alpha: torch.Tensor,
+               x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``out[j, h, :] = sum_{e in row j} alpha[edge, h] * x[nbr[edge], h, :]`` with ``edge = eid[e]`` (or ``e``):
+    every head's sparse product in one pass over the CSR, ``[rows, H, C]``."""
+    lib = _lib()
+    alpha, x = alpha.contiguous(), x.contiguous()
+    heads, channels = x.shape[1], x.shape[2]
+    out = torch.empty((rows, heads, channels), dtype=x.dtype)
+    args = (crow.data_ptr(), nbr.data_ptr(), eid.data_ptr() if eid is not None else None, alpha.data_ptr(),
+            x.data_ptr(), heads, channels, out.data_ptr())
+    if rows:
+        native._run(lambda r0, r1: lib.bq_heads_spmm(*args, r0, r1),
+                    _work_ranges(rows, max(1, alpha.shape[0] // max(rows, 1)) * heads * channels))
+    return out
+
+
+def heads_sddmm(src: torch.Tensor, dst: torch.Tensor, g: torch.Tensor, x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """``out[e - a, h] = <g[dst[e], h, :], x[src[e], h, :]>`` for edges ``[a, b)`` (``[b - a, H]``), no gathered
+    ``[E, H, C]`` transient."""
+    lib = _lib()
+    g, x = g.contiguous(), x.contiguous()
+    heads, channels = g.shape[1], g.shape[2]
+    out = torch.empty((b - a, heads), dtype=g.dtype)
+    args = (src.data_ptr(), dst.data_ptr(), g.data_ptr(), x.data_ptr(), heads, channels, out.data_ptr(), a)
+    if b > a:
+        ranges = [(a + lo, a + hi) for lo, hi in _work_ranges(b - a, heads * channels)]
+        native._run(lambda e0, e1: lib.bq_heads_sddmm(*args, e0, e1), ranges)
     return out

@@ -383,10 +383,11 @@ def _assert_unbiased(name, cfg_name):
 
 
 # Where the codec runs compiled on the CPU, the compiled elementwise ops (blockquant.kernels.native_ops)
-# replace the PyTorch code of these cases: dropout's mask, ReLU's activation and mask, and batch norm's
-# encode and backward fused with the codec (int2 at 120 nodes keeps the sampled square estimator).
+# replace the PyTorch code of these cases: dropout's mask, ReLU's activation and mask, batch norm's
+# encode and backward fused with the codec (int2 at 120 nodes keeps the sampled square estimator), and
+# attention's multi-head aggregation and per-edge dot products.
 NATIVE_CASES = ("nn.BatchNorm1d", "nn.BatchNorm1d_affine_off", "nn.PyGBatchNorm", "nn.ReLU", "nn.LeakyReLU",
-                "nn.Dropout", "functional.batch_norm", "nn.GINConv_train_eps")
+                "nn.Dropout", "functional.batch_norm", "nn.GINConv_train_eps", "nn.GATConv", "nn.GATv2Conv")
 
 
 @pytest.mark.parametrize("name", NATIVE_CASES)
@@ -397,13 +398,15 @@ def test_unbiased_with_the_compiled_cpu_ops(name, monkeypatch):
         pytest.skip(f"compiled CPU codec unavailable: {native.unavailable_reason()}")
     monkeypatch.setenv("BLOCKQUANT_BACKEND", "native")
     calls = []
-    for op in ("dropout", "relu_pack", "mask_grad", "quantize_affine", "bn_backward"):
+    for op in ("dropout", "relu_pack", "mask_grad", "quantize_affine", "bn_backward", "heads_spmm", "heads_sddmm"):
         real = getattr(native_ops, op)
         monkeypatch.setattr(native_ops, op, lambda *a, _real=real, _op=op, **k: calls.append(_op) or _real(*a, **k))
     _assert_unbiased(name, "int2")
     assert calls, f"{name}: no compiled op ran, the case tests nothing new"
     if "atch" in name:  # batch norm: encoded and differentiated by the fused passes
         assert {"quantize_affine", "bn_backward"} <= set(calls)
+    if "GAT" in name:
+        assert {"heads_spmm", "heads_sddmm"} <= set(calls)
 
 
 def test_the_harness_detects_a_biased_estimator():
