@@ -76,7 +76,9 @@ _MATMUL = ("aten::mm", "aten::matmul", "aten::addmm", "aten::bmm")
 
 
 def _wrap(owner, name: str, label: str) -> None:
-    fn = getattr(owner, name)
+    fn = getattr(owner, name, None)
+    if fn is None:  # an older checkout (profiled for comparison) may lack it
+        return
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
@@ -100,10 +102,15 @@ def install_ranges() -> None:
 
     _wrap(norm, "_square_estimator", "bq::norm_estimator")
     _wrap(norm, "_add_diagonal_term_", "bq::norm_estimator")
-    norm.SquareSample.of_affine = classmethod(_labelled(norm.SquareSample.of_affine.__func__, "bq::norm_estimator"))
-    import blockquant.kernels.native_ops as native_ops
-
-    _wrap(native_ops, "quantize_affine", "bq::encode")  # batch norm's xn, encoded from x
+    if hasattr(norm.SquareSample, "of_affine"):
+        norm.SquareSample.of_affine = classmethod(_labelled(norm.SquareSample.of_affine.__func__,
+                                                            "bq::norm_estimator"))
+    try:
+        import blockquant.kernels.native_ops as native_ops
+    except ImportError:
+        native_ops = None
+    if native_ops is not None:
+        _wrap(native_ops, "quantize_affine", "bq::encode")  # batch norm's xn, encoded from x
     _wrap(adjacency, "_as_adjacency", "bq::graph_structure")
     _wrap(attention, "_attention_graph", "bq::graph_structure")
     _wrap(conv, "gcn_norm", "bq::graph_structure")
