@@ -59,3 +59,20 @@ def test_time_ratios_pair_the_steps_of_one_round():
     assert (x["cpu_ratio_ref_min"], x["cpu_ratio_ref_median"]) == (1.5, 1.75)
     assert (x["epoch_time_min_s"], x["epoch_time_median_s"]) == (3.0, 3.5)
     assert x["load_avg_rounds"] == [3.0, 5.0]
+
+
+def test_minibatch_runs_interleave_too_and_equal_training_alone():
+    from blockquant.bench.minibatch import MiniBatchOptions, MiniBatchTrainer, run_minibatch_benchmark
+
+    data = load_dataset("synthetic:tiny")
+    opts = BenchOptions(dataset="synthetic:tiny", configs=("fp32", "int2"), epochs=2, seeds=(0,), hidden=16,
+                        quiet=True)
+    mb = MiniBatchOptions("random", 200)
+    records = {r["config"]: r for r in run_minibatch_benchmark(data, opts, mb, resolve_configs(opts.configs))}
+    trainer = MiniBatchTrainer(data, opts, mb, torch.device("cpu"))
+    for cfg in resolve_configs(opts.configs):
+        alone = trainer.train(trainer.build(cfg, 0), 0, opts.epochs)
+        assert records[cfg.name]["runs"][0]["loss"] == alone["loss"], cfg.name
+    run = records["int2"]["runs"][0]
+    assert len(run["epoch_cpu_s"]) == 2 and len(run["step_times_s"]) >= 2 * 3  # 600 nodes in batches of 200
+    assert records["int2"]["time_reference"] == "fp32" and records["fp32"]["time_ratio_ref_median"] == 1.0

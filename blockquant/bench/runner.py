@@ -573,9 +573,14 @@ def _failed(rec: Dict[str, Any], name: str, e: BaseException, stage: str, opts: 
     raise e
 
 
-def _train_interleaved(trainer: Trainer, measured, opts: BenchOptions, device):
+def _train_interleaved(trainer, measured, opts: BenchOptions, device, make_run=None):
     """Train every measured configuration for every seed, one epoch of each per round
-    (:mod:`blockquant.bench.rounds`): returns ``(runs per config, did-not-fit rows, load per round)``."""
+    (:mod:`blockquant.bench.rounds`): returns ``(runs per config, did-not-fit rows, load per round)``.
+    ``make_run(model, seed, bar)`` makes a run with ``epoch(e)`` and ``result()`` (default: a full-batch
+    :class:`TrainingRun`)."""
+    if make_run is None:
+        def make_run(model, seed, bar):
+            return TrainingRun(trainer, model, seed, bar)
     from tqdm.auto import tqdm
 
     runs: Dict[str, List[Dict[str, Any]]] = {cfg.name: [] for cfg, _ in measured}
@@ -613,7 +618,8 @@ def _train_interleaved(trainer: Trainer, measured, opts: BenchOptions, device):
                     raise
                 continue
             streams.start(cfg.name, seed)
-            live[cfg.name] = TrainingRun(trainer, model, seed, bar)
+            with streams.use(cfg.name):  # a run may draw from the generator when it starts (a loader's seed)
+                live[cfg.name] = make_run(model, seed, bar)
         model = None
 
         def epoch(name: str, r: int) -> None:
