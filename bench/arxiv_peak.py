@@ -1,11 +1,13 @@
-"""Peak step memory and step time on the arxiv-like graph, without training.
+"""Peak step memory on the arxiv-like graph, without training.
 
 A lean form of ``blockquant bench`` for a loaded CPU: the same data
 (``synthetic:arxiv-like``), models, configurations and loss, and the same
 peak definition (``torch.profiler``'s CPU allocation trace over one step of
 forward, cross-entropy and backward, above the memory in use when it starts);
-per configuration one warm-up step (fills the CSR and GCN caches), one
-profiled step and one timed step. Rows are written as they finish.
+per configuration one warm-up step (fills the CSR and GCN caches) and one
+profiled step. Rows are written as they finish. Step times are not measured
+here: configurations run one after another, so their times would compare
+different loads; ``bench/speed.py`` times them in interleaved rounds.
 
 Usage::
 
@@ -17,7 +19,6 @@ import json
 import os
 import platform
 import sys
-import time
 import warnings
 
 import torch
@@ -35,21 +36,14 @@ for cfg in resolve_configs(configs):
     model.train()
     def step(model=model):  # bound now: `del model` below frees it before the next config is built
         tr.loss(model(data.x, model.bench_graph)).backward()
-    t = time.perf_counter()
     step()
-    warm = time.perf_counter() - t
     model.zero_grad(set_to_none=True)
     _, trace = cpu_allocation_trace(step)
     peak, largest = trace.peak, trace.largest
     model.zero_grad(set_to_none=True)
-    t = time.perf_counter()
-    step()
-    dt = time.perf_counter() - t
-    model.zero_grad(set_to_none=True)
     row = {"config": cfg.name, "quant": cfg.quant.short() if cfg.quant else None,
            "adjacency": cfg.describe()["adjacency"],
-           "peak_step_mib": round(peak / 2**20, 1), "largest_alloc_mib": round(largest / 2**20, 1),
-           "step_s": round(dt, 2), "first_step_s": round(warm, 2), "load_avg": os.getloadavg()}
+           "peak_step_mib": round(peak / 2**20, 1), "largest_alloc_mib": round(largest / 2**20, 1)}
     rows.append(row)
     print(json.dumps(row), flush=True)
     del model

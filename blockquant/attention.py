@@ -39,6 +39,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from blockquant.kernels import native_ops
 from blockquant.kernels.bitmask import BitMask, pack_bits, unpack_bits
 
 from .adjacency import _Structure, as_adjacency, derived_adjacency, quiet_sparse_warnings
@@ -230,7 +231,10 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
 
 
 def _aggregate_heads(graph: AttentionGraph, alpha: Tensor, x: Tensor) -> Tensor:
-    """``out[j, h] = sum_{e: i -> j} alpha[e, h] * x[i, h]``: one sparse-dense product per head."""
+    """``out[j, h] = sum_{e: i -> j} alpha[e, h] * x[i, h]``: one sparse-dense product per head (on CPU
+    with the compiled ops, all heads in one pass over the graph)."""
+    if x.dim() == 3 and native_ops.heads_applies(graph.crow, graph.src, alpha, x):
+        return native_ops.heads_spmm(graph.crow, graph.src, None, alpha, x, graph.num_dst)
     out = x.new_empty((graph.num_dst,) + tuple(x.shape[1:]))
     for h in range(x.size(1)):
         a = _csr(graph.crow, graph.src, alpha[:, h].contiguous(), (graph.num_dst, graph.num_src))
@@ -251,7 +255,10 @@ def _aggregate_heads_t(graph: AttentionGraph, alpha: Tensor, g: Tensor) -> Tenso
 
 def _sampled_dot(graph: AttentionGraph, g: Tensor, x: Tensor, a: int, b: int) -> Tensor:
     """``out[e, h] = <g[dst_e, h, :], x[src_e, h, :]>`` for sorted edges ``[a, b)`` (``[b - a, H]``),
-    gathering at most :func:`_chunk_edges` edges' features at a time."""
+    gathering at most :func:`_chunk_edges` edges' features at a time (on CPU with the compiled ops,
+    gathering nothing)."""
+    if g.dim() == 3 and native_ops.heads_applies(graph.src, graph.dst, g, x):
+        return native_ops.heads_sddmm(graph.src, graph.dst, g, x, a, b)
     heads = g.size(1)
     width = g[0].numel() if g.size(0) else heads
     g2, x2 = g.reshape(g.size(0), width), x.reshape(x.size(0), width)

@@ -45,12 +45,15 @@ configs (--configs, comma-separated):
 
 Each row: peak memory of one training step (forward+loss+backward, above the memory in use at its
 start; ratio to fp32), activation memory held for backward after forward (MiB, bytes/node, ratio to
-fp32), median training-step time (and ratio to fp32),
+fp32), median training-step time and its ratio to plain PyG's best form (fp32-sparse when it ran, else fp32;
+wall and process CPU time, min / median over rounds: the configurations train in interleaved rounds, one
+epoch of each per round, and each step is compared with the reference's step of the same round),
 validation/test metric (test at best validation, mean ± std over seeds), and the relative error
 of the first step's weight gradients against fp32 (same initial weights, dropout off).
 
 mini-batch (--batch-size N): the same configurations trained with PyG's loaders (--loader random, the
-default, runs everywhere; neighbor and cluster need pyg-lib or torch-sparse). Memory columns are per step.
+default, runs everywhere; neighbor and cluster need pyg-lib or torch-sparse). Memory columns are per step;
+an epoch (one pass over the loader, interleaved as in full batch) takes the sum of its steps' times.
 
 examples:
   blockquant bench

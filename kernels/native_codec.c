@@ -168,7 +168,29 @@ typedef struct {
     float *t;        /* G + 8 floats: normalised values */
     uint32_t *codes; /* G + 8 codes (32-bit lanes: the encode loop vectorises over 16, not 64, elements) */
     uint32_t *mixed; /* G + 8 words: first hash round of each in-block index (shared by all blocks) */
+    const float *shift, *scale; /* optional per-column affine map of float32 input (NULL: none) */
+    int64_t ncols;              /* columns of the row-major input the affine map indexes */
 } scratch_t;
+
+/* The block of a row-major float32 [rows, ncols] input mapped column-wise, (x - shift[c]) * scale[c]
+ * (a subtraction then a multiplication, as PyTorch computes it), zero-padded to ncodes. */
+static const float *block_affine(const float *x, int64_t start, int64_t len, int64_t ncodes, const scratch_t *s,
+                                 float *restrict buf) {
+    const int64_t C = s->ncols;
+    int64_t c = start % C, j = 0;
+    while (j < len) {
+        const int64_t seg = len - j < C - c ? len - j : C - c;
+        const float *restrict xs = x + start + j;
+        const float *restrict sh = s->shift + c;
+        const float *restrict sc = s->scale + c;
+        float *restrict o = buf + j;
+        for (int64_t k = 0; k < seg; k++) o[k] = (xs[k] - sh[k]) * sc[k];
+        j += seg;
+        c = 0;
+    }
+    for (int64_t k = len; k < ncodes; k++) buf[k] = 0.0f;
+    return buf;
+}
 
 /* Encode one block: elements [0, G) of it, x = 0 past the tensor's end (the
  * reference's padded layout), codes past G are 0; then pack the codes. */
@@ -182,7 +204,8 @@ INLINE void quantize_block(const void *x, int x_kind, int64_t start, int64_t len
     const int64_t nbytes = (len * bits + 7) / 8;  /* bytes stored for this block */
     const int64_t ncodes = nbytes * per;          /* codes those bytes hold */
     const int64_t nenc = ncodes < G ? ncodes : G; /* codes that encode a value (the rest are 0) */
-    const float *restrict v = block_as_f32(x, x_kind, start, len, ncodes, s->xbuf);
+    const float *restrict v = s->shift ? block_affine((const float *)x, start, len, ncodes, s, s->xbuf)
+                                       : block_as_f32(x, x_kind, start, len, ncodes, s->xbuf);
 
     /* metadata, rounded outward so that the stored range covers the block */
     float mn, mx;
@@ -317,13 +340,17 @@ static uint64_t seed_key_of(uint64_t seed) {
 /* Returns 0, -1 for arguments this build does not handle (the caller validated them), -2 out of memory.
  * Noise of element j of block b: mix32(mix32(j + k1) ^ block_key(seed, b)) -- stateless, so any split of
  * the blocks between calls draws the same values. */
-int bq_quantize(const void *x, int x_kind, int64_t n, int64_t G, int bits, int meta_kind, const float *levels,
-                int stochastic, uint64_t seed, uint8_t *payload, void *meta, int64_t nb, int64_t blk_begin,
-                int64_t blk_end) {
+static int quantize_impl(const void *x, int x_kind, int64_t n, int64_t G, int bits, int meta_kind,
+                         const float *levels, int stochastic, uint64_t seed, uint8_t *payload, void *meta, int64_t nb,
+                         int64_t blk_begin, int64_t blk_end, const float *shift, const float *scale, int64_t ncols) {
     int bi = bits_index(bits);
     if (bi < 0 || x_kind < 0 || x_kind > 2 || meta_kind < 0 || meta_kind > 2 || G < 1) return -1;
+    if (shift && (x_kind != KIND_F32 || !scale || ncols < 1)) return -1;
     size_t cap = (size_t)G + 8;
     scratch_t s;
+    s.shift = shift;
+    s.scale = scale;
+    s.ncols = ncols;
     s.xbuf = (float *)malloc(cap * sizeof(float));
     s.t = (float *)malloc(cap * sizeof(float));
     s.codes = (uint32_t *)malloc(cap * sizeof(uint32_t));
@@ -345,13 +372,46 @@ int bq_quantize(const void *x, int x_kind, int64_t n, int64_t G, int bits, int m
     return status;
 }
 
+int bq_quantize(const void *x, int x_kind, int64_t n, int64_t G, int bits, int meta_kind, const float *levels,
+                int stochastic, uint64_t seed, uint8_t *payload, void *meta, int64_t nb, int64_t blk_begin,
+                int64_t blk_end) {
+    return quantize_impl(x, x_kind, n, G, bits, meta_kind, levels, stochastic, seed, payload, meta, nb, blk_begin,
+                         blk_end, NULL, NULL, 0);
+}
+
+/* bq_quantize of (x - shift[c]) * scale[c], x a row-major float32 [n / ncols, ncols] (c the column):
+ * a normalisation's output encoded without being stored. */
+int bq_quantize_affine(const float *x, int64_t n, int64_t ncols, const float *shift, const float *scale, int64_t G,
+                       int bits, int meta_kind, const float *levels, int stochastic, uint64_t seed, uint8_t *payload,
+                       void *meta, int64_t nb, int64_t blk_begin, int64_t blk_end) {
+    return quantize_impl(x, KIND_F32, n, G, bits, meta_kind, levels, stochastic, seed, payload, meta, nb, blk_begin,
+                         blk_end, shift, scale, ncols);
+}
+
 /* ---------------------------------------------------------------- decoding */
+
+/* the level of every code of a block (len codes) into vals: code q for uniform levels, levels[q] for optimal */
+INLINE void unpack_levels(const uint8_t *restrict src, int64_t len, int bits, int optimal, const float *table,
+                          float *restrict vals) {
+    const int per = 8 / bits;
+    const uint32_t mask = (1u << bits) - 1u;
+    const int64_t nbytes = (len * bits + 7) / 8;
+    for (int64_t i = 0; i < nbytes; i++) {
+        const uint32_t byte = src[i];
+        for (int j = 0; j < per; j++) {
+            const uint32_t q = (byte >> (j * bits)) & mask;
+            if (optimal && bits == 2)  /* selects instead of a table lookup: they vectorise */
+                vals[i * per + j] = q == 0 ? table[0] : q == 1 ? table[1] : q == 2 ? table[2] : table[3];
+            else
+                vals[i * per + j] = optimal ? table[q] : (float)q;
+        }
+    }
+}
 
 /* x_hat = lo + step * l_q in float32 (a multiply, then an add), cast to the output dtype */
 INLINE void dequantize_range(const uint8_t *restrict payload, const void *meta, int meta_kind,
                              const float *levels, int64_t n, int64_t G, int bits, int optimal, int out_kind,
                              void *out, int64_t nb, int64_t blk_begin, int64_t blk_end, float *restrict vals) {
-    const int per = 8 / bits;
     const uint32_t mask = (1u << bits) - 1u;
     const int64_t bpb = (G * bits + 7) / 8;
     float table[256];
@@ -359,20 +419,9 @@ INLINE void dequantize_range(const uint8_t *restrict payload, const void *meta, 
     for (int64_t b = blk_begin; b < blk_end; b++) {
         const int64_t start = b * G;
         const int64_t len = n - start < G ? n - start : G;
-        const uint8_t *restrict src = payload + b * bpb;
         const float lo = load_as_f32(meta, b, meta_kind);
         const float step = load_as_f32(meta, nb + b, meta_kind);
-        const int64_t nbytes = (len * bits + 7) / 8;
-        for (int64_t i = 0; i < nbytes; i++) {
-            const uint32_t byte = src[i];
-            for (int j = 0; j < per; j++) {
-                const uint32_t q = (byte >> (j * bits)) & mask;
-                if (optimal && bits == 2)  /* selects instead of a table lookup: they vectorise */
-                    vals[i * per + j] = q == 0 ? table[0] : q == 1 ? table[1] : q == 2 ? table[2] : table[3];
-                else
-                    vals[i * per + j] = optimal ? table[q] : (float)q;
-            }
-        }
+        unpack_levels(payload + b * bpb, len, bits, optimal, table, vals);
         if (out_kind == KIND_F32) {
             float *restrict o = (float *)out + start;
             for (int64_t j = 0; j < len; j++) o[j] = lo + step * vals[j];
@@ -431,3 +480,285 @@ int bq_advise_huge_pages(void *p, int64_t nbytes) {
 
 /* lets the loader check that it talks to the build it expects */
 int bq_abi_version(void) { return 1; }
+
+/* ================================================================ elementwise ops beside the codec
+ *
+ * Dropout, ReLU / LeakyReLU with their 1-bit masks, and batch normalisation fused with the codec
+ * (loaded by native_ops.py). Each handles a range of elements (or codec blocks) so that the Python
+ * side can split the work between threads; none allocates tensors.
+ */
+
+/* Dropout: element i is kept iff the hash of (seed, i) is at least `threshold` (P(keep) = 1 - threshold
+ * / 2^32); kept elements are multiplied by `scale`, the others are 0. With x == NULL the noise itself
+ * (scale or 0) is written. The hash is the codec's noise construction over chunks of DROP_CHUNK
+ * elements: mix32(mix32(j + k1) ^ chunk_key(seed, i / DROP_CHUNK)), j = i % DROP_CHUNK; any split of
+ * the elements (begin a multiple of DROP_CHUNK) draws the same mask. */
+#define DROP_CHUNK 4096
+int bq_dropout(const void *x, int kind, int64_t n, uint32_t threshold, float scale, uint64_t seed, void *out,
+               int64_t begin, int64_t end) {
+    if (kind < 0 || kind > 2 || begin % DROP_CHUNK) return -1;
+    uint32_t *mixed = (uint32_t *)malloc(DROP_CHUNK * sizeof(uint32_t));
+    float *vals = (float *)malloc(DROP_CHUNK * sizeof(float));
+    if (!mixed || !vals) { free(mixed); free(vals); return -2; }
+    const uint64_t key = seed_key_of(seed);
+    for (uint32_t j = 0; j < DROP_CHUNK; j++) mixed[j] = mix32(j + (uint32_t)(key >> 32));
+    if (end > n) end = n;
+    for (int64_t c0 = begin; c0 < end; c0 += DROP_CHUNK) {
+        const int64_t len = end - c0 < DROP_CHUNK ? end - c0 : DROP_CHUNK;
+        const uint32_t ck = block_key_of(key, c0 / DROP_CHUNK);
+        if (x == NULL) {
+            for (int64_t j = 0; j < len; j++) vals[j] = mix32(mixed[j] ^ ck) >= threshold ? scale : 0.0f;
+        } else if (kind == KIND_F32) {
+            const float *restrict xs = (const float *)x + c0;
+            for (int64_t j = 0; j < len; j++) vals[j] = mix32(mixed[j] ^ ck) >= threshold ? xs[j] * scale : 0.0f;
+        } else {
+            for (int64_t j = 0; j < len; j++) {
+                const float v = load_as_f32(x, c0 + j, kind);
+                vals[j] = mix32(mixed[j] ^ ck) >= threshold ? v * scale : 0.0f;
+            }
+        }
+        if (kind == KIND_F32) memcpy((float *)out + c0, vals, (size_t)len * sizeof(float));
+        else for (int64_t j = 0; j < len; j++) store_from_f32(out, c0 + j, vals[j], kind);
+    }
+    free(mixed);
+    free(vals);
+    return 0;
+}
+
+/* ReLU (slope 0) / LeakyReLU: out = x > 0 ? x : x * slope (x itself for ReLU's negatives: 0), and the
+ * sign mask x > 0 packed 8 per byte, element i at bit i % 8 of byte i / 8 (BitMask's layout); the last
+ * byte zero-padded. begin must be a multiple of 8. */
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+INLINE float relu_value(float v, float slope, int leaky) {
+    return v > 0.0f ? v : (leaky ? v * slope : (v <= 0.0f ? 0.0f : v));
+}
+int bq_relu_pack(const void *x, int kind, int64_t n, float slope, int leaky, void *out, uint8_t *bits,
+                 int64_t begin, int64_t end) {
+    if (kind < 0 || kind > 2 || begin % 8) return -1;
+    if (end > n) end = n;
+    int64_t i = begin;
+    if (kind == KIND_F32) {
+        const float *restrict xs = (const float *)x;
+        float *restrict o = (float *)out;
+        const int64_t full = begin + (end - begin) / 8 * 8;
+        for (int64_t k = begin; k < full; k++) o[k] = relu_value(xs[k], slope, leaky);
+#if defined(__AVX2__)
+        const __m256 zero = _mm256_setzero_ps();
+        for (; i < full; i += 8)
+            bits[i / 8] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(xs + i), zero, _CMP_GT_OQ));
+#else
+        for (; i < full; i += 8) {
+            uint32_t byte = 0;
+            for (int j = 0; j < 8; j++) byte |= (uint32_t)(xs[i + j] > 0.0f) << j;
+            bits[i / 8] = (uint8_t)byte;
+        }
+#endif
+    }
+    for (; i < end; i += 8) {
+        uint32_t byte = 0;
+        for (int j = 0; j < 8 && i + j < end; j++) {
+            const float v = load_as_f32(x, i + j, kind);
+            store_from_f32(out, i + j, relu_value(v, slope, leaky), kind);
+            byte |= (uint32_t)(v > 0.0f) << j;
+        }
+        bits[i / 8] = (uint8_t)byte;
+    }
+    return 0;
+}
+
+/* The gradient through a 1-bit mask: out = g * (bit ? 1 : slope) (slope 0: ReLU). begin a multiple of 8. */
+int bq_mask_grad(const void *g, int kind, int64_t n, const uint8_t *bits, float slope, void *out, int64_t begin,
+                 int64_t end) {
+    if (kind < 0 || kind > 2 || begin % 8) return -1;
+    if (end > n) end = n;
+    float (*lut)[8] = (float (*)[8])malloc(256 * 8 * sizeof(float));  /* factor of every bit of every byte */
+    if (!lut) return -2;
+    for (int v = 0; v < 256; v++)
+        for (int j = 0; j < 8; j++) lut[v][j] = ((v >> j) & 1) ? 1.0f : slope;
+    int64_t i = begin;
+    if (kind == KIND_F32) {
+        const float *restrict gs = (const float *)g;
+        float *restrict o = (float *)out;
+        for (; i + 8 <= end; i += 8) {
+            const float *restrict f = lut[bits[i / 8]];
+            for (int j = 0; j < 8; j++) o[i + j] = gs[i + j] * f[j];
+        }
+    }
+    for (; i < end; i++) store_from_f32(out, i, load_as_f32(g, i, kind) * lut[bits[i / 8]][i % 8], kind);
+    free(lut);
+    return 0;
+}
+
+/* Batch normalisation's backward from its normalised input xn kept compressed ([rows, C] row-major, n =
+ * rows * C elements, codec blocks [b0, b1)) and the float32 gradient g of the same layout, without ever
+ * storing a decoded xn. Pass 1 (bq_bn_sums) adds, per column c, sum(g) and sum(g * xn) into double
+ * accumulators; pass 2 (bq_bn_dx) writes
+ *     dx = A[c] * (g * (1 + xn * xn * inv_count) - M[c] - xn * Q[c])      (diag = 1; else without xn * xn)
+ * with A = w * invstd, M = mean(g), Q = mean(g * xn) over the column (see _normalization_backward). */
+INLINE void decode_block_values(const uint8_t *payload, const void *meta, int meta_kind, const float *table,
+                                int64_t G, int bits, int optimal, int64_t n, int64_t nb, int64_t b, float *restrict vals,
+                                int64_t *start_out, int64_t *len_out) {
+    const int64_t bpb = (G * bits + 7) / 8;
+    const int64_t start = b * G;
+    const int64_t len = n - start < G ? n - start : G;
+    const float lo = load_as_f32(meta, b, meta_kind);
+    const float step = load_as_f32(meta, nb + b, meta_kind);
+    unpack_levels(payload + b * bpb, len, bits, optimal, table, vals);
+    for (int64_t j = 0; j < len; j++) vals[j] = lo + step * vals[j];
+    *start_out = start;
+    *len_out = len;
+}
+
+INLINE void bn_sums_range(const float *restrict g, const uint8_t *payload, const void *meta, int meta_kind,
+                          const float *levels, int64_t n, int64_t G, int bits, int optimal, int64_t C, int64_t nb,
+                          int64_t b0, int64_t b1, double *restrict sum_g, double *restrict sum_gx,
+                          float *restrict vals) {
+    float table[256];
+    for (uint32_t q = 0; q < (1u << bits); q++) table[q] = optimal ? levels[q] : (float)q;
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t start, len;
+        decode_block_values(payload, meta, meta_kind, table, G, bits, optimal, n, nb, b, vals, &start, &len);
+        int64_t c = start % C, j = 0;
+        while (j < len) {
+            const int64_t seg = len - j < C - c ? len - j : C - c;
+            const float *restrict gs = g + start + j;
+            const float *restrict v = vals + j;
+            double *restrict sg = sum_g + c;
+            double *restrict sx = sum_gx + c;
+            for (int64_t k = 0; k < seg; k++) {
+                sg[k] += (double)gs[k];
+                sx[k] += (double)(gs[k] * v[k]);
+            }
+            j += seg;
+            c = 0;
+        }
+    }
+}
+
+INLINE void bn_dx_range(const float *restrict g, const uint8_t *payload, const void *meta, int meta_kind,
+                        const float *levels, int64_t n, int64_t G, int bits, int optimal, int64_t C, int64_t nb,
+                        int64_t b0, int64_t b1, const float *A, const float *M, const float *Q, float inv_count,
+                        int diag, float *restrict out, float *restrict vals) {
+    float table[256];
+    for (uint32_t q = 0; q < (1u << bits); q++) table[q] = optimal ? levels[q] : (float)q;
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t start, len;
+        decode_block_values(payload, meta, meta_kind, table, G, bits, optimal, n, nb, b, vals, &start, &len);
+        int64_t c = start % C, j = 0;
+        while (j < len) {
+            const int64_t seg = len - j < C - c ? len - j : C - c;
+            const float *restrict gs = g + start + j;
+            const float *restrict v = vals + j;
+            float *restrict o = out + start + j;
+            const float *restrict a = A + c, *restrict m = M + c, *restrict q = Q + c;
+            if (diag)
+                for (int64_t k = 0; k < seg; k++)
+                    o[k] = a[k] * (gs[k] * (1.0f + v[k] * v[k] * inv_count) - m[k] - v[k] * q[k]);
+            else
+                for (int64_t k = 0; k < seg; k++) o[k] = a[k] * (gs[k] - m[k] - v[k] * q[k]);
+            j += seg;
+            c = 0;
+        }
+    }
+}
+
+#define BN_VARIANT(BITS, OPT)                                                                                 \
+    static void bn_sums_##BITS##_##OPT(const float *g, const uint8_t *p, const void *meta, int mk,             \
+            const float *lv, int64_t n, int64_t G, int64_t C, int64_t nb, int64_t b0, int64_t b1, double *sg,   \
+            double *sx, float *vals) {                                                                          \
+        bn_sums_range(g, p, meta, mk, lv, n, G, BITS, OPT, C, nb, b0, b1, sg, sx, vals);                        \
+    }                                                                                                           \
+    static void bn_dx_##BITS##_##OPT(const float *g, const uint8_t *p, const void *meta, int mk,               \
+            const float *lv, int64_t n, int64_t G, int64_t C, int64_t nb, int64_t b0, int64_t b1,               \
+            const float *A, const float *M, const float *Q, float ic, int diag, float *out, float *vals) {     \
+        bn_dx_range(g, p, meta, mk, lv, n, G, BITS, OPT, C, nb, b0, b1, A, M, Q, ic, diag, out, vals);           \
+    }
+BN_VARIANT(1, 0) BN_VARIANT(2, 0) BN_VARIANT(4, 0) BN_VARIANT(8, 0)
+BN_VARIANT(1, 1) BN_VARIANT(2, 1) BN_VARIANT(4, 1) BN_VARIANT(8, 1)
+
+typedef void (*bn_sums_fn)(const float *, const uint8_t *, const void *, int, const float *, int64_t, int64_t,
+                           int64_t, int64_t, int64_t, int64_t, double *, double *, float *);
+typedef void (*bn_dx_fn)(const float *, const uint8_t *, const void *, int, const float *, int64_t, int64_t,
+                         int64_t, int64_t, int64_t, int64_t, const float *, const float *, const float *, float, int,
+                         float *, float *);
+static const bn_sums_fn BN_SUMS_TABLE[2][4] = {
+    {bn_sums_1_0, bn_sums_2_0, bn_sums_4_0, bn_sums_8_0},
+    {bn_sums_1_1, bn_sums_2_1, bn_sums_4_1, bn_sums_8_1},
+};
+static const bn_dx_fn BN_DX_TABLE[2][4] = {
+    {bn_dx_1_0, bn_dx_2_0, bn_dx_4_0, bn_dx_8_0},
+    {bn_dx_1_1, bn_dx_2_1, bn_dx_4_1, bn_dx_8_1},
+};
+
+int bq_bn_sums(const float *g, const uint8_t *payload, const void *meta, int meta_kind, const float *levels,
+               int64_t n, int64_t G, int bits, int64_t C, int64_t nb, int64_t b0, int64_t b1, double *sum_g,
+               double *sum_gx) {
+    int bi = bits_index(bits);
+    if (bi < 0 || meta_kind < 0 || meta_kind > 2 || G < 1 || C < 1) return -1;
+    float *vals = (float *)malloc(((size_t)G + 8) * sizeof(float));
+    if (!vals) return -2;
+    BN_SUMS_TABLE[levels != NULL][bi](g, payload, meta, meta_kind, levels, n, G, C, nb, b0, b1, sum_g, sum_gx, vals);
+    free(vals);
+    return 0;
+}
+
+int bq_bn_dx(const float *g, const uint8_t *payload, const void *meta, int meta_kind, const float *levels, int64_t n,
+             int64_t G, int bits, int64_t C, int64_t nb, int64_t b0, int64_t b1, const float *A, const float *M,
+             const float *Q, float inv_count, int diag, float *out) {
+    int bi = bits_index(bits);
+    if (bi < 0 || meta_kind < 0 || meta_kind > 2 || G < 1 || C < 1) return -1;
+    float *vals = (float *)malloc(((size_t)G + 8) * sizeof(float));
+    if (!vals) return -2;
+    BN_DX_TABLE[levels != NULL][bi](g, payload, meta, meta_kind, levels, n, G, C, nb, b0, b1, A, M, Q, inv_count, diag,
+                                    out, vals);
+    free(vals);
+    return 0;
+}
+
+/* Multi-head attention aggregation over a CSR (rows [r0, r1)):
+ *     out[j, h, :] = sum over positions e of row j of alpha[edge, h] * x[nbr[edge], h, :],  edge = eid ? eid[e] : e
+ * (the transpose walks the source-sorted positions with eid = their target-sorted edge). float32, int32 indices;
+ * x is [*, H, C] and out [rows, H, C], both contiguous. */
+int bq_heads_spmm(const int32_t *crow, const int32_t *nbr, const int32_t *eid, const float *alpha, const float *x,
+                  int64_t H, int64_t C, float *out, int64_t r0, int64_t r1) {
+    if (H < 1 || C < 1) return -1;
+    const int64_t W = H * C;
+    for (int64_t j = r0; j < r1; j++) {
+        float *restrict o = out + j * W;
+        for (int64_t k = 0; k < W; k++) o[k] = 0.0f;
+        for (int64_t e = crow[j]; e < crow[j + 1]; e++) {
+            const int64_t edge = eid ? eid[e] : e;
+            const float *restrict xs = x + (int64_t)nbr[edge] * W;
+            const float *restrict a = alpha + edge * H;
+            for (int64_t h = 0; h < H; h++) {
+                const float w = a[h];
+                float *restrict oh = o + h * C;
+                const float *restrict xh = xs + h * C;
+                for (int64_t c = 0; c < C; c++) oh[c] += w * xh[c];
+            }
+        }
+    }
+    return 0;
+}
+
+/* out[e - a, h] = <g[dst[e], h, :], x[src[e], h, :]> for edges [e0, e1) of a chunk starting at a (float32,
+ * int32 indices); the sums over channels may be reassociated (vectorised), like any BLAS dot product. */
+__attribute__((optimize("associative-math", "no-signed-zeros")))
+int bq_heads_sddmm(const int32_t *src, const int32_t *dst, const float *g, const float *x, int64_t H, int64_t C,
+                   float *out, int64_t a, int64_t e0, int64_t e1) {
+    if (H < 1 || C < 1) return -1;
+    const int64_t W = H * C;
+    for (int64_t e = e0; e < e1; e++) {
+        const float *restrict gs = g + (int64_t)dst[e] * W;
+        const float *restrict xs = x + (int64_t)src[e] * W;
+        float *restrict o = out + (e - a) * H;
+        for (int64_t h = 0; h < H; h++) {
+            float acc = 0.0f;
+            for (int64_t c = 0; c < C; c++) acc += gs[h * C + c] * xs[h * C + c];
+            o[h] = acc;
+        }
+    }
+    return 0;
+}

@@ -224,7 +224,7 @@ def test_out_of_memory_is_one_line_exit_2(monkeypatch, capsys):
     def boom(self, *a, **k):
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
 
-    monkeypatch.setattr(runner.Trainer, "train", boom)
+    monkeypatch.setattr(runner.TrainingRun, "epoch", boom)
     rc = main(["bench", "--quiet", "--dataset", "synthetic:tiny", "--epochs", "1", "--seeds", "1",
                "--configs", "fp32"])
     assert rc == 2

@@ -424,6 +424,10 @@ def _params():
 
 @pytest.mark.parametrize("name, cfg_name", list(_params()))
 def test_mean_of_compressed_gradients_converges_like_one_over_sqrt_k(name, cfg_name):
+    _assert_unbiased(name, cfg_name)
+
+
+def _assert_unbiased(name, cfg_name):
     exact, samples = measure(name, CONFIGS[cfg_name])
     assert exact, "no gradients to compare"
     failures = []
@@ -432,6 +436,33 @@ def test_mean_of_compressed_gradients_converges_like_one_over_sqrt_k(name, cfg_n
         if t > t_max:
             failures.append(f"{key}: 64 err(64)^2 / err(1)^2 = {t:.3g} > {t_max:.3g} (d_eff {d_eff:.0f})")
     assert not failures, f"{name} at {cfg_name}: the mean gradient does not converge (biased): " + "; ".join(failures)
+
+
+# Where the codec runs compiled on the CPU, the compiled elementwise ops (blockquant.kernels.native_ops)
+# replace the PyTorch code of these cases: dropout's mask, ReLU's activation and mask, batch norm's
+# encode and backward fused with the codec (int2 at 120 nodes keeps the sampled square estimator), and
+# attention's multi-head aggregation and per-edge dot products.
+NATIVE_CASES = ("nn.BatchNorm1d", "nn.BatchNorm1d_affine_off", "nn.PyGBatchNorm", "nn.ReLU", "nn.LeakyReLU",
+                "nn.Dropout", "functional.batch_norm", "nn.GINConv_train_eps", "nn.GATConv", "nn.GATv2Conv")
+
+
+@pytest.mark.parametrize("name", NATIVE_CASES)
+def test_unbiased_with_the_compiled_cpu_ops(name, monkeypatch):
+    from blockquant.kernels import native, native_ops
+
+    if not native.available():
+        pytest.skip(f"compiled CPU codec unavailable: {native.unavailable_reason()}")
+    monkeypatch.setenv("BLOCKQUANT_BACKEND", "native")
+    calls = []
+    for op in ("dropout", "relu_pack", "mask_grad", "quantize_affine", "bn_backward", "heads_spmm", "heads_sddmm"):
+        real = getattr(native_ops, op)
+        monkeypatch.setattr(native_ops, op, lambda *a, _real=real, _op=op, **k: calls.append(_op) or _real(*a, **k))
+    _assert_unbiased(name, "int2")
+    assert calls, f"{name}: no compiled op ran, the case tests nothing new"
+    if "atch" in name:  # batch norm: encoded and differentiated by the fused passes
+        assert {"quantize_affine", "bn_backward"} <= set(calls)
+    if "GAT" in name:
+        assert {"heads_spmm", "heads_sddmm"} <= set(calls)
 
 
 def test_the_harness_detects_a_biased_estimator():

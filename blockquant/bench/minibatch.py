@@ -29,15 +29,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-import time
 from typing import Any, Callable, Dict, List, Optional
+
 
 import torch
 
 from .datasets import GraphDataset
 from .errors import BenchError
-from .runner import (BenchConfig, BenchOptions, Trainer, TrainingLog, _is_oom, _mean_std, _rel_error, _sync,
-                     add_fp32_ratios, resolve_device)
+from .rounds import StepClock, add_time_ratios
+from .runner import (BenchConfig, BenchOptions, Trainer, TrainingLog, _is_oom, _mean_std, _rel_error,
+                     _train_interleaved, add_fp32_ratios, resolve_device)
 
 LOADERS = ("random", "neighbor", "cluster")
 DEFAULT_LOADER = "random"
@@ -154,34 +155,50 @@ class MiniBatchTrainer:
         return model
 
     def train(self, model, seed: int, epochs: int, bar=None) -> Dict[str, Any]:
+        """Train one run alone (``run_minibatch_benchmark`` interleaves the runs of all configurations)."""
         torch.manual_seed(seed)
-        opt = torch.optim.Adam(model.parameters(), lr=self.opts.lr)
-        loader = make_loader(self.data, self.mb, self.opts.layers, seed=seed)
-        epoch_times, step_times = [], []
-        log = TrainingLog(self.data, bar)
+        run = MiniBatchRun(self, model, seed, bar)
         for epoch in range(epochs):
-            model.train()
-            total, count, t_epoch = 0.0, 0, 0.0
-            for batch in loader:
-                batch = batch.to(self.device)
-                idx = loss_nodes(batch)
-                if idx.numel() == 0:
-                    continue
-                _sync(self.device)
-                t0 = time.perf_counter()
+            run.epoch(epoch)
+        return run.result()
+
+
+class MiniBatchRun:
+    """One configuration and seed trained over a PyG loader, an epoch (one pass over the loader) at a time;
+    an epoch's time is the sum of its steps' (loading batches is not counted)."""
+
+    def __init__(self, trainer: MiniBatchTrainer, model, seed: int, bar=None):
+        self.trainer, self.model, self.seed = trainer, model, seed
+        self.opt = torch.optim.Adam(model.parameters(), lr=trainer.opts.lr)
+        self.loader = make_loader(trainer.data, trainer.mb, trainer.opts.layers, seed=seed)
+        self.clock = StepClock(trainer.device)
+        self.epoch_wall: List[float] = []
+        self.epoch_cpu: List[float] = []
+        self.log = TrainingLog(trainer.data, bar)
+
+    def epoch(self, epoch: int) -> None:
+        model, opt, tr = self.model, self.opt, self.trainer
+        model.train()
+        total, count, first = 0.0, 0, len(self.clock.wall)
+        for batch in self.loader:
+            batch = batch.to(tr.device)
+            idx = loss_nodes(batch)
+            if idx.numel() == 0:
+                continue
+            with self.clock.step():
                 opt.zero_grad(set_to_none=True)
-                loss = self.criterion(model(batch.x, batch.edge_index)[idx], batch.y[idx])
+                loss = tr.criterion(model(batch.x, batch.edge_index)[idx], batch.y[idx])
                 loss.backward()
                 opt.step()
-                _sync(self.device)
-                dt = time.perf_counter() - t0
-                step_times.append(dt)
-                t_epoch += dt
-                total += float(loss.item()) * idx.numel()
-                count += idx.numel()
-            epoch_times.append(t_epoch)
-            log.epoch_end(model, epoch, total / max(count, 1), self.data.edge_index)
-        return log.result(seed, epoch_times_s=epoch_times, step_times_s=step_times)
+            total += float(loss.item()) * idx.numel()
+            count += idx.numel()
+        self.epoch_wall.append(sum(self.clock.wall[first:]))
+        self.epoch_cpu.append(sum(self.clock.cpu[first:]))
+        self.log.epoch_end(model, epoch, total / max(count, 1), tr.data.edge_index)
+
+    def result(self) -> Dict[str, Any]:
+        return self.log.result(self.seed, epoch_times_s=self.epoch_wall, epoch_cpu_s=self.epoch_cpu,
+                               step_times_s=self.clock.wall)
 
 
 def run_minibatch_benchmark(data: GraphDataset, opts: BenchOptions, mb: MiniBatchOptions,
@@ -205,11 +222,14 @@ def run_minibatch_benchmark(data: GraphDataset, opts: BenchOptions, mb: MiniBatc
     first_seed = opts.seeds[0]
     ref_grads = None
     records: List[Dict[str, Any]] = []
+    measured = []
+    finished: List[Dict[str, Any]] = []  # reused from an earlier run, or did not fit: what on_record gets
     cfg_bar = tqdm(configs, desc="configs", disable=opts.quiet, leave=True, dynamic_ncols=True)
     for cfg in cfg_bar:
         cfg_bar.set_postfix_str(cfg.name)
         if done and cfg.name in done:
             records.append(done[cfg.name])
+            finished.append(done[cfg.name])
             continue
         try:
             rec: Dict[str, Any] = {"config": cfg.name, **{f"config_{k}": v for k, v in cfg.describe().items()
@@ -220,28 +240,30 @@ def run_minibatch_benchmark(data: GraphDataset, opts: BenchOptions, mb: MiniBatc
             rec.update(_rel_error(trainer.on_batch.weight_grads(model), ref_grads))
             rec.update(trainer.on_batch.activation_memory(model))
             rec.update(trainer.on_batch.step_peak(model))
-            runs = []
-            for seed in opts.seeds:
-                model = trainer.build(cfg, seed)
-                with tqdm(total=opts.epochs, desc=f"{cfg.name} seed {seed}", disable=opts.quiet, leave=False,
-                          dynamic_ncols=True) as bar:
-                    runs.append(trainer.train(model, seed, opts.epochs, bar))
-                model = None
+            model = None
         except BenchError:
             raise
         except Exception as e:  # noqa: BLE001 - OOM is a user-facing condition, everything else is a bug
-            if _is_oom(e) and opts.memory_limit_gib is not None:
-                from .memlimit import did_not_fit
+            model = None
+            row = _oom_row(rec, cfg.name, e, opts, device)
+            records.append(row)
+            finished.append(row)
+            if on_record is not None:
+                on_record(list(finished))
+            continue
+        records.append(rec)
+        measured.append((cfg, rec))
+    cfg_bar.close()
 
-                records.append({**rec, **did_not_fit(cfg.name, opts.memory_limit_gib, e, "mini-batch run")})
-                model = runs = None
-                if on_record is not None:
-                    on_record(records)
-                continue
-            if _is_oom(e):
-                raise BenchError(f"out of memory on {device} while running config {cfg.name!r} "
-                                 f"({str(e).splitlines()[0][:120]}); try a smaller --batch-size or --hidden") from None
-            raise
+    runs_of, failed, loads = _train_interleaved(trainer, measured, opts, device,
+                                                make_run=lambda model, seed, bar: MiniBatchRun(trainer, model, seed,
+                                                                                              bar))
+    for cfg, rec in measured:
+        if cfg.name in failed:
+            rec.update(failed[cfg.name])
+            continue
+        runs = runs_of[cfg.name]
+
         epoch_times = [t for r in runs for t in r["epoch_times_s"]]
         step_times = [t for r in runs for t in r["step_times_s"]]
         val_m, val_s = _mean_std([r["best_val"] for r in runs])
@@ -258,9 +280,18 @@ def run_minibatch_benchmark(data: GraphDataset, opts: BenchOptions, mb: MiniBatc
             curve_loss_mean=[statistics.fmean(r["loss"][e] for r in runs) for e in range(opts.epochs)],
             curve_val_mean=[statistics.fmean(r["val"][e] for r in runs) for e in range(opts.epochs)],
         )
-        records.append(rec)
-        if on_record is not None:
-            on_record(records)
-    cfg_bar.close()
+    add_time_ratios(records, loads)
+
     add_fp32_ratios(records)
     return records
+
+
+def _oom_row(rec, name: str, e: BaseException, opts: BenchOptions, device) -> Dict[str, Any]:
+    if _is_oom(e) and opts.memory_limit_gib is not None:
+        from .memlimit import did_not_fit
+
+        return {**rec, **did_not_fit(name, opts.memory_limit_gib, e, "mini-batch run")}
+    if _is_oom(e):
+        raise BenchError(f"out of memory on {device} while running config {name!r} "
+                         f"({str(e).splitlines()[0][:120]}); try a smaller --batch-size or --hidden") from None
+    raise e

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import BenchError
 
-MODEL_NAMES = ("sage", "gcn", "gat", "gin", "gcn2")
+MODEL_NAMES = ("sage", "gcn", "gcn-uncached", "gat", "gatv2", "gin", "graphconv", "gcn2")
 
 
 class Block(nn.Module):
@@ -88,8 +88,10 @@ def build_model(name: str, in_dim: int, hidden: int, out_dim: int, num_layers: i
                 dropout: float = 0.5, heads: int = 8) -> GNN:
     """Build ``name`` (one of :data:`MODEL_NAMES`) with ``num_layers`` message-passing layers.
 
-    GAT's hidden layers split ``hidden`` over ``heads`` heads (OGB's arxiv GAT: 128 = 8 x 16);
-    its last layer has one head."""
+    GAT's and GATv2's hidden layers split ``hidden`` over ``heads`` heads (OGB's arxiv GAT: 128 = 8 x 16);
+    their last layer has one head. ``gcn`` caches its normalised graph (``cached=True``, as OGB's
+    full-batch reference does); ``gcn-uncached`` is GCNConv with PyG's defaults (``cached=False``:
+    the graph is normalised again in every layer of every step)."""
     import torch_geometric.nn as pyg
 
     name = name.strip().lower()
@@ -119,12 +121,17 @@ def build_model(name: str, in_dim: int, hidden: int, out_dim: int, num_layers: i
             return pyg.SAGEConv(a, b)
         if name == "gcn":
             return pyg.GCNConv(a, b, cached=True)
-        if name == "gat":
+        if name == "gcn-uncached":
+            return pyg.GCNConv(a, b)
+        if name == "graphconv":
+            return pyg.GraphConv(a, b)
+        if name in ("gat", "gatv2"):
+            cls = pyg.GATConv if name == "gat" else pyg.GATv2Conv
             if last:
-                return pyg.GATConv(a, b, heads=1)
+                return cls(a, b, heads=1)
             if b % heads:
-                raise BenchError(f"--hidden must be divisible by the {heads} GAT heads; got {b}")
-            return pyg.GATConv(a, b // heads, heads=heads)
+                raise BenchError(f"--hidden must be divisible by the {heads} attention heads; got {b}")
+            return cls(a, b // heads, heads=heads)
         # gin
         mlp = nn.Sequential(nn.Linear(a, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, b))
         return pyg.GINConv(mlp, train_eps=True)

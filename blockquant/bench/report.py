@@ -16,7 +16,8 @@ CSV_FIELDS = (
     "peak_step_bytes", "peak_step_mib", "peak_ratio_fp32", "peak_method",
     "activation_bytes", "activation_mib", "bytes_per_node", "memory_ratio_fp32", "activation_source",
     "track_saved_bytes", "alloc_delta_bytes", "alloc_delta_method",
-    "epoch_time_median_s", "time_ratio_fp32",
+    "epoch_time_median_s", "time_ratio_fp32", "time_reference", "time_ratio_ref_min", "time_ratio_ref_median",
+    "epoch_cpu_median_s", "cpu_ratio_ref_min", "cpu_ratio_ref_median", "load_avg_rounds",
     "metric", "val_mean", "val_std", "test_mean", "test_std", "grad_rel_error",
     "epochs", "seeds", "status", "detail",
 )
@@ -33,8 +34,10 @@ def format_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     metric = meta.get("metric", "acc")
     scale = 100.0 if metric == "acc" else 1.0
     mfmt = ".2f" if metric == "acc" else ".4f"
-    head = ["config", "peak MiB", "x fp32", "act MiB", "B/node", "x fp32", "epoch ms", "x fp32",
-            f"val {metric}", f"test {metric}", "grad err"]
+    ref = next((r.get("time_reference") for r in records if r.get("time_reference")), None)
+    x_ref = f"x {ref}" if ref else "x fp32"
+    head = ["config", "peak MiB", "x fp32", "act MiB", "B/node", "x fp32", "step ms", f"{x_ref} min/med",
+            f"CPU {x_ref} min/med", f"val {metric}", f"test {metric}", "grad err"]
     rows = []
     unfit = []
     for r in records:
@@ -49,7 +52,8 @@ def format_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             _fmt(r["bytes_per_node"], ".1f"),
             _fmt(r.get("memory_ratio_fp32"), ".3f"),
             _fmt(r["epoch_time_median_s"] * 1e3, ".1f"),
-            _fmt(r.get("time_ratio_fp32"), ".2f"),
+            _ratio_pair(r, "time") if ref else _fmt(r.get("time_ratio_fp32"), ".2f"),
+            _ratio_pair(r, "cpu"),
             f"{_fmt(r['val_mean'] * scale, mfmt)} ± {_fmt(r['val_std'] * scale, mfmt)}",
             f"{_fmt(r['test_mean'] * scale, mfmt)} ± {_fmt(r['test_std'] * scale, mfmt)}",
             _fmt(r["grad_rel_error"], ".2e"),
@@ -70,6 +74,12 @@ def format_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     ]
     out += [line(row) for row in rows]
     out += unfit
+    loads = next((r.get("load_avg_rounds") for r in records if r.get("load_avg_rounds")), None)
+    if ref:
+        out.append(f"step = median training step (forward, loss, backward, optimizer; the first epoch of each seed is "
+                   f"a warm-up), wall time; the configurations trained in interleaved rounds and the ratios are "
+                   f"to {ref}'s step of the same round (min / median over the rounds), of wall time and of process "
+                   f"CPU time" + (f"; load average {loads[0]:.1f}-{loads[1]:.1f} during the rounds" if loads else ""))
     rss = [f"{r['config']} {r['peak_rss_bytes'] / 2 ** 30:.2f} GiB" for r in records if r.get("peak_rss_bytes")]
     if rss:
         out.append("process peak RSS while each config ran (data, graph caches and libraries included): "
@@ -78,13 +88,19 @@ def format_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         f"peak = highest memory of one forward+loss+backward above the memory in use at its start "
         f"({first.get('peak_method', '?')}); act = bytes held for backward after forward (excl. data/model/output; "
         f"source: {first.get('activation_source', '?')}); fp32-sparse = plain PyG given a torch.sparse CSR adj_t; "
-        f"epoch = median training step; {metric} = best-validation epoch, mean ± std over seeds (x100 for acc); "
+        f"{metric} = best-validation epoch, mean ± std over seeds (x100 for acc); "
         f"grad err = relative L2 error of one draw of the first step's weight gradients vs fp32 (same weights, "
         f"dropout off): zero-mean noise, since the compressed gradient is unbiased, which averages out over "
         f"training steps (the mean of K draws has 1/sqrt(K) of it: bench/grad_error_draws.py); a random "
         f"projection (rp8: exact, iexact) adds most of it, hence values above 1."
+
     )
     return "\n".join(out)
+
+
+def _ratio_pair(r: Dict[str, Any], tag: str) -> str:
+    lo, med = r.get(f"{tag}_ratio_ref_min"), r.get(f"{tag}_ratio_ref_median")
+    return "-" if lo is None else f"{lo:.2f}/{med:.2f}"
 
 
 def _csv_value(v: Any) -> Any:

@@ -15,13 +15,15 @@ optimizer step (same initial weights for every configuration):
 * the relative error of all weight gradients against ``fp32`` (dropout off,
   BatchNorm in training mode, so the only difference is the compression).
 
-Then it trains every seed for ``epochs`` full-batch epochs, timing each
-training step and scoring validation/test after each epoch.
+Then it trains every seed for ``epochs`` full-batch epochs, scoring validation/test after each
+epoch. The configurations train in interleaved rounds (one epoch of each per round, each with its
+own random stream, so results equal training them one after another), and each training step's
+wall and CPU time is compared with the reference's step of the same round
+(:mod:`blockquant.bench.rounds`): a loaded machine slows every configuration of a round alike.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import gc
 import json
@@ -30,8 +32,8 @@ import os
 import os.path as osp
 import statistics
 import tempfile
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
 
 import torch
 from torch import nn
@@ -43,6 +45,7 @@ from .datasets import GraphDataset
 from .errors import BenchError
 from .memlimit import peak_rss_bytes, reset_peak_rss
 from .models import GNN, build_model
+from .rounds import RngStreams, StepClock, add_time_ratios, interleaved
 
 BASELINES = ("fp32", "fp32-sparse", "checkpoint")
 DEFAULT_CONFIGS = ("fp32", "fp32-sparse", "checkpoint", "exact", "iexact", "default")
@@ -372,23 +375,36 @@ class Trainer:
 
     # ------------------------------------------------------------ training
     def train(self, model: GNN, seed: int, epochs: int, bar=None) -> Dict[str, Any]:
+        """Train one run alone (``run_benchmark`` interleaves the runs of all configurations instead)."""
         torch.manual_seed(seed)
-        opt = torch.optim.Adam(model.parameters(), lr=self.opts.lr)
-        x, ei = self.data.x, model.bench_graph
-        times = []
-        log = TrainingLog(self.data, bar)
+        run = TrainingRun(self, model, seed, bar)
         for epoch in range(epochs):
-            model.train()
-            _sync(self.device)
-            t0 = time.perf_counter()
+            run.epoch(epoch)
+        return run.result()
+
+
+class TrainingRun:
+    """One configuration and seed: its optimizer, step clock and training log, advanced an epoch at a time."""
+
+    def __init__(self, trainer: "Trainer", model: GNN, seed: int, bar=None):
+        self.trainer, self.model, self.seed = trainer, model, seed
+        self.opt = torch.optim.Adam(model.parameters(), lr=trainer.opts.lr)
+        self.clock = StepClock(trainer.device)
+        self.log = TrainingLog(trainer.data, bar)
+
+    def epoch(self, epoch: int) -> None:
+        model, opt, tr = self.model, self.opt, self.trainer
+        x, ei = tr.data.x, model.bench_graph
+        model.train()
+        with self.clock.step():
             opt.zero_grad(set_to_none=True)
-            loss = self.loss(model(x, ei))
+            loss = tr.loss(model(x, ei))
             loss.backward()
             opt.step()
-            _sync(self.device)
-            times.append(time.perf_counter() - t0)
-            log.epoch_end(model, epoch, float(loss.item()), ei)
-        return log.result(seed, epoch_times_s=times)
+        self.log.epoch_end(model, epoch, float(loss.item()), ei)
+
+    def result(self) -> Dict[str, Any]:
+        return self.log.result(self.seed, epoch_times_s=self.clock.wall, epoch_cpu_s=self.clock.cpu)
 
 
 class TrainingLog:
@@ -467,7 +483,9 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
     """Measure and train every configuration; returns one record per configuration (no I/O).
 
     ``done``: records of configurations an earlier run finished (``--resume``), reused as they are;
-    ``on_record(records)``: called with the records so far each time a configuration finishes.
+    ``on_record(records)``: called with the finished records so far each time a configuration finishes.
+    The configurations are trained together, in interleaved rounds, so those that fit finish together,
+    at the end; the rows of those that did not fit finish when they fail.
     """
     from tqdm.auto import tqdm
 
@@ -493,13 +511,16 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
                 ref_unfit = True
         return ref_grads
 
+    measured: List[Tuple[BenchConfig, Dict[str, Any]]] = []
+    finished: List[Dict[str, Any]] = []  # reused from an earlier run, or did not fit: what on_record gets
     cfg_bar = tqdm(configs, desc="configs", disable=quiet, leave=True, dynamic_ncols=True)
     for cfg in cfg_bar:
         cfg_bar.set_postfix_str(cfg.name)
         if done and cfg.name in done:
             records.append(done[cfg.name])
+            finished.append(done[cfg.name])
             continue
-        stage = "first-step measurements"
+
         rss_window = False
         if not cfg.sparse_adj:
             trainer._adj_t = None  # plain PyG's CSR adj_t is not this config's memory
@@ -507,9 +528,8 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
             rec: Dict[str, Any] = {"config": cfg.name, **{f"config_{k}": v for k, v in cfg.describe().items()
                                                            if k != "name"}}
             reference = ref()
-            rss_window = reset_peak_rss()  # this config's peak resident memory, from here to its last epoch
+            rss_window = reset_peak_rss()  # this config's peak resident memory (its training epochs too)
             model = trainer.build(cfg, first_seed)
-            init_state = copy.deepcopy(model.state_dict())
             if reference is None:  # a compressed config may fit where fp32 does not: no gradient pass then
                 rec.update(grad_rel_error=None, grad_rel_error_note="fp32 reference gradients did not fit in "
                                                                     f"--memory-limit-gib {opts.memory_limit_gib:g}")
@@ -517,60 +537,129 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
                 rec.update(_rel_error(trainer.weight_grads(model), reference))
             rec.update(trainer.activation_memory(model))
             rec.update(trainer.step_peak(model))
-            model.load_state_dict(init_state)
-            del init_state
-            stage = "training"
-            runs = []
-            seed_bar = tqdm(opts.seeds, desc=f"{cfg.name} seeds", disable=quiet, leave=False, dynamic_ncols=True)
-            for seed in seed_bar:
-                if seed != first_seed or model is None:
-                    model = trainer.build(cfg, seed)
-                with tqdm(total=opts.epochs, desc=f"{cfg.name} seed {seed}", disable=quiet, leave=False,
-                          dynamic_ncols=True) as ep_bar:
-                    runs.append(trainer.train(model, seed, opts.epochs, ep_bar))
-                model = None
-            seed_bar.close()
+            model = None
         except BenchError:
             raise
         except Exception as e:  # noqa: BLE001 - OOM is a user-facing condition, everything else is a bug
-            if _is_oom(e) and opts.memory_limit_gib is not None:
-                from .memlimit import did_not_fit
+            model = None
+            row = _failed(rec, cfg.name, e, "first-step measurements", opts, device,
+                          peak_rss_bytes() if rss_window else None)
+            records.append(row)
+            finished.append(row)
+            if on_record is not None:
+                on_record(list(finished))
+            continue
 
-                records.append({**rec, **did_not_fit(cfg.name, opts.memory_limit_gib, e, stage),
-                                **({"peak_rss_bytes": peak_rss_bytes()} if rss_window else {})})
-                model = runs = None
-                if on_record is not None:
-                    on_record(records)
-                continue
-            if _is_oom(e):
-                raise BenchError(f"out of memory on {device} while running config {cfg.name!r} "
-                                 f"({str(e).splitlines()[0][:120]}); try a smaller --hidden or --scale, fewer "
-                                 f"--configs, or another --device") from None
-            raise
         if rss_window:
             rec["peak_rss_bytes"] = peak_rss_bytes()
-        all_times = [t for r in runs for t in r["epoch_times_s"]]
-        val_m, val_s = _mean_std([r["best_val"] for r in runs])
-        test_m, test_s = _mean_std([r["test_at_best_val"] for r in runs])
+        records.append(rec)
+        measured.append((cfg, rec))
+    cfg_bar.close()
+
+    runs, failed, loads = _train_interleaved(trainer, measured, opts, device)
+    for cfg, rec in measured:
+        if cfg.name in failed:
+            rec.update(failed[cfg.name])
+            continue
+        cfg_runs = runs[cfg.name]
+        val_m, val_s = _mean_std([r["best_val"] for r in cfg_runs])
+        test_m, test_s = _mean_std([r["test_at_best_val"] for r in cfg_runs])
         n_epochs = opts.epochs
         rec.update(
             activation_mib=rec["activation_bytes"] / 2 ** 20,
             bytes_per_node=rec["activation_bytes"] / data.num_nodes,
             peak_step_mib=rec["peak_step_bytes"] / 2 ** 20,
-            epoch_time_median_s=statistics.median(all_times) if all_times else float("nan"),
             val_mean=val_m, val_std=val_s, test_mean=test_m, test_std=test_s,
             seeds=list(opts.seeds),
-            runs=runs,
-            curve_loss_mean=[statistics.fmean(r["loss"][e] for r in runs) for e in range(n_epochs)],
-            curve_val_mean=[statistics.fmean(r["val"][e] for r in runs) for e in range(n_epochs)],
+            runs=cfg_runs,
+            curve_loss_mean=[statistics.fmean(r["loss"][e] for r in cfg_runs) for e in range(n_epochs)],
+            curve_val_mean=[statistics.fmean(r["val"][e] for r in cfg_runs) for e in range(n_epochs)],
         )
-        records.append(rec)
-        if on_record is not None:
-            on_record(records)
-    cfg_bar.close()
+    add_time_ratios(records, loads)
 
     add_fp32_ratios(records)
     return records
+
+
+def _failed(rec: Dict[str, Any], name: str, e: BaseException, stage: str, opts: BenchOptions, device,
+            peak_rss: Optional[int]) -> Dict[str, Any]:
+    """The "did not fit" row of a configuration that ran out of memory under --memory-limit-gib; any other
+    error is raised (an OOM without a limit as a one-line BenchError)."""
+    if _is_oom(e) and opts.memory_limit_gib is not None:
+        from .memlimit import did_not_fit
+
+        return {**rec, **did_not_fit(name, opts.memory_limit_gib, e, stage),
+                **({"peak_rss_bytes": peak_rss} if peak_rss is not None else {})}
+    if _is_oom(e):
+        raise BenchError(f"out of memory on {device} while running config {name!r} "
+                         f"({str(e).splitlines()[0][:120]}); try a smaller --hidden or --scale, fewer "
+                         f"--configs, or another --device") from None
+    raise e
+
+
+def _train_interleaved(trainer, measured, opts: BenchOptions, device, make_run=None):
+    """Train every measured configuration for every seed, one epoch of each per round
+    (:mod:`blockquant.bench.rounds`): returns ``(runs per config, did-not-fit rows, load per round)``.
+    ``make_run(model, seed, bar)`` makes a run with ``epoch(e)`` and ``result()`` (default: a full-batch
+    :class:`TrainingRun`)."""
+    if make_run is None:
+        def make_run(model, seed, bar):
+            return TrainingRun(trainer, model, seed, bar)
+    from tqdm.auto import tqdm
+
+    runs: Dict[str, List[Dict[str, Any]]] = {cfg.name: [] for cfg, _ in measured}
+    failed: Dict[str, Dict[str, Any]] = {}
+    recs = {cfg.name: rec for cfg, rec in measured}
+    if not any(cfg.sparse_adj for cfg, _ in measured):
+        trainer._adj_t = None
+    loads: List[Dict[str, Any]] = []
+    for seed in opts.seeds:
+        live: Dict[str, TrainingRun] = {}
+        streams = RngStreams(device)
+        names = [cfg.name for cfg, _ in measured if cfg.name not in failed]
+        bar = tqdm(total=opts.epochs * len(names), desc=f"{', '.join(names)} seed {seed}", disable=opts.quiet,
+                   leave=False, dynamic_ncols=True)
+
+        def fail(name: str, e: BaseException) -> bool:
+            try:
+                failed[name] = _failed({}, name, e, "training", opts, device, recs[name].get("peak_rss_bytes"))
+            except BenchError:
+                raise
+            except Exception:  # noqa: BLE001 - not an allocation failure: the caller re-raises it
+                return False
+            live.pop(name, None)
+            return True
+
+        for cfg, _ in measured:
+            if cfg.name in failed:
+                continue
+            try:
+                model = trainer.build(cfg, seed)
+            except BenchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - handled as in a training epoch
+                if not fail(cfg.name, e):
+                    raise
+                continue
+            streams.start(cfg.name, seed)
+            with streams.use(cfg.name):  # a run may draw from the generator when it starts (a loader's seed)
+                live[cfg.name] = make_run(model, seed, bar)
+        model = None
+
+        def epoch(name: str, r: int) -> None:
+            rss_window = reset_peak_rss()
+            with streams.use(name):
+                live[name].epoch(r)
+            if rss_window:
+                rec = recs[name]
+                rec["peak_rss_bytes"] = max(rec.get("peak_rss_bytes") or 0, peak_rss_bytes() or 0)
+
+        loads += interleaved(list(live), opts.epochs, epoch, lambda name, r, e: fail(name, e))
+        bar.close()
+        for name, run in live.items():
+            runs[name].append(run.result())
+        live.clear()
+    return runs, failed, loads
 
 
 def add_fp32_ratios(records: List[Dict[str, Any]]) -> None:
@@ -582,4 +671,4 @@ def add_fp32_ratios(records: List[Dict[str, Any]]) -> None:
             continue
         for ratio, key in (("memory_ratio_fp32", "activation_bytes"), ("peak_ratio_fp32", "peak_step_bytes"),
                            ("time_ratio_fp32", "epoch_time_median_s")):
-            r[ratio] = r[key] / base[key] if base and base[key] > 0 else None
+            r[ratio] = r[key] / base[key] if base and base.get(key) and r.get(key) is not None else None

@@ -8,6 +8,7 @@ from typing import List, Union
 
 import torch
 
+from blockquant.kernels import native_ops
 from blockquant.kernels.bitmask import BitMask
 
 from .._compat import custom_op
@@ -17,15 +18,21 @@ from ._common import _check_float, _untracked
 
 class _MaskedActivation(torch.autograd.Function):
     """ReLU / LeakyReLU (exact forward). Saves ``x > 0`` as a packed 1-bit
-    :class:`BitMask` (``ceil(n / 8)`` bytes), only if the input gradient is needed."""
+    :class:`BitMask` (``ceil(n / 8)`` bytes), only if the input gradient is needed.
+    On CPU with the compiled ops (:mod:`blockquant.kernels.native_ops`) the activation and its
+    mask are one pass, and so is the masked gradient."""
 
     @staticmethod
     def forward(ctx, x, negative_slope):
+        ctx.bq_slope = negative_slope
+        if ctx.needs_input_grad[0] and native_ops.enabled(x):
+            out, bits = native_ops.relu_pack(x, negative_slope)
+            ctx.bq_state = (BitMask(bits, x.shape),)
+            return out
         if negative_slope is None:
             out = torch.relu(x)
         else:
             out = torch.nn.functional.leaky_relu(x, negative_slope)
-        ctx.bq_slope = negative_slope
         ctx.bq_state = (BitMask.pack(x > 0),) if ctx.needs_input_grad[0] else ()
         return out
 
@@ -33,7 +40,10 @@ class _MaskedActivation(torch.autograd.Function):
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
             return None, None
-        positive = ctx.bq_state[0].unpack()
+        mask = ctx.bq_state[0]
+        if native_ops.enabled(grad_out) and grad_out.shape == mask.shape:
+            return native_ops.mask_grad(grad_out, mask.payload, ctx.bq_slope), None
+        positive = mask.unpack()
         if ctx.bq_slope is None:
             grad = grad_out * positive.to(grad_out.dtype)
         else:
@@ -76,11 +86,13 @@ def _dropout_noise(like: torch.Tensor, p: float, seed: Union[int, torch.Tensor])
 @custom_op("blockquant::dropout_noise", mutates_args=())
 def _dropout_noise_op(seed: torch.Tensor, shape: List[int], dtype: torch.dtype, device: torch.device,
                       p: float) -> torch.Tensor:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed_value(seed))
     noise = torch.empty(shape, dtype=dtype, device=device)
     if p == 1.0:
         return noise.zero_()
+    if native_ops.enabled(noise):  # a hash of (seed, index): one pass, no generator state
+        return native_ops.dropout(None, p, seed, like=noise)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed_value(seed))
     noise.bernoulli_(1.0 - p, generator=gen)
     return noise.div_(1.0 - p)
 
@@ -94,7 +106,10 @@ def _(seed, shape, dtype, device, p):
 def _seeded_dropout(t: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """``t`` times the keep-mask of ``seed``: the forward on ``x`` and the backward on ``grad_out``.
     One op for both, so that a compiled graph cannot merge the two mask draws into one
-    saved mask (its common-subexpression pass would for two identical noise calls)."""
+    saved mask (its common-subexpression pass would for two identical noise calls).
+    On CPU with the compiled ops the mask is drawn and applied in one pass."""
+    if p < 1.0 and native_ops.enabled(t):
+        return native_ops.dropout(t, float(p), seed)
     return t * _dropout_noise_op(seed, list(t.shape), t.dtype, t.device, float(p))
 
 

@@ -9,9 +9,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from blockquant.kernels import native_ops
+
 from .._compat import batch_norm_with_update, custom_op
 from ..config import QuantConfig
-from ..packed import draw_seed_tensor, seed_value
+from .. import packed as _packed
+from ..packed import PackedTensor, draw_seed_tensor, seed_value
 from .. import save_policy
 from ..save_policy import keep_for_ctx, without_projection
 from ._common import _check_float, _config, _first_order_only, _untracked
@@ -34,6 +37,21 @@ class SquareSample:
         k = max(1, math.ceil(self.numel * fraction))
         self.seed = draw_seed_tensor()
         self.values = flat.index_select(0, self._positions(k, flat.device)).to(torch.float32)
+
+    @classmethod
+    def of_affine(cls, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, fraction: float) -> "SquareSample":
+        """The sample of ``xn = (x - shift) * scale`` (column-wise, ``x`` ``[rows, C]``) without forming ``xn``:
+        the same positions and values as ``SquareSample(xn, fraction)`` for the same seed."""
+        self = cls.__new__(cls)
+        flat = x.detach().reshape(-1)
+        self.numel = flat.numel()
+        k = max(1, math.ceil(self.numel * fraction))
+        self.seed = draw_seed_tensor()
+        idx = self._positions(k, flat.device)
+        col = idx % x.shape[-1]
+        self.values = ((flat.index_select(0, idx) - shift.index_select(0, col)) * scale.index_select(0, col)).to(
+            torch.float32)
+        return self
 
     def _positions(self, k: int, device) -> torch.Tensor:
         return _seeded_positions(self.seed, self.numel, k, device)
@@ -164,12 +182,59 @@ class _EstimatorChunks:
         return tuple(t for p in self.parts for t in p.storages())
 
 
-def _keep_normalized(ctx, x: torch.Tensor, normalize, config: QuantConfig, diagonal_count: Optional[int]):
+def _keep_normalized(ctx, x: torch.Tensor, normalize, config: QuantConfig, diagonal_count: Optional[int],
+                     affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
     """How a normalisation keeps its input (:func:`~blockquant.save_policy.keep_for_ctx`): ``x`` by
-    reference when resident (backward recomputes ``xn`` exactly), else :func:`_compressed_normalized`.
+    reference when resident (backward recomputes ``xn`` exactly), else :func:`_compressed_normalized`
+    (or, given ``affine = (shift, scale)`` with ``xn = (x - shift) * scale`` column-wise and the compiled
+    ops available, :func:`_compressed_affine`: the same state, encoded without forming ``xn``).
     Returns ``(tensors to save, state)``; sets ``ctx.bq_ref``."""
-    return keep_for_ctx(ctx, x, config, instead=lambda: _compressed_normalized(
-        x, normalize, without_projection(config), diagonal_count))
+    cfg = without_projection(config)
+    if affine is not None and _fused_encode_applies(x):
+        return keep_for_ctx(ctx, x, config, instead=lambda: _compressed_affine(x, *affine, cfg, diagonal_count))
+    return keep_for_ctx(ctx, x, config, instead=lambda: _compressed_normalized(x, normalize, cfg, diagonal_count))
+
+
+def _fused_encode_applies(x: torch.Tensor) -> bool:
+    return x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous() and native_ops.enabled(x)
+
+
+def _pack_affine(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cfg: QuantConfig) -> PackedTensor:
+    """``quantize((x - shift) * scale, cfg)`` (column-wise, float32 ``[rows, C]``, no projection) in one pass
+    of the compiled codec: the same seed draw, codes, finiteness check and :class:`PackedTensor`."""
+    seed = draw_seed_tensor()
+    block = cfg.block_size_for(x.shape[-1])
+    levels = _packed._levels_for(cfg.bits, block, cfg.levels == "optimal")
+    payload, meta = native_ops.quantize_affine(x, shift, scale, block, cfg.bits, cfg.meta_dtype, levels,
+                                               cfg.rounding == "stochastic", seed)
+    deferred = _packed._ACTIVE_CHECK.get()
+    if deferred is not None:
+        deferred.record(meta, x.shape, cfg.meta_dtype)
+    elif not bool(torch.isfinite(meta).all()):
+        _packed._raise_non_finite(x, cfg.meta_dtype)
+    return PackedTensor(payload, meta, x.shape, torch.float32, cfg, block, seed)
+
+
+def _compressed_affine(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cfg: QuantConfig,
+                       diagonal_count: Optional[int]):
+    """:func:`_compressed_normalized` for ``xn = (x - shift) * scale`` (a batch norm's), encoded by the
+    compiled codec straight from ``x``: the same state, the same seeds drawn in the same order."""
+    estimate = diagonal_count is not None and cfg.rounding == "stochastic"
+    bounds = _normalized_row_blocks(tuple(x.shape), cfg, x.device)
+    shift, scale = shift.to(torch.float32).contiguous(), scale.to(torch.float32).contiguous()
+    x = x.detach()
+    main, side = [], []
+    for a, b in bounds:
+        rows = x[a:b]
+        main.append(_pack_affine(rows, shift, scale, cfg))
+        if estimate:
+            form, param = _square_estimator_form(cfg, diagonal_count)
+            side.append(SquareSample.of_affine(rows, shift, scale, param) if form == "sample"
+                        else SideRounding(_pack_affine(rows, shift, scale, param)))
+    state = (main[0] if len(bounds) == 1 else save_policy.RowChunks(main, bounds, x.shape, torch.float32, x.device),)
+    if estimate:
+        state = state + (_EstimatorChunks(side, bounds, tuple(x.shape), diagonal_count),)
+    return state
 
 
 def _compressed_normalized(x: torch.Tensor, normalize, cfg: QuantConfig, diagonal_count: Optional[int]):
@@ -298,7 +363,8 @@ class _BatchNorm(torch.autograd.Function):
             mean_v, invstd_v = save_mean.view(view), save_invstd.view(view)
             count = x.numel() // max(x.shape[1], 1)
             tensors, state = _keep_normalized(ctx, x, lambda r: (x.detach()[r].to(acc) - mean_v) * invstd_v,
-                                              config, count if (need_x and training) else None)
+                                              config, count if (need_x and training) else None,
+                                              affine=(save_mean, save_invstd) if x.dim() == 2 else None)
         tensors.extend((save_mean.to(acc), save_invstd.to(acc)))
         tensors.append(weight if weight is not None else x.new_empty(0))
         ctx.save_for_backward(*tensors)
@@ -313,6 +379,11 @@ class _BatchNorm(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         x_ref = saved.pop(0) if ctx.bq_ref else None
         mean, invstd, weight = saved
+        if (ctx.bq_need_input and x_ref is None and ctx.bq_training and grad_out.numel() > 0
+                and _fused_backward_applies(ctx.bq_state, grad_out)):
+            grad_x, grad_w, grad_b = _fused_batch_norm_backward(grad_out, ctx.bq_state, weight if has_w else None,
+                                                                invstd, need_x, need_w and has_w, need_b and has_b)
+            return grad_x, grad_w, grad_b, None, None, None, None, None, None
         dims = [d for d in range(grad_out.dim()) if d != 1]
         grad_b = grad_out.sum(dims) if (need_b and has_b) else None
         if grad_out.numel() == 0:
@@ -337,6 +408,65 @@ class _BatchNorm(torch.autograd.Function):
         grad_w = (g * xn).sum(dims).reshape(weight.shape).to(weight.dtype) if (need_w and has_w) else None
         grad_x = grad_x.to(grad_out.dtype) if grad_x is not None else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _compressed_parts(kept):
+    """``(row_start, row_stop, PackedTensor)`` of a compressed ``xn``, or None if a part is not a plain
+    (unprojected, float32) packed tensor."""
+    parts = list(kept.chunks()) if isinstance(kept, save_policy.RowChunks) else (
+        [(0, kept.shape[0], kept)] if isinstance(kept, PackedTensor) else None)
+    if parts is None or any(p.proj_dims is not None or p.dtype != torch.float32 or len(p.shape) != 2
+                            for _, _, p in parts):
+        return None
+    return parts
+
+
+def _fused_backward_applies(state, grad_out: torch.Tensor) -> bool:
+    if grad_out.dim() != 2 or grad_out.dtype != torch.float32 or not native_ops.enabled(grad_out):
+        return False
+    if _compressed_parts(state[0]) is None:
+        return False
+    if len(state) > 1:
+        est = state[1]
+        return isinstance(est, _EstimatorChunks) and all(isinstance(p, SquareSample) for p in est.parts)
+    return True
+
+
+def _fused_batch_norm_backward(grad_out, state, weight, invstd, need_x: bool, need_w: bool, need_b: bool):
+    """Batch normalisation's backward in training (:func:`_normalization_backward`'s formula, the diagonal
+    term from the :class:`SquareSample` estimator) over the compressed ``xn``, decoded block by block
+    inside two passes of the compiled ops: no decoded ``[N, C]`` ``xn`` is formed."""
+    g = grad_out.contiguous()
+    parts = _compressed_parts(state[0])
+    count, cols = g.shape[0], g.shape[1]
+    sum_g = torch.zeros(cols, dtype=torch.float64)
+    sum_gx = torch.zeros(cols, dtype=torch.float64)
+    for a, b, part in parts:
+        levels = _packed._levels_for(part.bits, part.block, part.config.levels == "optimal")
+        sg, sx = native_ops.bn_backward(g[a:b], part.payload, part.meta, part.block, part.bits, levels)
+        sum_g += sg
+        sum_gx += sx
+    grad_w = sum_gx.to(weight.dtype) if need_w else None
+    grad_b = sum_g.to(grad_out.dtype) if need_b else None
+    if not need_x:
+        return None, grad_w, grad_b
+    scale = invstd.to(torch.float32) * (weight.to(torch.float32) if weight is not None else 1.0)
+    means = ((sum_g / count).to(torch.float32), (sum_gx / count).to(torch.float32))
+    estimator = state[1] if len(state) > 1 else None
+    samples = estimator.parts if estimator is not None else [None] * len(parts)
+    grad_x = torch.empty_like(g)
+    for (a, b, part), sample in zip(parts, samples):
+        levels = _packed._levels_for(part.bits, part.block, part.config.levels == "optimal")
+        native_ops.bn_backward(g[a:b], part.payload, part.meta, part.block, part.bits, levels, scale, count,
+                               estimator is not None, sums=means, out=grad_x[a:b])
+        if sample is not None:  # the diagonal term's exact part at the sampled positions
+            k = sample.values.numel()
+            idx = sample._positions(k, g.device)
+            col = idx % cols
+            corr = g[a:b].reshape(-1).index_select(0, idx).mul_(scale.index_select(0, col))
+            corr.mul_(sample.values.square()).mul_(sample.numel / k / count)
+            grad_x[a:b].view(-1).index_add_(0, idx, corr, alpha=-1.0)
+    return grad_x, grad_w, grad_b
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: bool = False,
