@@ -114,6 +114,16 @@ def view_base(t: torch.Tensor) -> Optional[torch.Tensor]:
     return t._base
 
 
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
+
+
+def backend_dispatch_keys(device_type: str):
+    """``torch._C.DispatchKeySet`` of the backend key of ``device_type`` (cpu, cuda, meta): what
+    ``OpOverload.redispatch`` takes to run an op's kernel for that device, below autograd and the
+    Python modes (the host-sync counter, :mod:`blockquant.host_syncs`). torch 2.x."""
+    return torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _DISPATCH_KEYS[device_type]))
+
+
 def check() -> dict:
     """Try every API above on the installed torch: ``{name: None}`` when it works, else the error."""
     results = {}
@@ -167,6 +177,7 @@ def check() -> dict:
     attempt("Tensor._version, Tensor._base", tensor_attrs)
     attempt("torch.library.custom_op, register_fake", lambda: (torch.library.custom_op, torch.library.register_fake))
     attempt("torch.compiler.is_compiling", lambda: torch.compiler.is_compiling())
+    attempt("DispatchKeySet (backend keys)", lambda: [backend_dispatch_keys(d) for d in _DISPATCH_KEYS])
     return results
 
 

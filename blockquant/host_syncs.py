@@ -47,6 +47,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ._compat import backend_dispatch_keys
+
 __all__ = ["HostSyncReport", "count_host_syncs"]
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
@@ -161,10 +163,6 @@ def _device_of(args, kwargs) -> str:
     return tensors[0].device.type if tensors else "cpu"
 
 
-_DEVICE_KEYS = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA,
-                "meta": torch._C.DispatchKey.Meta}
-
-
 class _State(threading.local):
     def __init__(self) -> None:
         self.python_read_depth = 0
@@ -208,7 +206,7 @@ class _FunctionCounter(TorchFunctionMode):
             # skipping the autograd key would drop a grad_fn: run it normally, unseen inside
             self.report.opaque_ops[f"{func} at {_site()}"] += 1
             return func(*args, **kwargs)
-        keys = torch._C.DispatchKeySet(_DEVICE_KEYS[_device_of(args, kwargs)])
+        keys = backend_dispatch_keys(_device_of(args, kwargs))
         with self:  # the mode stepped aside for this call: back on for the kernel's body
             return func.redispatch(keys, *args, **kwargs)
 
@@ -248,8 +246,7 @@ class _DispatchCounter(TorchDispatchMode):
             # called where the function mode had stepped aside (a saved-tensor hook runs inside the
             # op whose handler it is in): run the kernel with both modes on, as the function mode does
             with self.function_mode, self:
-                return func.redispatch(torch._C.DispatchKeySet(_DEVICE_KEYS[_device_of(args, kwargs)]),
-                                       *args, **kwargs)
+                return func.redispatch(backend_dispatch_keys(_device_of(args, kwargs)), *args, **kwargs)
         if name == "_local_scalar_dense":
             if self.state.python_read_depth == 0:  # else already counted by the function mode
                 if _in_host_reader():
