@@ -28,7 +28,7 @@ Every hit is attributed to the innermost frame outside torch (``file:line``), so
 its source.
 
 Host scalars: blockquant's seeds are 0-d int64 **CPU** tensors by design (they never live on a
-device), read only through :func:`blockquant.packed.seed_value`, which refuses any other tensor.
+device), read only through :func:`blockquant.seeds.seed_value`, which refuses any other tensor.
 Reads made there are host reads, never device syncs: they are listed apart (``host_reads``) and
 not counted. So are reads of a tensor (or a view of one) made by a ``.cpu()`` the counter counted
 (the copy was the sync). There is no other exception.
@@ -104,13 +104,21 @@ class HostSyncReport:
         return "\n".join(lines) if lines else "(none)"
 
 
+def _passes_through(code) -> bool:
+    """Whether ``code`` is the converted forward's function mode passing a call on (its caller made the call)."""
+    from .saved_hooks import _CurrentOp
+
+    return code is _CurrentOp.__torch_function__.__code__
+
+
 def _site(skip_files: Tuple[str, ...] = ()) -> str:
-    """``file:line in function`` of the innermost frame outside torch, the stdlib's contextlib and this file."""
+    """``file:line in function`` of the innermost frame outside torch, the stdlib's contextlib, this file
+    and the converted forward's function mode (which only passes its caller's calls on)."""
     frame = sys._getframe(1)
     while frame is not None:
         path = os.path.abspath(frame.f_code.co_filename)
         if not (path.startswith(_TORCH_DIR) or path == _THIS_FILE or path.startswith(_STDLIB_DIRS)
-                or path in skip_files):
+                or path in skip_files or _passes_through(frame.f_code)):
             return f"{_short(path)}:{frame.f_lineno} in {frame.f_code.co_name}"
         frame = frame.f_back
     return "<unknown>"
@@ -126,9 +134,9 @@ def _short(path: str) -> str:
 
 
 def _in_host_reader() -> bool:
-    from . import packed
+    from . import seeds
 
-    reader = getattr(packed, "seed_value", None)
+    reader = getattr(seeds, "seed_value", None)
     if reader is None:
         return False
     code = reader.__code__

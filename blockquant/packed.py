@@ -30,7 +30,7 @@ from .config import QuantConfig
 from .distributed import process_rank, rank_seed
 from .levels import optimal_levels
 from .projection import rademacher, stored_width
-from .seeds import active_stream
+from .seeds import active_stream, seed_value  # noqa: F401 - seed_value: importable from here too
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """Dtypes the codec backends encode and decode."""
@@ -81,19 +81,6 @@ def as_seed_tensor(seed: Union[int, torch.Tensor]) -> torch.Tensor:
     return torch.tensor(seed & _SEED_MASK, dtype=torch.int64)
 
 
-def seed_value(seed: torch.Tensor) -> int:
-    """A seed tensor's value as a Python int: the one place seeds are read.
-
-    Seeds are 0-d int64 CPU tensors (drawn from the CPU generator, or a user's seed moved to
-    the CPU once by :func:`as_seed_tensor`), so this read never waits for a device.
-    :func:`blockquant.host_syncs.count_host_syncs` counts reads made here as host reads, not
-    device syncs; a tensor on another device is refused, not read.
-    """
-    if seed.device.type != "cpu":
-        raise ValueError(f"blockquant seeds are CPU tensors (host scalars); got one on {seed.device}")
-    return int(seed)
-
-
 def projection_seed(seed: torch.Tensor) -> torch.Tensor:
     """The random projection's seed, derived from the rounding seed (a 0-d int64 tensor)."""
     return seed ^ _PROJ_SEED_SALT
@@ -138,7 +125,7 @@ def packed_nbytes(shape, config: QuantConfig) -> int:
     if n == 0:
         return 0
     block = config.block_size_for(stored[-1] if stored else 1)
-    meta_item = torch.empty((), dtype=config.meta_dtype).element_size()
+    meta_item = torch.empty((), dtype=config.meta_dtype, device="meta").element_size()
     return payload_bytes(n, block, config.bits) + 2 * (-(-n // block)) * meta_item
 
 

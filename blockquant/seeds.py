@@ -69,9 +69,22 @@ def active_stream() -> Optional[SeedStream]:
     return _ACTIVE.get()
 
 
+def seed_value(seed: torch.Tensor) -> int:
+    """A seed tensor's value as a Python int: the one place seeds are read.
+
+    Seeds are 0-d int64 CPU tensors (drawn from the CPU generator, or a user's seed moved to
+    the CPU once by :func:`blockquant.packed.as_seed_tensor`), so this read never waits for a device.
+    :func:`blockquant.host_syncs.count_host_syncs` counts reads made here as host reads, not
+    device syncs; a tensor on another device is refused, not read.
+    """
+    if seed.device.type != "cpu":
+        raise ValueError(f"blockquant seeds are CPU tensors (host scalars); got one on {seed.device}")
+    return int(seed)
+
+
 def draw_base_seed() -> int:
     """One draw from PyTorch's default CPU generator, mixed with the process's rank."""
-    return rank_seed(int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64).item()), process_rank())
+    return rank_seed(seed_value(torch.randint(0, 1 << 62, (), dtype=torch.int64)), process_rank())
 
 
 @contextlib.contextmanager

@@ -29,7 +29,6 @@ ALLOWED = {
     ("blockquant/levels.py", "optimal_levels"): "solving for the levels: host arithmetic on 2**bits values, once",
     ("blockquant/levels.py", "optimal_levels.levels_from"): "solving for the levels (see optimal_levels)",
     ("blockquant/levels.py", "variance_reduction"): "a scalar figure of the levels, computed on the host",
-    ("blockquant/tune.py", "packed_nbytes"): "a meta-like probe of the byte formula: shape only, never data",
     ("blockquant/tune.py", "_rounding_variance"): "a scalar of the tuner's model, computed on the host",
     ("blockquant/adjacency.py", "_from_torch_sparse"): "an empty index only passed to _sizes for its shape",
     ("blockquant/memory.py", "_current_sequence_nr"): "a throwaway tensor to read autograd's sequence number",
@@ -39,6 +38,8 @@ ALLOWED = {
     ("kernels/native.py", "_quantize"): _CPU_ONLY,
     ("kernels/native.py", "_dequantize"): _CPU_ONLY,
     ("kernels/native.py", "dequantize_native"): _CPU_ONLY,
+    **{("kernels/native_ops.py", f): "the compiled CPU ops: CPU tensors only (native_ops.enabled)"
+       for f in ("_scale_in", "dropout", "relu_pack", "quantize_affine", "bn_backward")},
     ("blockquant/bench/datasets.py", "generate_synthetic"): _HOST_DATA,
     ("blockquant/bench/datasets.py", "generate_synthetic.pick"): _HOST_DATA,
     ("blockquant/bench/datasets.py", "load_ogb"): _HOST_DATA,

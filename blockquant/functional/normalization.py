@@ -439,8 +439,8 @@ def _fused_batch_norm_backward(grad_out, state, weight, invstd, need_x: bool, ne
     g = grad_out.contiguous()
     parts = _compressed_parts(state[0])
     count, cols = g.shape[0], g.shape[1]
-    sum_g = torch.zeros(cols, dtype=torch.float64)
-    sum_gx = torch.zeros(cols, dtype=torch.float64)
+    sum_g = torch.zeros(cols, dtype=torch.float64, device=g.device)
+    sum_gx = torch.zeros(cols, dtype=torch.float64, device=g.device)
     for a, b, part in parts:
         levels = _packed._levels_for(part.bits, part.block, part.config.levels == "optimal")
         sg, sx = native_ops.bn_backward(g[a:b], part.payload, part.meta, part.block, part.bits, levels)
