@@ -25,6 +25,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .saved_hooks import not_routed
+
 __all__ = ["Prober", "ProbeError", "default_loss", "PairedDropout", "caller_rng_kept"]
 
 
@@ -224,6 +226,8 @@ class Prober:
         with contextlib.ExitStack() as stack:
             if paired:
                 stack.enter_context(_attention_dropout_off(model))
+                # a converted forward runs F.dropout as blockquant's seeded dropout: pass it on to PairedDropout
+                stack.enter_context(not_routed(*_ELEMENTWISE_DROPOUT))
                 stack.enter_context(PairedDropout(seed))
             self.loss_fn(self.forward(model)).backward()
         params = dict(model.named_parameters())

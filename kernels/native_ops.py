@@ -19,7 +19,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import native
-from .blockwise import _KIND, payload_bytes
+from .reference import KIND as _KIND
+from .reference import levels_arg, payload_bytes
 
 #: dropout draws its noise in chunks of this many elements (the C side's DROP_CHUNK)
 DROP_CHUNK = 4096
@@ -136,7 +137,7 @@ def mask_grad(g: torch.Tensor, bits: torch.Tensor, slope: Optional[float]) -> to
 # ----------------------------------------------------------------------------- normalisation and the codec
 
 def _levels_ptr(levels, bits):
-    lv = native._levels_arg(levels, bits)
+    lv = levels_arg(levels, bits, "cpu")
     return lv, (lv.data_ptr() if lv is not None else None)
 
 
