@@ -433,6 +433,17 @@ def defer_finite_check() -> Iterator[FiniteCheck]:
     check.check()  # not reached when the block raised: that error is the one to see
 
 
+def check_encoded(meta: torch.Tensor, x: torch.Tensor, meta_dtype: torch.dtype) -> None:
+    """The finiteness rule of :func:`quantize` for codes of ``x`` encoded outside it (the batch
+    norm fused with the compiled codec): ``meta`` recorded on the active deferred check, else
+    checked now (raises ``ValueError``)."""
+    deferred = _ACTIVE_CHECK.get()
+    if deferred is not None:
+        deferred.record(meta, x.shape, x.dtype, meta_dtype)
+    elif not bool(torch.isfinite(meta).all()):
+        _raise_non_finite(x, meta_dtype)
+
+
 def open_forward_check(owner: torch.nn.Module) -> None:
     """Start the deferred check of one forward of ``owner`` (a converted model), unless a check
     is already active (the caller's :func:`defer_finite_check`, or an outer converted model)."""

@@ -207,11 +207,7 @@ def _pack_affine(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cfg:
     levels = _packed._levels_for(cfg.bits, block, cfg.levels == "optimal")
     payload, meta = native_ops.quantize_affine(x, shift, scale, block, cfg.bits, cfg.meta_dtype, levels,
                                                cfg.rounding == "stochastic", seed)
-    deferred = _packed._ACTIVE_CHECK.get()
-    if deferred is not None:
-        deferred.record(meta, x.shape, cfg.meta_dtype)
-    elif not bool(torch.isfinite(meta).all()):
-        _packed._raise_non_finite(x, cfg.meta_dtype)
+    _packed.check_encoded(meta, x, cfg.meta_dtype)
     return PackedTensor(payload, meta, x.shape, torch.float32, cfg, block, seed)
 
 
