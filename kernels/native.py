@@ -61,7 +61,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .reference import KIND as _KIND
-from .reference import check_codec_args, check_decode_args, levels_arg, payload_bytes
+from .reference import check_codec_args, check_decode_args, encoder_input, levels_arg, payload_bytes
 
 DISABLE_ENV = "BLOCKQUANT_NATIVE"
 CACHE_ENV = "BLOCKQUANT_CACHE_DIR"
@@ -507,13 +507,7 @@ def quantize_native(flat: torch.Tensor, block: int, bits: int, meta_dtype: torch
     """
     check_codec_args(block, bits, meta_dtype)
     lib = _require(flat)
-    if flat.dtype not in _KIND:
-        raise TypeError(f"quantize_native expects float32, float16 or bfloat16 input; got {flat.dtype}")
-    flat = flat.reshape(-1)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
-    if flat.numel() == 0:
-        raise ValueError("quantize_native expects a non-empty tensor (the caller handles n == 0)")
+    flat = encoder_input(flat, "quantize_native")
     return _quantize(lib, flat, block, bits, meta_dtype, levels, stochastic, seed)
 
 
