@@ -56,9 +56,9 @@ from .packed import PackedTensor, quantize
 from .projection import stored_width
 
 __all__ = ["keep", "keep_for_ctx", "is_resident", "mark_resident", "resident_during", "compress_shared", "compress",
-           "without_projection", "RowChunks", "CHUNK_ELEMENTS", "chunk_elements", "row_blocks"]
+           "without_projection", "RowChunks", "CHUNK_ELEMENTS", "chunk_elements", "row_blocks", "rows_per_chunk"]
 
-#: Largest number of elements of one transient in chunked loops, per device type: the ``[chunk, F]``
+#: Largest number of elements of one transient in chunked loops, per device type. They are the ``[chunk, F]``
 #: gathers of max aggregation and edge-weight gradients, the per-edge transients of attention, and
 #: the row blocks compressed (and decoded for weight gradients) at once, whatever the graph's size.
 #: CPU: 1M elements (4 MiB in float32), sized for its caches. CUDA: 16M elements (64 MiB in
