@@ -90,7 +90,7 @@ COMPRESSED_OPS = frozenset({
 floating tensors (backward is linear in each of them, so rounding adds noise but no bias)."""
 
 SIGN_OPS = frozenset({"relu", "relu_", "leaky_relu", "leaky_relu_"})
-"""Functions whose saved floating tensor backward reads only through its sign: kept as an exact 1-bit mask."""
+"""Functions whose saved floating tensor backward reads only through its sign; it is kept as an exact 1-bit mask."""
 
 
 class _Packed:
