@@ -90,7 +90,7 @@ _pool_pid: Optional[int] = None
 
 class CodecFallbackWarning(RuntimeWarning):
     """The compiled CPU codec cannot be used here, so CPU tensors are compressed by the PyTorch
-    backend: the same results, many times slower (13-106x in the README's codec table)."""
+    backend: the same results, many times slower (13-106x in the codec table of docs/benchmarks.md)."""
 
 
 class _Unavailable(Exception):
