@@ -117,6 +117,9 @@ def test_processes_starting_together_compile_once(fresh_cache, tmp_path, built, 
         if pid == 0:  # child: wait for the start signal, load, report the library it loaded
             status = 1
             try:
+                # as PyTorch's DataLoader workers do: OpenMP's thread team does not survive fork, and the
+                # parent (this test session) has used it, so a parallel torch op in the child would hang
+                torch.set_num_threads(1)
                 while not go.exists():
                     time.sleep(0.005)
                 if native.available():
