@@ -1,12 +1,14 @@
 """`blockquant bench` interrupted: the unit that finishes is one seed of the interleaved rounds, so an
 interruption loses at most the seed in progress; `--resume` reuses the first-step measurements and finished
 seeds and trains only the missing ones, and results.json is never half-written."""
+import copy
 import json
 import os
 
 import pytest
 
 from blockquant.bench import memlimit, minibatch, report, runner
+from blockquant.bench.datasets import load_dataset
 from blockquant.cli import main
 
 pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")
@@ -154,6 +156,30 @@ def test_interrupted_in_first_step_measurements_keeps_the_rows_that_did_not_fit(
     kept = {k: v for k, v in first["records"][0].items() if k != "command"}  # reused as it was
     assert list(recs) == NAMES and {k: recs["int2"][k] for k in kept} == kept
     assert recs["fp32"]["seeds_done"] == recs["int4"]["seeds_done"] == [0, 1]
+
+
+def test_a_config_that_stops_fitting_in_a_later_seed_becomes_its_row(monkeypatch):
+    """on_record gets every configuration after each seed; one that runs out of memory under a limit in seed 1
+    becomes its did-not-fit row: its first-step measurements, without the runs of a half-trained config."""
+    real = runner.TrainingRun.epoch
+
+    def epoch(self, e):
+        if self.seed == 1 and any(hasattr(m, "bq_config") for m in self.model.modules()):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 3221225472 bytes.")
+        return real(self, e)
+
+    monkeypatch.setattr(runner.TrainingRun, "epoch", epoch)
+    opts = runner.BenchOptions(dataset="synthetic:tiny", configs=("fp32", "int2"), epochs=1, seeds=(0, 1), hidden=8,
+                               layers=2, quiet=True, memory_limit_gib=64.0)
+    seen = []
+    recs = runner.run_benchmark(load_dataset("synthetic:tiny"), opts, runner.resolve_configs(opts.configs),
+                                on_record=lambda records: seen.append(copy.deepcopy(records)))
+    assert [[(r["config"], r.get("seeds_done"), r.get("failed_stage")) for r in records] for records in seen] == [
+        [("fp32", [0], None), ("int2", [0], None)],  # after seed 0
+        [("fp32", [0, 1], None), ("int2", None, "training")]]  # after seed 1
+    fp32, int2 = recs
+    assert int2["status"] == "did not fit" and "runs" not in int2 and int2["grad_rel_error"] > 0
+    assert fp32["seeds"] == [0, 1] and fp32["time_ratio_ref_median"] == 1.0
 
 
 def test_resume_reruns_a_changed_config_and_refuses_other_settings(tmp_path, builds, capsys):

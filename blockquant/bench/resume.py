@@ -85,6 +85,7 @@ def finished_records(out_dir: str, meta: Dict[str, Any], configs: Sequence[Any])
     reuse = {}
     for rec in records:
         want = wanted.get(rec.get("config"))
-        if want is not None and all(rec.get(k) == v for k, v in want.items()):
+        finished = rec.get("status") or rec.get("runs")  # did not fit, or trained at least one seed
+        if want is not None and finished and all(rec.get(k) == v for k, v in want.items()):
             reuse[rec["config"]] = rec
     return reuse

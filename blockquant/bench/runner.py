@@ -585,7 +585,6 @@ def _run_configs(trainer, configs: List[BenchConfig], opts: BenchOptions, device
         old = (done or {}).get(cfg.name)
         if old is not None:  # its first-step measurements, and any finished seeds, come from an earlier run
             rows[cfg.name] = rec = dict(old)
-            rec.setdefault("runs", [])
             if seeds_left(rec, opts.seeds):
                 measured.append((cfg, rec))
             continue
