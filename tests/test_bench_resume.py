@@ -158,6 +158,29 @@ def test_interrupted_in_first_step_measurements_keeps_the_rows_that_did_not_fit(
     assert recs["fp32"]["seeds_done"] == recs["int4"]["seeds_done"] == [0, 1]
 
 
+def test_stopped_after_the_last_seed_resume_only_summarizes(tmp_path, builds, monkeypatch, capsys):
+    """Every seed done but the final write not reached: --resume trains nothing and writes the summaries."""
+    real = report.format_table
+
+    def interrupted(records, meta):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "format_table", interrupted)
+    args = [*ARGS, "--epochs", "1", "--out", str(tmp_path)]
+    assert main(args) == 130
+    first = _doc(tmp_path)
+    assert first["meta"]["complete"] is False and first["meta"]["pending"] == []
+    assert all(r["seeds_done"] == [0, 1] and "val_mean" not in r for r in first["records"])
+    monkeypatch.setattr(report, "format_table", real)
+    builds.clear()
+    assert main([*args, "--resume"]) == 0
+    assert "reusing fp32, int2, int4\n" in capsys.readouterr().out and builds == {}
+    final = _doc(tmp_path)
+    assert final["meta"]["complete"] is True
+    for rec, before in zip(final["records"], first["records"]):
+        assert rec["runs"] == before["runs"] and rec["val_mean"] > 0 and rec["time_ratio_ref_median"] is not None
+
+
 def test_a_config_that_stops_fitting_in_a_later_seed_becomes_its_row(monkeypatch):
     """on_record gets every configuration after each seed; one that runs out of memory under a limit in seed 1
     becomes its did-not-fit row: its first-step measurements, without the runs of a half-trained config."""

@@ -598,8 +598,8 @@ def _run_configs(trainer, configs: List[BenchConfig], opts: BenchOptions, device
 
     _train_seeds(trainer, measured, rows, opts, device, report, make_run)
     records = [rows[c.name] for c in configs]
-    for cfg, rec in measured:
-        if rows[cfg.name] is rec:  # not replaced by a did-not-fit row
+    for rec in records:  # reused ones too: a run stopped after its last seed wrote them unsummarized
+        if not rec.get("status"):
             summarize(rec)
     add_time_ratios(records)
     add_fp32_ratios(records)
