@@ -376,11 +376,9 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         meta.update(loader=minibatch.loader, batch_size=minibatch.batch_size)
     done, on_record = {}, None
     if args.out is not None:
-        from .bench.resume import finished_records, progress_meta
+        from .bench.resume import finished_records, progress_meta, seeds_left
 
         if args.resume:
-            from .bench.resume import seeds_left
-
             done = finished_records(args.out, meta, configs)
             reused = [name if not seeds_left(rec, opts.seeds) else
                       f"{name} (seeds {', '.join(str(r['seed']) for r in rec['runs'])} of {len(opts.seeds)})"

@@ -11,7 +11,8 @@ seeds still to train. A run stopped by Ctrl-C, a kill or a crash thus loses at m
 progress (and the first-step measurements of configurations that had not finished a seed yet). The
 same command with ``--resume`` reuses, for each configuration that is unchanged, its first-step
 measurements (gradient error, activation bytes, step peak) and finished seeds, and trains only the
-missing seeds; a configuration with every seed done, or that did not fit, is reused as it is. Reusing
+missing seeds; a configuration with every seed done, or that did not fit, is neither built, measured nor
+trained again (summaries and time ratios are computed over the final records). Reusing
 needs the same settings: the dataset (as described in ``meta["dataset"]``, which includes its size and
 generator), the model's shape, the training options (seeds included), the device, the backend override,
 the memory limit, the mini-batch options, and the blockquant and torch versions; a results file written
