@@ -164,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, metavar="DIR",
                    help="write results.json, results.csv and PNG plots here (default: print the table only)")
     b.add_argument("--resume", action="store_true",
-                   help="reuse the configurations an interrupted run with the same settings finished in --out DIR "
-                        "(results.json is rewritten after each configuration) and run only the others")
+                   help="reuse what an interrupted run with the same settings finished in --out DIR (results.json "
+                        "is rewritten after each seed: every configuration's first-step measurements and finished "
+                        "seeds) and train only the missing seeds")
     b.add_argument("--quiet", action="store_true", help="no progress bars (the final table is still printed)")
     b.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None, metavar="N",
                    help="train with mini-batches of about N nodes from a PyG loader instead of full batch; "
@@ -375,12 +376,15 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         meta.update(loader=minibatch.loader, batch_size=minibatch.batch_size)
     done, on_record = {}, None
     if args.out is not None:
-        from .bench.resume import finished_records, progress_meta
+        from .bench.resume import finished_records, progress_meta, seeds_left
 
         if args.resume:
             done = finished_records(args.out, meta, configs)
+            reused = [name if not seeds_left(rec, opts.seeds) else
+                      f"{name} (seeds {', '.join(str(r['seed']) for r in rec['runs'])} of {len(opts.seeds)})"
+                      for name, rec in done.items()]
             print(f"resuming {os.path.join(args.out, 'results.json')}: reusing "
-                  f"{', '.join(done) if done else 'nothing (no finished configuration with these settings)'}")
+                  f"{', '.join(reused) if reused else 'nothing (no finished seed with these settings)'}")
 
         def on_record(records_so_far):  # an interrupted run keeps what it finished (see --resume)
             write_results(args.out, records_so_far, progress_meta(meta, records_so_far, configs), plots=False)
@@ -395,8 +399,9 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         if args.out is None:
             raise
-        raise KeyboardInterrupt(f"the configurations finished so far are in {os.path.join(args.out, 'results.json')}"
-                                f"; the same command with --resume runs only the others") from None
+        raise KeyboardInterrupt(f"the seeds and configurations finished so far are in "
+                                f"{os.path.join(args.out, 'results.json')}; the same command with --resume runs "
+                                f"only what is left") from None
     meta.update(total_s=time.time() - t0, process_peak_rss_bytes=_peak_rss_bytes(), complete=True, pending=[])
     for r in records:
         r.update(dataset=data.name, model=opts.model, device=str(device), metric=data.metric,

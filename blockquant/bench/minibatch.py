@@ -36,9 +36,9 @@ import torch
 
 from .datasets import GraphDataset
 from .errors import BenchError
-from .rounds import StepClock, add_time_ratios
-from .runner import (BenchConfig, BenchOptions, Trainer, TrainingLog, _is_oom, _mean_std, _rel_error,
-                     _train_interleaved, add_fp32_ratios, resolve_device)
+from .rounds import StepClock
+from .runner import (BenchConfig, BenchOptions, Trainer, TrainingLog, _is_oom, _mean_std, _rel_error, _run_configs,
+                     resolve_device)
 
 LOADERS = ("random", "neighbor", "cluster")
 DEFAULT_LOADER = "random"
@@ -213,27 +213,18 @@ def run_minibatch_benchmark(data: GraphDataset, opts: BenchOptions, mb: MiniBatc
     ``loader``, ``batch_size``, ``batch_nodes``, ``batch_edges``,
     ``steps_per_epoch`` and ``step_time_median_s``.
     """
-    from tqdm.auto import tqdm
-
     device = resolve_device(opts.device)
     data.to(device)
     trainer = MiniBatchTrainer(data, opts, mb, device)
     batch = trainer.batch
     first_seed = opts.seeds[0]
     ref_grads = None
-    records: List[Dict[str, Any]] = []
-    measured = []
-    finished: List[Dict[str, Any]] = []  # reused from an earlier run, or did not fit: what on_record gets
-    cfg_bar = tqdm(configs, desc="configs", disable=opts.quiet, leave=True, dynamic_ncols=True)
-    for cfg in cfg_bar:
-        cfg_bar.set_postfix_str(cfg.name)
-        if done and cfg.name in done:
-            records.append(done[cfg.name])
-            finished.append(done[cfg.name])
-            continue
+
+    def measure(cfg: BenchConfig) -> Dict[str, Any]:
+        nonlocal ref_grads
+        rec: Dict[str, Any] = {"config": cfg.name, **{f"config_{k}": v for k, v in cfg.describe().items()
+                                                       if k != "name"}}
         try:
-            rec: Dict[str, Any] = {"config": cfg.name, **{f"config_{k}": v for k, v in cfg.describe().items()
-                                                           if k != "name"}}
             if ref_grads is None:
                 ref_grads = trainer.on_batch.weight_grads(trainer.build(BenchConfig("fp32"), first_seed))
             model = trainer.build(cfg, first_seed)
@@ -245,25 +236,11 @@ def run_minibatch_benchmark(data: GraphDataset, opts: BenchOptions, mb: MiniBatc
             raise
         except Exception as e:  # noqa: BLE001 - OOM is a user-facing condition, everything else is a bug
             model = None
-            row = _oom_row(rec, cfg.name, e, opts, device)
-            records.append(row)
-            finished.append(row)
-            if on_record is not None:
-                on_record(list(finished))
-            continue
-        records.append(rec)
-        measured.append((cfg, rec))
-    cfg_bar.close()
+            return _oom_row(rec, cfg.name, e, opts, device)
+        return rec
 
-    runs_of, failed, loads = _train_interleaved(trainer, measured, opts, device,
-                                                make_run=lambda model, seed, bar: MiniBatchRun(trainer, model, seed,
-                                                                                              bar))
-    for cfg, rec in measured:
-        if cfg.name in failed:
-            rec.update(failed[cfg.name])
-            continue
-        runs = runs_of[cfg.name]
-
+    def summarize(rec: Dict[str, Any]) -> None:
+        runs = rec["runs"]
         epoch_times = [t for r in runs for t in r["epoch_times_s"]]
         step_times = [t for r in runs for t in r["step_times_s"]]
         val_m, val_s = _mean_std([r["best_val"] for r in runs])
@@ -276,14 +253,14 @@ def run_minibatch_benchmark(data: GraphDataset, opts: BenchOptions, mb: MiniBatc
             peak_step_mib=rec["peak_step_bytes"] / 2 ** 20,
             epoch_time_median_s=statistics.median(epoch_times) if epoch_times else float("nan"),
             step_time_median_s=statistics.median(step_times) if step_times else float("nan"),
-            val_mean=val_m, val_std=val_s, test_mean=test_m, test_std=test_s, seeds=list(opts.seeds), runs=runs,
+            val_mean=val_m, val_std=val_s, test_mean=test_m, test_std=test_s, seeds=list(opts.seeds),
             curve_loss_mean=[statistics.fmean(r["loss"][e] for r in runs) for e in range(opts.epochs)],
             curve_val_mean=[statistics.fmean(r["val"][e] for r in runs) for e in range(opts.epochs)],
         )
-    add_time_ratios(records, loads)
 
-    add_fp32_ratios(records)
-    return records
+    return _run_configs(trainer, configs, opts, device, measure=measure, summarize=summarize, done=done,
+                        on_record=on_record,
+                        make_run=lambda model, seed, bar: MiniBatchRun(trainer, model, seed, bar))
 
 
 def _oom_row(rec, name: str, e: BaseException, opts: BenchOptions, device) -> Dict[str, Any]:

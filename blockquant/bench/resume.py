@@ -1,17 +1,22 @@
 """Keep what an interrupted ``blockquant bench --out DIR`` finished, and reuse it: ``--resume``.
 
-While it runs, the benchmark rewrites ``DIR/results.json`` (and ``results.csv``)
-after every configuration it finishes, atomically (see
-:func:`blockquant.bench.report.write_results`), with ``meta["complete"]`` False
-and the configurations still to run in ``meta["pending"]``. A run stopped by
-Ctrl-C, a kill or a crash leaves the configurations it finished there; the
-same command with ``--resume`` reuses each of them whose configuration is
-unchanged and runs only the others. Reusing needs the same settings: the
-dataset (as described in ``meta["dataset"]``, which includes its size and
-generator), the model's shape, the training options, the device, the backend
-override, the memory limit, the mini-batch options, and the blockquant and
-torch versions; a results file written with other settings is an error, never
-mixed in.
+The configurations train together, seed by seed, in interleaved rounds (:mod:`blockquant.bench.rounds`),
+so the unit that finishes is one seed of every configuration still training. While it runs, the
+benchmark rewrites ``DIR/results.json`` (and ``results.csv``) atomically (see
+:func:`blockquant.bench.report.write_results`) after each seed's rounds and after each configuration
+that did not fit its first-step measurements, with ``meta["complete"]`` False: each configuration's
+record holds its first-step measurements, the runs of the seeds it finished and ``seeds_done``;
+``meta["pending"]`` names the configurations with something left and ``meta["pending_seeds"]`` their
+seeds still to train. A run stopped by Ctrl-C, a kill or a crash thus loses at most the seed in
+progress (and the first-step measurements of configurations that had not finished a seed yet). The
+same command with ``--resume`` reuses, for each configuration that is unchanged, its first-step
+measurements (gradient error, activation bytes, step peak) and finished seeds, and trains only the
+missing seeds; a configuration with every seed done, or that did not fit, is neither built, measured nor
+trained again (summaries and time ratios are computed over the final records). Reusing
+needs the same settings: the dataset (as described in ``meta["dataset"]``, which includes its size and
+generator), the model's shape, the training options (seeds included), the device, the backend override,
+the memory limit, the mini-batch options, and the blockquant and torch versions; a results file written
+with other settings is an error, never mixed in.
 """
 from __future__ import annotations
 
@@ -38,14 +43,26 @@ def settings(meta: Dict[str, Any]) -> Dict[str, Any]:
                     "torch": versions.get("torch")})
 
 
+def seeds_left(record: Dict[str, Any], seeds: Sequence[int]) -> List[int]:
+    """The seeds of ``seeds`` that ``record`` has not trained yet (none for a row that did not fit)."""
+    if record.get("status"):
+        return []
+    done = {run.get("seed") for run in record.get("runs") or []}
+    return [s for s in seeds if s not in done]
+
+
 def progress_meta(meta: Dict[str, Any], records: List[Dict[str, Any]], configs: Sequence[Any]) -> Dict[str, Any]:
-    """``meta`` of a results.json written while the run goes on: which configurations are still to run."""
-    finished = {r["config"] for r in records}
-    return {**meta, "complete": False, "pending": [c.name for c in configs if c.name not in finished]}
+    """``meta`` of a results.json written while the run goes on: which configurations and seeds are still to run."""
+    seeds = list(meta.get("seeds") or [])
+    by_name = {r["config"]: r for r in records}
+    left = {c.name: seeds_left(by_name[c.name], seeds) if c.name in by_name else seeds for c in configs}
+    left = {name: s for name, s in left.items() if s}
+    return {**meta, "complete": False, "pending": list(left), "pending_seeds": left}
 
 
 def finished_records(out_dir: str, meta: Dict[str, Any], configs: Sequence[Any]) -> Dict[str, Dict[str, Any]]:
-    """The records of ``out_dir/results.json`` that a run with ``meta`` and ``configs`` can reuse, by name.
+    """The records of ``out_dir/results.json`` that a run with ``meta`` and ``configs`` can reuse, by name:
+    finished ones and partly trained ones (see :func:`seeds_left`).
 
     Raises :class:`BenchError` when that file was written with other settings or is not a results file.
     """
@@ -69,6 +86,7 @@ def finished_records(out_dir: str, meta: Dict[str, Any], configs: Sequence[Any])
     reuse = {}
     for rec in records:
         want = wanted.get(rec.get("config"))
-        if want is not None and all(rec.get(k) == v for k, v in want.items()):
+        finished = rec.get("status") or rec.get("runs")  # did not fit, or trained at least one seed
+        if want is not None and finished and all(rec.get(k) == v for k, v in want.items()):
             reuse[rec["config"]] = rec
     return reuse

@@ -11,6 +11,13 @@ the reference's (plain PyG in its best form: ``fp32-sparse`` when it ran, else `
 same round*; the minimum and median of those per-round ratios are the figures to quote, with the
 load average of the rounds. The first epoch of every seed is a warm-up (graph caches, the codec's
 build) and is not counted when there are more.
+
+The rounds of one seed always run within one process, and every run records the rounds it trained in
+(``rounds_id``) and their load average (``load_avg_rounds``). A run of an interrupted benchmark that
+``--resume`` reuses therefore keeps valid ratios: they pair steps of the same rounds, and the ratios are
+computed over the final records, whichever process trained each seed. A run whose rounds the reference
+did not train in (a configuration changed or added before ``--resume``, the reference reused) has no
+ratio for that seed rather than one of steps that ran under other loads.
 """
 from __future__ import annotations
 
@@ -122,13 +129,19 @@ def timed_steps(run: Dict[str, Any], key: str) -> List[float]:
     return times[1:] if len(times) > 1 else times
 
 
-def add_time_ratios(records: List[Dict[str, Any]], loads: List[Dict[str, Any]]) -> None:
+def add_time_ratios(records: List[Dict[str, Any]], loads: Optional[List[Dict[str, Any]]] = None) -> None:
     """Each trained record's step times (wall and CPU, warm-up excluded: min and median) and their
-    per-round ratios to the reference's step in the same round (min and median over the rounds)."""
+    per-round ratios to the reference's step in the same round (min and median over the rounds), pairing
+    a run with the reference's run of the same seed and rounds (``seed``, ``rounds_id``). The load average
+    range covers ``loads`` (:func:`interleaved`'s) and every run's ``load_avg_rounds``."""
     trained = {r["config"]: r for r in records if "status" not in r and r.get("runs")}
     ref_name = reference_of(list(trained))
     ref = trained.get(ref_name)
-    seen = [x for x in (lo.get(k) for lo in loads for k in ("load_avg_before", "load_avg_after")) if x is not None]
+    ref_runs = {_rounds_of(run): run for run in ref["runs"]} if ref is not None else {}
+    seen = [x for x in (lo.get(k) for lo in loads or () for k in ("load_avg_before", "load_avg_after"))
+            if x is not None]
+    seen += [x for rec in trained.values() for run in rec["runs"] for x in run.get("load_avg_rounds") or ()
+             if x is not None]
     for rec in trained.values():
         rec["time_reference"] = ref_name
         rec["load_avg_rounds"] = [min(seen), max(seen)] if seen else None
@@ -137,8 +150,13 @@ def add_time_ratios(records: List[Dict[str, Any]], loads: List[Dict[str, Any]]) 
             rec[f"epoch_{tag}_min_s"] = min(mine) if mine else None
             rec[f"epoch_{tag}_median_s"] = statistics.median(mine) if mine else None
             ratios = []
-            if ref is not None:
-                for run, ref_run in zip(rec["runs"], ref["runs"]):
+            for run in rec["runs"]:
+                ref_run = ref_runs.get(_rounds_of(run))
+                if ref_run is not None:
                     ratios += [a / b for a, b in zip(timed_steps(run, key), timed_steps(ref_run, key)) if b > 0]
             rec[f"{tag}_ratio_ref_min"] = min(ratios) if ratios else None
             rec[f"{tag}_ratio_ref_median"] = statistics.median(ratios) if ratios else None
+
+
+def _rounds_of(run: Dict[str, Any]) -> tuple:
+    return run.get("seed"), run.get("rounds_id")

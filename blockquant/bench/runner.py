@@ -32,6 +32,7 @@ import os
 import os.path as osp
 import statistics
 import tempfile
+import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 
@@ -482,18 +483,21 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
                   on_record: Optional[Callable[[List[Dict[str, Any]]], None]] = None) -> List[Dict[str, Any]]:
     """Measure and train every configuration; returns one record per configuration (no I/O).
 
-    ``done``: records of configurations an earlier run finished (``--resume``), reused as they are;
-    ``on_record(records)``: called with the finished records so far each time a configuration finishes.
-    The configurations are trained together, in interleaved rounds, so those that fit finish together,
-    at the end; the rows of those that did not fit finish when they fail.
+    The configurations train together, seed by seed, in interleaved rounds, so the unit that finishes is
+    one seed of every configuration still training. ``on_record(records)`` is called with the records
+    finished so far after each seed's rounds and after each configuration that did not fit its first-step
+    measurements: the rows that did not fit, and each trained configuration with its first-step
+    measurements, the runs of its finished seeds and ``seeds_done``. ``done``: records an earlier run wrote
+    (``--resume``, :func:`blockquant.bench.resume.finished_records`): one with every seed trained, or that did
+    not fit, is reused as it is (neither built, measured nor trained); a partly trained one keeps its
+    first-step measurements and finished seeds and trains only the missing seeds, interleaved with the other
+    configurations that need them. Summaries and time ratios are computed over the final records; per-round
+    ratios stay valid across an interruption because each seed's rounds run within one process
+    (:mod:`blockquant.bench.rounds`).
     """
-    from tqdm.auto import tqdm
-
     device = resolve_device(opts.device)
     data.to(device)
     trainer = Trainer(data, opts, device)
-    quiet = opts.quiet
-    records: List[Dict[str, Any]] = []
     ref_grads: Optional[Dict[str, torch.Tensor]] = None
     first_seed = opts.seeds[0]
 
@@ -511,22 +515,13 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
                 ref_unfit = True
         return ref_grads
 
-    measured: List[Tuple[BenchConfig, Dict[str, Any]]] = []
-    finished: List[Dict[str, Any]] = []  # reused from an earlier run, or did not fit: what on_record gets
-    cfg_bar = tqdm(configs, desc="configs", disable=quiet, leave=True, dynamic_ncols=True)
-    for cfg in cfg_bar:
-        cfg_bar.set_postfix_str(cfg.name)
-        if done and cfg.name in done:
-            records.append(done[cfg.name])
-            finished.append(done[cfg.name])
-            continue
-
+    def measure(cfg: BenchConfig) -> Dict[str, Any]:
         rss_window = False
         if not cfg.sparse_adj:
             trainer._adj_t = None  # plain PyG's CSR adj_t is not this config's memory
+        rec: Dict[str, Any] = {"config": cfg.name, **{f"config_{k}": v for k, v in cfg.describe().items()
+                                                       if k != "name"}}
         try:
-            rec: Dict[str, Any] = {"config": cfg.name, **{f"config_{k}": v for k, v in cfg.describe().items()
-                                                           if k != "name"}}
             reference = ref()
             rss_window = reset_peak_rss()  # this config's peak resident memory (its training epochs too)
             model = trainer.build(cfg, first_seed)
@@ -542,26 +537,14 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
             raise
         except Exception as e:  # noqa: BLE001 - OOM is a user-facing condition, everything else is a bug
             model = None
-            row = _failed(rec, cfg.name, e, "first-step measurements", opts, device,
-                          peak_rss_bytes() if rss_window else None)
-            records.append(row)
-            finished.append(row)
-            if on_record is not None:
-                on_record(list(finished))
-            continue
-
+            return _failed(rec, cfg.name, e, "first-step measurements", opts, device,
+                           peak_rss_bytes() if rss_window else None)
         if rss_window:
             rec["peak_rss_bytes"] = peak_rss_bytes()
-        records.append(rec)
-        measured.append((cfg, rec))
-    cfg_bar.close()
+        return rec
 
-    runs, failed, loads = _train_interleaved(trainer, measured, opts, device)
-    for cfg, rec in measured:
-        if cfg.name in failed:
-            rec.update(failed[cfg.name])
-            continue
-        cfg_runs = runs[cfg.name]
+    def summarize(rec: Dict[str, Any]) -> None:
+        cfg_runs = rec["runs"]
         val_m, val_s = _mean_std([r["best_val"] for r in cfg_runs])
         test_m, test_s = _mean_std([r["test_at_best_val"] for r in cfg_runs])
         n_epochs = opts.epochs
@@ -571,12 +554,54 @@ def run_benchmark(data: GraphDataset, opts: BenchOptions, configs: List[BenchCon
             peak_step_mib=rec["peak_step_bytes"] / 2 ** 20,
             val_mean=val_m, val_std=val_s, test_mean=test_m, test_std=test_s,
             seeds=list(opts.seeds),
-            runs=cfg_runs,
             curve_loss_mean=[statistics.fmean(r["loss"][e] for r in cfg_runs) for e in range(n_epochs)],
             curve_val_mean=[statistics.fmean(r["val"][e] for r in cfg_runs) for e in range(n_epochs)],
         )
-    add_time_ratios(records, loads)
 
+    return _run_configs(trainer, configs, opts, device, measure=measure, summarize=summarize, done=done,
+                        on_record=on_record)
+
+
+def _run_configs(trainer, configs: List[BenchConfig], opts: BenchOptions, device, *,
+                 measure: Callable[[BenchConfig], Dict[str, Any]], summarize: Callable[[Dict[str, Any]], None],
+                 done: Optional[Dict[str, Dict[str, Any]]], on_record, make_run=None) -> List[Dict[str, Any]]:
+    """What :func:`run_benchmark` and the mini-batch benchmark share: reuse what ``done`` holds, ``measure(cfg)``
+    the others (a record, or a row with ``status`` when it did not fit), train the seeds each configuration
+    lacks (:func:`_train_seeds`), ``summarize(record)`` each trained one and add the ratios."""
+    from tqdm.auto import tqdm
+
+    from .resume import seeds_left
+
+    rows: Dict[str, Dict[str, Any]] = {}  # every configuration's record so far
+    measured: List[Tuple[BenchConfig, Dict[str, Any]]] = []  # the configurations that train
+
+    def report() -> None:
+        if on_record is not None:  # a record is finished once it did not fit or has finished a seed
+            on_record([r for r in (rows.get(c.name) for c in configs) if r and (r.get("status") or r.get("runs"))])
+
+    cfg_bar = tqdm(configs, desc="configs", disable=opts.quiet, leave=True, dynamic_ncols=True)
+    for cfg in cfg_bar:
+        cfg_bar.set_postfix_str(cfg.name)
+        old = (done or {}).get(cfg.name)
+        if old is not None:  # its first-step measurements, and any finished seeds, come from an earlier run
+            rows[cfg.name] = rec = dict(old)
+            if seeds_left(rec, opts.seeds):
+                measured.append((cfg, rec))
+            continue
+        rows[cfg.name] = rec = measure(cfg)
+        if rec.get("status"):
+            report()
+            continue
+        rec.update(runs=[], seeds_done=[])
+        measured.append((cfg, rec))
+    cfg_bar.close()
+
+    _train_seeds(trainer, measured, rows, opts, device, report, make_run)
+    records = [rows[c.name] for c in configs]
+    for rec in records:  # reused ones too: a run stopped after its last seed wrote them unsummarized
+        if not rec.get("status"):
+            summarize(rec)
+    add_time_ratios(records)
     add_fp32_ratios(records)
     return records
 
@@ -597,32 +622,38 @@ def _failed(rec: Dict[str, Any], name: str, e: BaseException, stage: str, opts: 
     raise e
 
 
-def _train_interleaved(trainer, measured, opts: BenchOptions, device, make_run=None):
-    """Train every measured configuration for every seed, one epoch of each per round
-    (:mod:`blockquant.bench.rounds`): returns ``(runs per config, did-not-fit rows, load per round)``.
-    ``make_run(model, seed, bar)`` makes a run with ``epoch(e)`` and ``result()`` (default: a full-batch
-    :class:`TrainingRun`)."""
+def _train_seeds(trainer, measured, rows: Dict[str, Dict[str, Any]], opts: BenchOptions, device,
+                 report: Callable[[], None], make_run=None) -> None:
+    """Train, seed after seed, every measured configuration that lacks that seed, one epoch of each per
+    round (:mod:`blockquant.bench.rounds`). Each finished run joins its record's ``runs`` (in seed order,
+    with the ``rounds_id`` and ``load_avg_rounds`` of its rounds) and ``seeds_done``; a configuration that
+    runs out of memory under a limit becomes its did-not-fit row in ``rows``. ``report()`` is called after
+    each seed's rounds. ``make_run(model, seed, bar)`` makes a run with ``epoch(e)`` and ``result()``
+    (default: a full-batch :class:`TrainingRun`)."""
     if make_run is None:
         def make_run(model, seed, bar):
             return TrainingRun(trainer, model, seed, bar)
     from tqdm.auto import tqdm
 
-    runs: Dict[str, List[Dict[str, Any]]] = {cfg.name: [] for cfg, _ in measured}
-    failed: Dict[str, Dict[str, Any]] = {}
+    from .resume import seeds_left
+
     recs = {cfg.name: rec for cfg, rec in measured}
     if not any(cfg.sparse_adj for cfg, _ in measured):
         trainer._adj_t = None
-    loads: List[Dict[str, Any]] = []
     for seed in opts.seeds:
+        todo = [cfg for cfg, rec in measured if rows[cfg.name] is rec and seed in seeds_left(rec, opts.seeds)]
+        if not todo:
+            continue
         live: Dict[str, TrainingRun] = {}
         streams = RngStreams(device)
-        names = [cfg.name for cfg, _ in measured if cfg.name not in failed]
-        bar = tqdm(total=opts.epochs * len(names), desc=f"{', '.join(names)} seed {seed}", disable=opts.quiet,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(total=opts.epochs * len(todo), desc=f"{', '.join(c.name for c in todo)} seed {seed}",
+                   disable=opts.quiet, leave=False, dynamic_ncols=True)
 
         def fail(name: str, e: BaseException) -> bool:
+            measurements = {k: v for k, v in recs[name].items() if k not in ("runs", "seeds_done")}
             try:
-                failed[name] = _failed({}, name, e, "training", opts, device, recs[name].get("peak_rss_bytes"))
+                rows[name] = _failed(measurements, name, e, "training", opts, device,
+                                     recs[name].get("peak_rss_bytes"))
             except BenchError:
                 raise
             except Exception:  # noqa: BLE001 - not an allocation failure: the caller re-raises it
@@ -630,9 +661,7 @@ def _train_interleaved(trainer, measured, opts: BenchOptions, device, make_run=N
             live.pop(name, None)
             return True
 
-        for cfg, _ in measured:
-            if cfg.name in failed:
-                continue
+        for cfg in todo:
             try:
                 model = trainer.build(cfg, seed)
             except BenchError:
@@ -654,12 +683,16 @@ def _train_interleaved(trainer, measured, opts: BenchOptions, device, make_run=N
                 rec = recs[name]
                 rec["peak_rss_bytes"] = max(rec.get("peak_rss_bytes") or 0, peak_rss_bytes() or 0)
 
-        loads += interleaved(list(live), opts.epochs, epoch, lambda name, r, e: fail(name, e))
+        loads = interleaved(list(live), opts.epochs, epoch, lambda name, r, e: fail(name, e))
         bar.close()
+        seen = [x for lo in loads for x in (lo["load_avg_before"], lo["load_avg_after"]) if x is not None]
+        rounds = {"rounds_id": uuid.uuid4().hex[:12], "load_avg_rounds": [min(seen), max(seen)] if seen else None}
         for name, run in live.items():
-            runs[name].append(run.result())
+            rec = recs[name]
+            rec["runs"] = sorted([*rec["runs"], {**run.result(), **rounds}], key=lambda r: opts.seeds.index(r["seed"]))
+            rec["seeds_done"] = [r["seed"] for r in rec["runs"]]
         live.clear()
-    return runs, failed, loads
+        report()
 
 
 def add_fp32_ratios(records: List[Dict[str, Any]]) -> None:
