@@ -136,7 +136,7 @@ def mask_grad(g: torch.Tensor, bits: torch.Tensor, slope: Optional[float]) -> to
 # ----------------------------------------------------------------------------- normalisation and the codec
 
 def _levels_ptr(levels, bits):
-    lv = native._levels_arg(levels, bits)
+    lv = native.levels_arg(levels, bits, "cpu")
     return lv, (lv.data_ptr() if lv is not None else None)
 
 
