@@ -144,6 +144,21 @@ def test_batch_norm_fused_with_the_codec_equals_the_unfused_path(native_backend,
         assert ((a - b).norm() / b.norm()).item() < 1e-6
 
 
+@pytest.mark.parametrize("config", ["iexact", "default"])
+def test_converted_batch_norm_trains_through_the_fused_codec(native_backend, config):
+    """A converted model's training forward runs under the deferred finiteness check: the fused encode
+    records its metadata there, with optimal levels (iexact) as with uniform ones; a NaN still raises."""
+    import blockquant
+
+    torch.manual_seed(0)
+    model = blockquant.convert(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32)), config)
+    x = torch.randn(200, 16)
+    model(x).square().sum().backward()
+    assert model[0].weight.grad is not None and torch.isfinite(model[0].weight.grad).all()
+    with pytest.raises(ValueError, match="finite"):
+        model(torch.full((200, 16), float("nan")))
+
+
 @pytest.mark.parametrize("conv", ["gat", "gatv2"])
 def test_attention_heads_in_one_pass_equal_the_per_head_products(native_backend, monkeypatch, conv):
     """Multi-head aggregation and the per-edge dot products run as compiled passes over the graph: outputs

@@ -209,7 +209,7 @@ def _pack_affine(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cfg:
                                                cfg.rounding == "stochastic", seed)
     deferred = _packed._ACTIVE_CHECK.get()
     if deferred is not None:
-        deferred.record(meta, x.shape, cfg.meta_dtype)
+        deferred.record(meta, x.shape, x.dtype, cfg.meta_dtype)
     elif not bool(torch.isfinite(meta).all()):
         _packed._raise_non_finite(x, cfg.meta_dtype)
     return PackedTensor(payload, meta, x.shape, torch.float32, cfg, block, seed)
