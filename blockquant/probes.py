@@ -211,6 +211,7 @@ class Prober:
         """All weight gradients (float64, flat, in :attr:`names` order) at probe ``i`` with the
         dropout masks of ``draw``; ``paired=False``: every dropout as the model draws it."""
         from .nn.registry import CompressedModule
+        from .saved_hooks import dropout_left_to_outer_mode
 
         self.at_probe(model, i)
         seed = self._draw_seed(i, draw)
@@ -222,9 +223,10 @@ class Prober:
                     if isinstance(child, CompressedModule) and issubclass(child.wraps, torch.nn.Dropout):
                         parent._modules[name] = child.to_original()
         with contextlib.ExitStack() as stack:
-            if paired:
+            if paired:  # functional dropout inside a converted model's forward scope left to PairedDropout too
                 stack.enter_context(_attention_dropout_off(model))
                 stack.enter_context(PairedDropout(seed))
+                stack.enter_context(dropout_left_to_outer_mode())
             self.loss_fn(self.forward(model)).backward()
         params = dict(model.named_parameters())
         g = torch.cat([(params[n].grad if params[n].grad is not None else torch.zeros_like(params[n])).reshape(-1)

@@ -55,6 +55,7 @@ tensors is not differentiable: unpacking one with gradients enabled
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Callable, Iterator, List, Optional, Union
 
 import torch
@@ -127,8 +128,22 @@ def _routable(x, extra) -> bool:
     return not extra and isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
+# While set, dropout is not routed: it runs as torch's, so that an outer function mode sees the call
+# (the probes' PairedDropout, which gives a converted model and the fp32 model the same masks).
+_DROPOUT_TO_OUTER_MODE = contextvars.ContextVar("blockquant_dropout_to_outer_mode", default=False)
+
+
+@contextlib.contextmanager
+def dropout_left_to_outer_mode() -> Iterator[None]:
+    token = _DROPOUT_TO_OUTER_MODE.set(True)
+    try:
+        yield
+    finally:
+        _DROPOUT_TO_OUTER_MODE.reset(token)
+
+
 def _route_dropout(config, input, p=0.5, training=True, inplace=False, **extra):
-    if inplace or not training or not _routable(input, extra):
+    if inplace or not training or not _routable(input, extra) or _DROPOUT_TO_OUTER_MODE.get():
         return NotImplemented
     return BF.dropout(input, p, True)
 
