@@ -417,39 +417,45 @@ def compact_tables(out_dirs: List[str], configs: List[str]) -> str:
     """The README's condensed tables: per model, fp32's accuracy and each config's paired difference
     (with its noise ratio); then every (model, config) sorted by noise ratio."""
     rows, points = [], []
-    for out_dir in out_dirs:
-        runs = _load(out_dir, "runs.jsonl")
-        noise = {(r["dataset"], r["model"], r["config"], r["label"]): r["report"]
-                 for r in _load(out_dir, "noise.jsonl")}
-        by: Dict[tuple, Dict[str, Dict[int, Dict[str, Any]]]] = {}
-        for r in runs:
+    noise: Dict[tuple, Dict[str, Any]] = {}
+    by: Dict[tuple, Dict[str, Dict[int, Dict[str, Any]]]] = {}
+    for out_dir in out_dirs:  # merged: one model's runs may lie in several folders (e.g. configs added later)
+        noise.update({(r["dataset"], r["model"], r["config"], r["label"]): r["report"]
+                      for r in _load(out_dir, "noise.jsonl")})
+        for r in _load(out_dir, "runs.jsonl"):
             key = r["config"] if r["config"] == "fp32" else f"{r['config']} ({r['label']})"
-            by.setdefault((r["dataset"], r["model"]), {}).setdefault(key, {})[r["seed"]] = r
-        for (dataset, model), cfgs in by.items():
-            fp32 = cfgs.get("fp32", {})
-            m, _ = _mean_se([r["test_at_best"] for r in fp32.values()])
-            cells = [f"{m:.2f} ({len(fp32)})"]
-            for c in configs:
-                match = [k for k in cfgs if k == c or k.startswith(c + " (")]
-                if not match:
-                    cells.append("-")
-                    continue
-                part = []
-                for k in sorted(match):
-                    seeds = cfgs[k]
-                    diff = [seeds[s]["test_at_best"] - fp32[s]["test_at_best"] for s in seeds if s in fp32]
-                    dm, dse = _mean_se(diff)
-                    label = k.split(" (")[1].rstrip(")") if " (" in k else ""
-                    rep = noise.get((dataset, model, c, label))
-                    ratio = rep["total"]["compression_var"] / rep["total"]["dropout_var"] if rep else None
-                    nz = f", noise {ratio:.2g}" if ratio is not None else ""
-                    tag = f"{label}: " if len(match) > 1 else ""
-                    seeds_note = f" ({len(diff)})" if len(diff) != len(fp32) else ""
-                    part.append(f"{tag}{dm:+.2f} ± {dse:.2f}{nz}{seeds_note}")
-                    if ratio is not None:
-                        points.append((ratio, dataset, model, k, dm, dse, len(diff)))
-                cells.append("; ".join(part))
-            rows.append(f"| {model} ({dataset}) | " + " | ".join(cells) + " |")
+            seeds = by.setdefault((r["dataset"], r["model"]), {}).setdefault(key, {})
+            if r["seed"] in seeds and seeds[r["seed"]]["val"] != r["val"]:
+                raise ValueError(f"{out_dir}: {r['model']} {key} seed {r['seed']} differs from the run of the same "
+                                 "seed in an earlier folder; a pairing needs one run per seed")
+            seeds[r["seed"]] = r
+    for (dataset, model), cfgs in by.items():
+        fp32 = cfgs.get("fp32", {})
+        m, _ = _mean_se([r["test_at_best"] for r in fp32.values()])
+        cells = [f"{m:.2f} ({len(fp32)})"]
+        for c in configs:
+            match = [k for k in cfgs if k == c or k.startswith(c + " (")]
+            if not match:
+                cells.append("-")
+                continue
+            part = []
+            for k in sorted(match):
+                seeds = cfgs[k]
+                diff = [seeds[s]["test_at_best"] - fp32[s]["test_at_best"] for s in seeds if s in fp32]
+                dm, dse = _mean_se(diff)
+                label = k.split(" (")[1].rstrip(")") if " (" in k else ""
+                rep = noise.get((dataset, model, c, label))
+                if rep is None and not c.startswith("tuned:"):  # a fixed config: any label's measurement
+                    rep = next((v for key, v in sorted(noise.items()) if key[:3] == (dataset, model, c)), None)
+                ratio = rep["total"]["compression_var"] / rep["total"]["dropout_var"] if rep else None
+                nz = f", noise {ratio:.2g}" if ratio is not None else ""
+                tag = f"{label}: " if len(match) > 1 else ""
+                seeds_note = f" ({len(diff)})" if len(diff) != len(fp32) else ""
+                part.append(f"{tag}{dm:+.2f} ± {dse:.2f}{nz}{seeds_note}")
+                if ratio is not None:
+                    points.append((ratio, dataset, model, k, dm, dse, len(diff)))
+            cells.append("; ".join(part))
+        rows.append(f"| {model} ({dataset}) | " + " | ".join(cells) + " |")
     head = "| model (data) | fp32 test acc % (seeds) | " + " | ".join(f"{c}: vs fp32" for c in configs) + " |"
     out = [head, "|" + "---|" * (len(configs) + 2)] + rows
     out += ["", "| noise / dropout | model (data) | config | vs fp32 (paired) |", "|---|---|---|---|"]
