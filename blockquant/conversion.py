@@ -64,7 +64,7 @@ def _warn_projection(root: torch.nn.Module) -> None:
         f"blockquant.convert: {len(projected)} module(s) compress linear-layer inputs with random projection "
         f"(rp_ratio {', '.join(map(str, ratios))}). The projection stores {ratios[-1]}x fewer columns but adds "
         "gradient noise of about rp_ratio times a projected layer's weight gradient, at every layer width: on "
-        "Cora-sized graphs many times the noise dropout adds, and about a point of test accuracy in paired runs "
+        "Cora-sized graphs many times the noise dropout adds, and 1.3-1.5 points of test accuracy in paired runs "
         "(docs/method.md, 'Presets: what each costs'). Measure it on your data with "
         "blockquant.noise_report(model, data, config); blockquant.tune(model, data, budget=config) finds a plan "
         "of the same bytes, or use 'int2' (no projection). Silence with "
