@@ -76,3 +76,16 @@ def test_minibatch_runs_interleave_too_and_equal_training_alone():
     run = records["int2"]["runs"][0]
     assert len(run["epoch_cpu_s"]) == 2 and len(run["step_times_s"]) >= 2 * 3  # 600 nodes in batches of 200
     assert records["int2"]["time_reference"] == "fp32" and records["fp32"]["time_ratio_ref_median"] == 1.0
+
+
+def test_convergence_against_fp32_pairs_seeds_and_counts_the_runs_that_never_get_there():
+    from blockquant.bench.runner import convergence_vs_fp32
+
+    fp32 = {"runs": [{"seed": 0, "val": [0.5, 0.7, 0.8, 0.8], "best_val": 0.8, "best_epoch": 2},
+                     {"seed": 1, "val": [0.6, 0.9, 0.7, 0.7], "best_val": 0.9, "best_epoch": 1}]}
+    slower = {"runs": [{"seed": 0, "val": [0.4, 0.6, 0.7, 0.8]},   # reaches 0.8 at epoch 4: 4/3 of fp32's
+                       {"seed": 1, "val": [0.5, 0.6, 0.8, 0.85]}]}  # never reaches 0.9
+    got = convergence_vs_fp32(slower, fp32)
+    assert got == {"epochs_to_fp32_best_ratio": 4 / 3, "reached_fp32_best": (1, 2)}
+    assert convergence_vs_fp32(fp32, fp32) == {"epochs_to_fp32_best_ratio": 1.0, "reached_fp32_best": (2, 2)}
+    assert convergence_vs_fp32(slower, None) == {"epochs_to_fp32_best_ratio": None, "reached_fp32_best": None}

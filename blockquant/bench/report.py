@@ -18,7 +18,8 @@ CSV_FIELDS = (
     "track_saved_bytes", "alloc_delta_bytes", "alloc_delta_method",
     "epoch_time_median_s", "time_ratio_fp32", "time_reference", "time_ratio_ref_min", "time_ratio_ref_median",
     "epoch_cpu_median_s", "cpu_ratio_ref_min", "cpu_ratio_ref_median", "load_avg_rounds",
-    "metric", "val_mean", "val_std", "test_mean", "test_std", "grad_rel_error",
+    "metric", "val_mean", "val_std", "test_mean", "test_std", "epochs_to_fp32_best_ratio", "reached_fp32_best",
+    "grad_rel_error",
     "epochs", "seeds", "status", "detail",
 )
 
@@ -37,7 +38,7 @@ def format_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     ref = next((r.get("time_reference") for r in records if r.get("time_reference")), None)
     x_ref = f"x {ref}" if ref else "x fp32"
     head = ["config", "peak MiB", "x fp32", "act MiB", "B/node", "x fp32", "step ms", f"{x_ref} min/med",
-            f"CPU {x_ref} min/med", f"val {metric}", f"test {metric}", "grad err"]
+            f"CPU {x_ref} min/med", f"val {metric}", f"test {metric}", "to fp32 best", "grad err"]
     rows = []
     unfit = []
     for r in records:
@@ -56,6 +57,7 @@ def format_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             _ratio_pair(r, "cpu"),
             f"{_fmt(r['val_mean'] * scale, mfmt)} ± {_fmt(r['val_std'] * scale, mfmt)}",
             f"{_fmt(r['test_mean'] * scale, mfmt)} ± {_fmt(r['test_std'] * scale, mfmt)}",
+            _convergence(r),
             _fmt(r["grad_rel_error"], ".2e"),
         ])
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
@@ -89,6 +91,8 @@ def format_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         f"({first.get('peak_method', '?')}); act = bytes held for backward after forward (excl. data/model/output; "
         f"source: {first.get('activation_source', '?')}); fp32-sparse = plain PyG given a torch.sparse CSR adj_t; "
         f"{metric} = best-validation epoch, mean ± std over seeds (x100 for acc); "
+        f"to fp32 best = epochs to reach fp32's best validation {metric} of the same seed, as a ratio to fp32's "
+        f"epochs (median over seeds), and in how many seeds it was reached; "
         f"grad err = relative L2 error of one draw of the first step's weight gradients vs fp32 (same weights, "
         f"dropout off): zero-mean noise, since the compressed gradient is unbiased, which averages out over "
         f"training steps (the mean of K draws has 1/sqrt(K) of it: bench/grad_error_draws.py); a random "
@@ -96,6 +100,14 @@ def format_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
 
     )
     return "\n".join(out)
+
+
+def _convergence(r: Dict[str, Any]) -> str:
+    reached = r.get("reached_fp32_best")
+    if not reached:
+        return "-"
+    ratio = r.get("epochs_to_fp32_best_ratio")
+    return f"{'-' if ratio is None else format(ratio, '.2f') + 'x'} ({reached[0]}/{reached[1]})"
 
 
 def _ratio_pair(r: Dict[str, Any], tag: str) -> str:

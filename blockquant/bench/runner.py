@@ -705,3 +705,23 @@ def add_fp32_ratios(records: List[Dict[str, Any]]) -> None:
         for ratio, key in (("memory_ratio_fp32", "activation_bytes"), ("peak_ratio_fp32", "peak_step_bytes"),
                            ("time_ratio_fp32", "epoch_time_median_s")):
             r[ratio] = r[key] / base[key] if base and base.get(key) and r.get(key) is not None else None
+        r.update(convergence_vs_fp32(r, base))
+
+
+def convergence_vs_fp32(record: Dict[str, Any], base: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """How fast a configuration reaches what fp32 reaches, per seed against fp32's run of the same seed: the
+    epochs its validation metric needs to reach fp32's best validation value, as a ratio to the epochs fp32
+    needed for it (median over the seeds that reached it), and how many seeds reached it at all within the
+    run. Compression's noise shows here before it shows in the final accuracy."""
+    reference = {run["seed"]: run for run in (base or {}).get("runs", []) if run.get("val")}
+    ratios, paired = [], 0
+    for run in record.get("runs", []):
+        ref = reference.get(run["seed"])
+        if ref is None or not run.get("val"):
+            continue
+        paired += 1
+        hit = next((e for e, v in enumerate(run["val"]) if v >= ref["best_val"]), None)
+        if hit is not None:
+            ratios.append((hit + 1) / (ref["best_epoch"] + 1))
+    return {"epochs_to_fp32_best_ratio": statistics.median(ratios) if ratios else None,
+            "reached_fp32_best": (len(ratios), paired) if paired else None}
