@@ -13,8 +13,8 @@ private API                            what blockquant uses it for              
 ``torch.ops.aten.                      BatchNorm's training forward: output, batch      <= 2.4
 _batch_norm_with_update``              statistics and the running-stat update in one
                                        op (what ``F.batch_norm`` dispatches to)
-``torch._C._autograd.SavedTensor``     ``track_saved`` and ``tune`` read what a graph   > 2.6 (2.4,
-and its ``.data``                      node saved without unpacking it (a pack hook's   2.5, 2.6 have
+``torch._C._autograd.SavedTensor``     ``track_saved`` and ``tune`` read what a graph   >= 2.10 (2.4.1
+and its ``.data``                      node saved without unpacking it (a pack hook's   to 2.9.1 have
                                        result stays packed)                            no ``.data``)
 ``Node._raw_saved_<name>``             the saved tensors of built-in autograd nodes     <= 2.4
 ``Node._sequence_nr()``                the order of graph nodes: which module's         <= 2.4
@@ -31,8 +31,10 @@ WeakIdKeyDictionary``
 "<= 2.4": works on 2.4.1, the oldest release tested (``check()`` there; ``bench/results/torch_floor.md``).
 ``custom_op`` below evaluates string annotations, which torch 2.4-2.6 cannot infer a schema from.
 
-The floor (``setup.py``: ``torch>=2.13``) is measured, not derived from this table: ``tools/torch_floor.sh``,
-results in ``bench/results/torch_floor.md``. Public APIs that would set it otherwise: ``torch.library.custom_op``
+The floor (``setup.py``: ``torch>=2.10``) is measured, not derived from this table: ``tools/torch_floor.sh``,
+results in ``bench/results/torch_floor.md``. ``SavedTensor.data`` sets it: before 2.10 the only way to read a
+saved tensor is to unpack it, which runs its unpack hook (decompressing what blockquant packed, and whatever
+another library's hooks do), so there is no exact fallback. Public APIs that would set it otherwise: ``torch.library.custom_op``
 and ``register_fake`` (2.4; the codec, CSR product, dropout and sampling ops; torch 2.4 also rejects their
 string annotations, ``from __future__ import annotations``), ``torch.compiler.is_compiling`` (2.3),
 ``torch.compiler.disable`` and ``assume_constant_result`` (2.1).
