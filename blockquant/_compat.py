@@ -34,10 +34,10 @@ WeakIdKeyDictionary``
 The floor (``setup.py``: ``torch>=2.10``) is measured, not derived from this table: ``tools/torch_floor.sh``,
 results in ``bench/results/torch_floor.md``. ``SavedTensor.data`` sets it: before 2.10 the only way to read a
 saved tensor is to unpack it, which runs its unpack hook (decompressing what blockquant packed, and whatever
-another library's hooks do), so there is no exact fallback. Public APIs that would set it otherwise: ``torch.library.custom_op``
-and ``register_fake`` (2.4; the codec, CSR product, dropout and sampling ops; torch 2.4 also rejects their
-string annotations, ``from __future__ import annotations``), ``torch.compiler.is_compiling`` (2.3),
-``torch.compiler.disable`` and ``assume_constant_result`` (2.1).
+another library's hooks do), so there is no exact fallback. Public APIs that would set it otherwise:
+``torch.library.custom_op`` and ``register_fake`` (2.4; the codec, CSR product, dropout and sampling ops; torch 2.4
+also rejects their string annotations, ``from __future__ import annotations``), ``torch.compiler.is_compiling``
+(2.3), ``torch.compiler.disable`` and ``assume_constant_result`` (2.1).
 """
 import typing
 from typing import Optional, Tuple
@@ -80,8 +80,14 @@ def is_saved_tensor(obj) -> bool:
 
 
 def saved_tensor_data(saved):
-    """What a ``SavedTensor`` stores: the tensor, or the pack hook's result when saved-tensor hooks ran."""
-    return saved.data
+    """What a ``SavedTensor`` stores: the tensor, or the pack hook's result when saved-tensor hooks ran
+    (torch >= 2.10)."""
+    try:
+        return saved.data
+    except AttributeError:
+        raise AttributeError(f"reading what autograd saved without unpacking it needs torch >= 2.10 "
+                             f"(SavedTensor.data); got torch {torch.__version__}, whose {type(saved).__name__} "
+                             f"has no .data") from None
 
 
 _RAW_SLOTS = {}
