@@ -32,7 +32,7 @@ class QuantConfig:
 
     ``QuantConfig()`` is the ``"default"`` preset, what :func:`blockquant.convert`, the functional ops and
     :func:`blockquant.quantize` use when given no config: INT4, blocks of 1024 elements, uniform levels, no
-    projection, bfloat16 metadata (chosen from measurements; README, "Choosing the default").
+    projection, bfloat16 metadata (chosen from measurements; docs/method.md, "Presets: what each costs").
 
     Args:
         bits: code width per element, one of 1, 2, 4, 8.

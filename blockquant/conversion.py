@@ -49,7 +49,7 @@ class ConversionWarning(UserWarning):
 
 class ProjectionWarning(UserWarning):
     """:func:`convert` applied random projection (``rp_ratio > 1``, as in the ``exact`` and ``iexact``
-    presets): it costs accuracy on graphs of Cora's size (see the README's preset table)."""
+    presets): it costs accuracy on graphs of Cora's size (see the preset table in docs/method.md)."""
 
 
 def _warn_projection(root: torch.nn.Module) -> None:
@@ -65,7 +65,7 @@ def _warn_projection(root: torch.nn.Module) -> None:
         f"(rp_ratio {', '.join(map(str, ratios))}). The projection stores {ratios[-1]}x fewer columns but adds "
         "gradient noise of about rp_ratio times a projected layer's weight gradient, at every layer width: on "
         "Cora-sized graphs many times the noise dropout adds, and about a point of test accuracy in paired runs "
-        "(README, 'Presets: what each costs'). Measure it on your data with blockquant.noise_report(model, data, "
+        "(docs/method.md, 'Presets: what each costs'). Measure it on your data with blockquant.noise_report(model, data, "
         "config); blockquant.tune(model, data, budget=config) finds a plan of the same bytes, or use 'int2' (no "
         "projection). Silence with warnings.filterwarnings('ignore', category=blockquant.ProjectionWarning).",
         ProjectionWarning, stacklevel=3)

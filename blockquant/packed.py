@@ -117,7 +117,7 @@ def stored_shape(shape, config: QuantConfig) -> Tuple[int, ...]:
 
 
 def packed_nbytes(shape, config: QuantConfig) -> int:
-    """Exact bytes :func:`quantize` holds for a tensor of ``shape`` (:attr:`PackedTensor.nbytes`):
+    """Exact bytes :func:`quantize` holds for a tensor of ``shape`` (:attr:`~blockquant.PackedTensor.nbytes`):
     the packed codes of the stored (projected, if projected) tensor plus two ``meta_dtype``
     values per block. The codec's byte formula; :func:`blockquant.tune` plans with it."""
     stored = stored_shape(shape, config)
@@ -323,7 +323,7 @@ class FiniteCheck:
     Each ``quantize`` call records, on the tensor's device, whether all of its
     block metadata is finite (a NaN or Inf input, or a range the metadata
     dtype cannot hold, makes it non-finite), with where it was saved (the op and
-    the converted module, see :func:`_saving_site`); :meth:`check` reads all those
+    the converted module, see ``_saving_site``); :meth:`check` reads all those
     flags with one device synchronisation per device and raises if any is false.
     """
 
@@ -431,6 +431,17 @@ def defer_finite_check() -> Iterator[FiniteCheck]:
     finally:
         _ACTIVE_CHECK.reset(token)
     check.check()  # not reached when the block raised: that error is the one to see
+
+
+def check_encoded(meta: torch.Tensor, x: torch.Tensor, meta_dtype: torch.dtype) -> None:
+    """The finiteness rule of :func:`quantize` for codes of ``x`` encoded outside it (the batch
+    norm fused with the compiled codec): ``meta`` recorded on the active deferred check, else
+    checked now (raises ``ValueError``)."""
+    deferred = _ACTIVE_CHECK.get()
+    if deferred is not None:
+        deferred.record(meta, x.shape, x.dtype, meta_dtype)
+    elif not bool(torch.isfinite(meta).all()):
+        _raise_non_finite(x, meta_dtype)
 
 
 def open_forward_check(owner: torch.nn.Module) -> None:

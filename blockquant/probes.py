@@ -25,6 +25,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .saved_hooks import not_routed
+
 __all__ = ["Prober", "ProbeError", "default_loss", "PairedDropout", "caller_rng_kept"]
 
 
@@ -140,7 +142,7 @@ class Prober:
         probe_steps: fp32 Adam steps (lr ``lr``) after which the weights are probed.
         seed_all: seeds the generators the probes use (from :func:`caller_rng_kept`).
         dropout_draws: with 2 or more, the fp32 gradient's variance over that many dropout
-            draws is measured at every probe (:attr:`dropout_var`, all dropout on), so that errors
+            draws is measured at every probe (``dropout_var``, all dropout on), so that errors
             can be given in units of it (:meth:`use_dropout_units`, :meth:`noise_ratio`).
     """
 
@@ -208,7 +210,7 @@ class Prober:
         return self.seed * 1000003 + 7919 * (i + 1) + 104729 * draw
 
     def grads(self, model: torch.nn.Module, i: int, draw: int = 0, *, paired: bool = True) -> torch.Tensor:
-        """All weight gradients (float64, flat, in :attr:`names` order) at probe ``i`` with the
+        """All weight gradients (float64, flat, in ``names`` order) at probe ``i`` with the
         dropout masks of ``draw``; ``paired=False``: every dropout as the model draws it."""
         from .nn.registry import CompressedModule
 
@@ -224,6 +226,8 @@ class Prober:
         with contextlib.ExitStack() as stack:
             if paired:
                 stack.enter_context(_attention_dropout_off(model))
+                # a converted forward runs F.dropout as blockquant's seeded dropout: pass it on to PairedDropout
+                stack.enter_context(not_routed(*_ELEMENTWISE_DROPOUT))
                 stack.enter_context(PairedDropout(seed))
             self.loss_fn(self.forward(model)).backward()
         params = dict(model.named_parameters())
@@ -253,8 +257,8 @@ class Prober:
 
     def error(self, spec) -> float:
         """Mean over probes of ``||g - g_fp32||^2`` with the model converted by ``spec`` (one draw),
-        divided by ``||g_fp32||^2`` (:attr:`GRADIENT`), or by the variance dropout causes after
-        :meth:`use_dropout_units` (:attr:`DROPOUT`)."""
+        divided by ``||g_fp32||^2`` (``GRADIENT``), or by the variance dropout causes after
+        :meth:`use_dropout_units` (``DROPOUT``)."""
         errs = self.squared_errors(spec)
         return sum(float(e.sum()) / max(n, 1e-300) for e, n in zip(errs, self.norms)) / len(errs)
 

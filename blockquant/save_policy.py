@@ -56,9 +56,9 @@ from .packed import PackedTensor, quantize
 from .projection import stored_width
 
 __all__ = ["keep", "keep_for_ctx", "is_resident", "mark_resident", "resident_during", "compress_shared", "compress",
-           "without_projection", "RowChunks", "CHUNK_ELEMENTS", "chunk_elements"]
+           "without_projection", "RowChunks", "CHUNK_ELEMENTS", "chunk_elements", "row_blocks", "rows_per_chunk"]
 
-#: Largest number of elements of one transient in chunked loops, per device type: the ``[chunk, F]``
+#: Largest number of elements of one transient in chunked loops, per device type. They are the ``[chunk, F]``
 #: gathers of max aggregation and edge-weight gradients, the per-edge transients of attention, and
 #: the row blocks compressed (and decoded for weight gradients) at once, whatever the graph's size.
 #: CPU: 1M elements (4 MiB in float32), sized for its caches. CUDA: 16M elements (64 MiB in
@@ -223,17 +223,30 @@ def rows_per_chunk(width: int, config: QuantConfig, device: Union[torch.device, 
     return max(unit, (chunk_elements(device) // max(width, 1)) // unit * unit)
 
 
+def row_blocks(shape, config: QuantConfig, device: Union[torch.device, str] = "cpu") -> List[Tuple[int, int]]:
+    """Row ranges ``[(start, stop), ...]`` in which a tensor of ``shape`` on ``device`` is compressed:
+    blocks of :func:`rows_per_chunk` rows for a 2-D tensor of more than :func:`chunk_elements`
+    elements, else one range over all rows."""
+    shape = tuple(int(s) for s in shape)
+    n = shape[0] if shape else 1
+    if len(shape) != 2 or math.prod(shape) <= chunk_elements(device):
+        return [(0, n)]
+    rows = rows_per_chunk(shape[1], config, device)
+    if rows >= n:
+        return [(0, n)]
+    return [(a, min(a + rows, n)) for a in range(0, n, rows)]
+
+
 def compress(x: torch.Tensor, config: QuantConfig) -> Compressed:
     """Compress ``x`` with ``config``, independently of any other compression of it; a large 2-D
-    tensor is compressed in row blocks (:class:`RowChunks`) so the codec's transients stay at
-    :func:`chunk_elements` elements whatever the graph's size."""
-    if x.dim() != 2 or x.numel() <= chunk_elements(x.device) or not x.is_floating_point():
+    tensor is compressed in row blocks (:class:`RowChunks`, :func:`row_blocks`) so the codec's
+    transients stay at :func:`chunk_elements` elements whatever the graph's size."""
+    if x.dim() != 2 or not x.is_floating_point():
         return compress_whole(x, config)
-    rows = rows_per_chunk(x.shape[1], config, x.device)
-    if rows >= x.shape[0]:
+    bounds = row_blocks(x.shape, config, x.device)
+    if len(bounds) == 1:
         return compress_whole(x, config)
     x = x.detach()
-    bounds = [(a, min(a + rows, x.shape[0])) for a in range(0, x.shape[0], rows)]
     parts = [compress_whole(x[a:b], config) for a, b in bounds]
     return RowChunks(parts, bounds, x.shape, x.dtype, x.device)
 

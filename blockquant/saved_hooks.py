@@ -55,7 +55,8 @@ tensors is not differentiable: unpacking one with gradients enabled
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, List, Optional, Union
+import contextvars
+from typing import Callable, FrozenSet, Iterator, List, Optional, Union
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -89,7 +90,7 @@ COMPRESSED_OPS = frozenset({
 floating tensors (backward is linear in each of them, so rounding adds noise but no bias)."""
 
 SIGN_OPS = frozenset({"relu", "relu_", "leaky_relu", "leaky_relu_"})
-"""Functions whose saved floating tensor backward reads only through its sign: kept as an exact 1-bit mask."""
+"""Functions whose saved floating tensor backward reads only through its sign; it is kept as an exact 1-bit mask."""
 
 
 class _Packed:
@@ -169,7 +170,7 @@ def _route_layer_norm(config, input, normalized_shape, weight=None, bias=None, e
 
 def _route_batch_norm(config, input, running_mean, running_var, weight=None, bias=None, training=False,
                       momentum=0.1, eps=1e-5, **extra):
-    if not _routable(input, extra) or input.dim() < 2:
+    if not _routable(input, extra) or input.dim() < 2 or input.numel() == 0:  # empty: torch's own handling
         return NotImplemented
     return BF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, config)
 
@@ -190,6 +191,22 @@ compressed. Not routed, and so following the save rules above: ``inplace=True`` 
 ``sigmoid_``...) and non-floating inputs."""
 
 
+_NOT_ROUTED: contextvars.ContextVar[FrozenSet[Callable]] = contextvars.ContextVar("blockquant_not_routed",
+                                                                                  default=frozenset())
+
+
+@contextlib.contextmanager
+def not_routed(*functions: Callable) -> Iterator[None]:
+    """Inside the block, calls of ``functions`` are not run as blockquant ops (:data:`ROUTED`) but passed on
+    as they are, so that a function mode entered outside a converted forward sees them (the probes of
+    ``tune`` / ``noise_report`` pair torch's dropout masks this way); what they save still follows the rules."""
+    token = _NOT_ROUTED.set(_NOT_ROUTED.get() | frozenset(functions))
+    try:
+        yield
+    finally:
+        _NOT_ROUTED.reset(token)
+
+
 class _CurrentOp(TorchFunctionMode):
     """Records the torch-level function being called while autograd saves tensors, and runs the
     functions of :data:`ROUTED` as blockquant ops."""
@@ -208,7 +225,7 @@ class _CurrentOp(TorchFunctionMode):
         if self.rules.suspended:
             return func(*args, **kwargs)
         route = ROUTED.get(func)
-        if route is not None:
+        if route is not None and func not in _NOT_ROUTED.get():
             # anything the blockquant op saves through autograd is kept as it is (by reference or exact)
             self.names.append(None)
             try:
@@ -243,10 +260,18 @@ class SavedTensorRules:
         self.kept_exact[t] = tensor_version(t)
         for version, packed in self.compressed.pop(t, ()):
             if version == tensor_version(t):  # the exact tensor is held anyway: drop the compressed copy
-                packed.obj, packed.kind = t, "ref"
+                packed.obj, packed.kind = t.detach(), "ref"
         return t
 
     def pack(self, t: torch.Tensor):
+        """What the graph stores for ``t``. A tensor kept as it is is stored detached (the same storage and
+        version counter, without its ``grad_fn``): an op's output saved by reference to itself would tie
+        the graph into a cycle through autograd's C++ nodes, which Python's collector cannot break, so a
+        forward that raised, or whose output was dropped without backward, would never be freed."""
+        kept = self._pack(t)
+        return kept.detach() if kept is t and t.grad_fn is not None else kept
+
+    def _pack(self, t: torch.Tensor):
         if t.layout != torch.strided or isinstance(t, torch.nn.Parameter):
             return t
         if self.suspended:  # a module left exact is running

@@ -33,7 +33,7 @@ from .distributed import _splitmix64, process_rank, rank_seed
 __all__ = ["forward_seeds", "SeedStream", "STREAMS"]
 
 STREAMS = ("codec", "dropout")
-"""Purposes with a counter of their own: rounding / projection / sampling seeds, and dropout masks."""
+"""The purposes that have a counter of their own (rounding / projection / sampling seeds, and dropout masks)."""
 
 _SEED_BITS = (1 << 62) - 1
 _STREAM_SHIFT = 40

@@ -3,7 +3,7 @@
 :func:`tune` (and ``blockquant tune``) runs five phases, each a function of this module that can be
 read and called on its own:
 
-1. :func:`profile`. The compressible layers are the modules :func:`blockquant.convert` swaps whose
+1. :func:`profile_layers`. The compressible layers are the modules :func:`blockquant.convert` swaps whose
    saved bytes depend on the config (a ReLU's 1-bit mask or a Dropout's seed do not). For each one,
    a forward with only that layer converted captures the tensors it compresses (shape, dtype,
    whether the wrapper projects it). The bytes of any candidate then follow from the codec's byte
@@ -23,16 +23,17 @@ read and called on its own:
    error is the sum of its layers' measured errors. A greedy marginal-gain allocation over each
    layer's lower convex hull (error saved per byte spent), then single-layer swaps that still fit,
    minimises the predicted error within the bytes left to the layers.
-3. :func:`verify`. The plan is converted onto a fresh copy of the model and measured as the user
-   will measure it: bytes with :func:`blockquant.track_saved` (data excluded) and the gradient
-   error with the same probes. A plan holding more than the budget is never returned: the
-   allocation is redone with the layers' room reduced by the excess (the byte model's miss), and
-   if that does not converge the result falls back to the budget's own uniform config (or to the
-   smallest plan, or raises :class:`TuneError`).
-4. :func:`refine`. Uniform configs that fit the budget (measured) and beat the plan (measured) are
-   taken instead, so the tuned plan is never worse than the best uniform config at its bytes in the
-   tuner's own measurement; then one-step moves per layer (bits up/down, block doubled/halved) are
-   kept when they lower the measured error and the measured bytes stay within the budget.
+3. :func:`allocate_verified` (with :func:`verify_plan`). The plan is converted onto a fresh copy of
+   the model and measured as the user will measure it: bytes with :func:`blockquant.track_saved`
+   (data excluded) and the gradient error with the same probes. A plan holding more than the budget
+   is never returned: the allocation is redone with the layers' room reduced by the excess (the byte
+   model's miss), and if that does not converge the result falls back to the budget's own uniform
+   config (or to the smallest plan, or raises :class:`TuneError`).
+4. :func:`refine_plan` (after :func:`measure_uniform`). Uniform configs that fit the budget
+   (measured) and beat the plan (measured) are taken instead, so the tuned plan is never worse than
+   the best uniform config at its bytes in the tuner's own measurement; then one-step moves per
+   layer (bits up/down, block doubled/halved) are kept when they lower the measured error and the
+   measured bytes stay within the budget.
 5. :func:`report`. :class:`TuneResult` has the per-layer table, the plan (:class:`blockquant.Plan`,
    JSON for ``convert``/``bench --configs``), the uniform configs' memory/error points and a Pareto
    plot.
@@ -315,7 +316,7 @@ class TuneResult:
     num_nodes: Optional[int] = None
     message: str = ""
     error_unit: str = Prober.GRADIENT
-    """What the errors are in: relative squared gradient error, or (with ``max_noise_ratio``)
+    """The unit of the errors. The relative squared gradient error, or (with ``max_noise_ratio``)
     the variance compression adds to the weight gradients over the variance dropout causes."""
     max_noise_ratio: Optional[float] = None
     noise_ratio: Optional[float] = None

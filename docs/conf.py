@@ -34,7 +34,7 @@ nitpick_ignore_regex = [
     ("py:.*", r"(torch|torch_geometric|triton|numpy|np|typing|collections|contextlib|dataclasses|enum|types|os"
               r"|io|json|weakref|threading|argparse)(\..*)?"),
     # private helpers named in annotations are not part of the documented API
-    ("py:class", r"blockquant\..*\._\w+"),
+    ("py:.*", r"(blockquant\..*\.)?_\w+"),
     ("py:.*", r"(Tensor|Module|Parameter|dtype|device|Adj|EdgeIndex|SparseTensor|MessagePassing|Data)"),
 ]
 

@@ -1,7 +1,8 @@
-"""Codec kernels (installed as ``blockquant.kernels``): the PyTorch reference (:mod:`.reference`,
-the semantics every backend matches), the codec compiled for the CPU (:mod:`.native`) and fused
-Triton kernels (:mod:`.blockwise`), registered per device type as the kernels of two
-``torch.library`` ops (:mod:`.ops`); :mod:`.registry` says which backend runs where."""
+"""Codec kernels (installed as ``blockquant.kernels``): the PyTorch reference
+(:mod:`~blockquant.kernels.reference`, the semantics every backend matches), the codec compiled for the CPU
+(:mod:`~blockquant.kernels.native`) and fused Triton kernels (:mod:`~blockquant.kernels.blockwise`), registered
+per device type as the kernels of two ``torch.library`` ops (:mod:`~blockquant.kernels.ops`);
+:mod:`~blockquant.kernels.registry` says which backend runs where."""
 from . import blockwise, native, ops, reference, registry
 from .registry import Backend, available_backends, default_backend, forced_backend, get_backend, register_backend
 

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from .reference import KIND as _KIND
-from .reference import check_codec_args, check_decode_args, levels_arg, payload_bytes
+from .reference import check_codec_args, check_decode_args, encoder_input, levels_arg, payload_bytes
 
 # One fused program handles BB whole blocks as a [BB, CB, PER] tile: PER = 8 / b
 # codes share a byte, CB bytes make one chunk of CHUNK = CB * PER elements of a
@@ -369,14 +369,8 @@ def quantize_triton(flat: torch.Tensor, block: int, bits: int, meta_dtype: torch
         raise RuntimeError("quantize_triton needs the 'triton' package; use the 'torch' backend")
     check_codec_args(block, bits, meta_dtype)
     _check_triton_device(flat)
-    if flat.dtype not in _KIND:
-        raise TypeError(f"quantize_triton expects float32, float16 or bfloat16 input; got {flat.dtype}")
-    flat = flat.reshape(-1)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
+    flat = encoder_input(flat, "quantize_triton")
     n = flat.numel()
-    if n == 0:
-        raise ValueError("quantize_triton expects a non-empty tensor (the caller handles n == 0)")
     dev = flat.device
     nb = -(-n // block)
     bpb = -(-block * bits // 8)

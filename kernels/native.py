@@ -61,7 +61,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .reference import KIND as _KIND
-from .reference import check_codec_args, check_decode_args, levels_arg, payload_bytes
+from .reference import check_codec_args, check_decode_args, encoder_input, levels_arg, payload_bytes
 
 DISABLE_ENV = "BLOCKQUANT_NATIVE"
 CACHE_ENV = "BLOCKQUANT_CACHE_DIR"
@@ -90,7 +90,7 @@ _pool_pid: Optional[int] = None
 
 class CodecFallbackWarning(RuntimeWarning):
     """The compiled CPU codec cannot be used here, so CPU tensors are compressed by the PyTorch
-    backend: the same results, many times slower (13-106x in the README's codec table)."""
+    backend: the same results, many times slower (13-106x in the codec table of docs/benchmarks.md)."""
 
 
 class _Unavailable(Exception):
@@ -444,15 +444,25 @@ def _run(call, ranges) -> None:
                            f"set {DISABLE_ENV}=0 to use the PyTorch backend and please report this")
 
 
+def _seed_arg(seed) -> int:
+    """The seed as the C side's uint64 (Python ints wrap modulo 2^64, as a tensor seed's bits do)."""
+    return int(seed) & ((1 << 64) - 1)
+
+
+def _levels_ptr(levels, bits):
+    """``(levels tensor, its address)`` for the C side; ``(None, None)`` for uniform levels."""
+    lv = levels_arg(levels, bits, "cpu")
+    return lv, (lv.data_ptr() if lv is not None else None)
+
+
 def _quantize(lib, flat, block, bits, meta_dtype, levels, stochastic, seed, threads=None):
     n = flat.numel()
     nb = -(-n // block)
     payload = torch.empty(payload_bytes(n, block, bits), dtype=torch.uint8)
     meta = torch.empty((2, nb), dtype=meta_dtype)
-    lv = levels_arg(levels, bits, "cpu")
-    lv_ptr = lv.data_ptr() if lv is not None else None
+    lv, lv_ptr = _levels_ptr(levels, bits)  # lv keeps the levels alive during the calls
     x_ptr, p_ptr, m_ptr = flat.data_ptr(), payload.data_ptr(), meta.data_ptr()
-    x_kind, m_kind, seed = _KIND[flat.dtype], _KIND[meta_dtype], int(seed) & ((1 << 64) - 1)
+    x_kind, m_kind, seed = _KIND[flat.dtype], _KIND[meta_dtype], _seed_arg(seed)
 
     def call(b0, b1):
         return lib.bq_quantize(x_ptr, x_kind, n, block, bits, m_kind, lv_ptr, int(bool(stochastic)), seed,
@@ -467,8 +477,7 @@ def _dequantize(lib, payload, meta, n, block, bits, levels, out_dtype, threads=N
     out = torch.empty(n, dtype=out_dtype)
     if out.numel() * out.element_size() >= HUGE_PAGE_MIN_BYTES:
         lib.bq_advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
-    lv = levels_arg(levels, bits, "cpu")
-    lv_ptr = lv.data_ptr() if lv is not None else None
+    lv, lv_ptr = _levels_ptr(levels, bits)  # lv keeps the levels alive during the calls
     p_ptr, m_ptr, o_ptr = payload.data_ptr(), meta.data_ptr(), out.data_ptr()
     m_kind, o_kind = _KIND[meta.dtype], _KIND[out_dtype]
 
@@ -498,13 +507,7 @@ def quantize_native(flat: torch.Tensor, block: int, bits: int, meta_dtype: torch
     """
     check_codec_args(block, bits, meta_dtype)
     lib = _require(flat)
-    if flat.dtype not in _KIND:
-        raise TypeError(f"quantize_native expects float32, float16 or bfloat16 input; got {flat.dtype}")
-    flat = flat.reshape(-1)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
-    if flat.numel() == 0:
-        raise ValueError("quantize_native expects a non-empty tensor (the caller handles n == 0)")
+    flat = encoder_input(flat, "quantize_native")
     return _quantize(lib, flat, block, bits, meta_dtype, levels, stochastic, seed)
 
 

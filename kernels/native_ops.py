@@ -19,7 +19,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import native
-from .blockwise import _KIND, payload_bytes
+from .reference import KIND as _KIND
+from .reference import payload_bytes
 
 #: dropout draws its noise in chunks of this many elements (the C side's DROP_CHUNK)
 DROP_CHUNK = 4096
@@ -74,10 +75,6 @@ def _element_ranges(n: int, align: int) -> List[Tuple[int, int]]:
     return [(edges[i], min(edges[i + 1], n)) for i in range(threads) if edges[i] < min(edges[i + 1], n)]
 
 
-def _seed_arg(seed) -> int:
-    return int(seed) & ((1 << 64) - 1)
-
-
 def _scale_in(dtype: torch.dtype, p: float) -> float:
     """``1 / (1 - p)`` as PyTorch computes it in ``dtype`` (``mask.div_(1 - p)``)."""
     return float(torch.ones((), dtype=dtype).div_(1.0 - p))
@@ -94,7 +91,7 @@ def dropout(x: Optional[torch.Tensor], p: float, seed, *, like: Optional[torch.T
     if n == 0:
         return out
     threshold = min((1 << 32) - 1, int(round(p * 2.0 ** 32)))
-    scale, kind, key = _scale_in(ref.dtype, p), _KIND[ref.dtype], _seed_arg(seed)
+    scale, kind, key = _scale_in(ref.dtype, p), _KIND[ref.dtype], native._seed_arg(seed)
     x_ptr = src.data_ptr() if src is not None else None
     o_ptr = out.data_ptr()
     native._run(lambda a, b: lib.bq_dropout(x_ptr, kind, n, threshold, scale, key, o_ptr, a, b),
@@ -135,11 +132,6 @@ def mask_grad(g: torch.Tensor, bits: torch.Tensor, slope: Optional[float]) -> to
 
 # ----------------------------------------------------------------------------- normalisation and the codec
 
-def _levels_ptr(levels, bits):
-    lv = native._levels_arg(levels, bits)
-    return lv, (lv.data_ptr() if lv is not None else None)
-
-
 def quantize_affine(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, block: int, bits: int,
                     meta_dtype: torch.dtype, levels, stochastic: bool, seed) -> Tuple[torch.Tensor, torch.Tensor]:
     """The codec (``quantize_native``'s layout and noise) applied to ``(x - shift) * scale`` column-wise,
@@ -150,10 +142,10 @@ def quantize_affine(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, b
     nb = -(-n // block)
     payload = torch.empty(payload_bytes(n, block, bits), dtype=torch.uint8)
     meta = torch.empty((2, nb), dtype=meta_dtype)
-    _lv, lv_ptr = _levels_ptr(levels, bits)  # _lv keeps the levels alive during the calls
+    _lv, lv_ptr = native._levels_ptr(levels, bits)  # _lv keeps the levels alive during the calls
     sh, sc = shift.contiguous(), scale.contiguous()
     args = (x.data_ptr(), n, cols, sh.data_ptr(), sc.data_ptr(), block, bits, _KIND[meta_dtype], lv_ptr,
-            int(bool(stochastic)), _seed_arg(seed), payload.data_ptr(), meta.data_ptr(), nb)
+            int(bool(stochastic)), native._seed_arg(seed), payload.data_ptr(), meta.data_ptr(), nb)
     native._run(lambda b0, b1: lib.bq_quantize_affine(*args, b0, b1), native._ranges(nb, n, None))
     return payload, meta
 
@@ -173,7 +165,7 @@ def bn_backward(g: torch.Tensor, payload: torch.Tensor, meta: torch.Tensor, bloc
     g = g.contiguous()
     n, cols = g.numel(), g.shape[-1]
     nb = -(-n // block)
-    _lv, lv_ptr = _levels_ptr(levels, bits)  # _lv keeps the levels alive during the calls
+    _lv, lv_ptr = native._levels_ptr(levels, bits)  # _lv keeps the levels alive during the calls
     head = (g.data_ptr(), payload.data_ptr(), meta.data_ptr(), _KIND[meta.dtype], lv_ptr, n, block, bits, cols, nb)
     ranges = native._ranges(nb, n, None)
     if sums is None:

@@ -91,6 +91,19 @@ def check_codec_args(block: int, bits: int, meta_dtype: torch.dtype) -> None:
         raise ValueError(f"meta_dtype must be float32, float16 or bfloat16; got {meta_dtype}")
 
 
+def encoder_input(flat: torch.Tensor, encoder: str) -> torch.Tensor:
+    """``flat`` as a compiled encoder reads it: float32, float16 or bfloat16, non-empty, one
+    contiguous dimension (raises naming ``encoder`` otherwise)."""
+    if flat.dtype not in KIND:
+        raise TypeError(f"{encoder} expects float32, float16 or bfloat16 input; got {flat.dtype}")
+    flat = flat.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    if flat.numel() == 0:
+        raise ValueError(f"{encoder} expects a non-empty tensor (the caller handles n == 0)")
+    return flat
+
+
 def check_decode_args(payload: torch.Tensor, meta: torch.Tensor, n: int, block: int, bits: int) -> None:
     """The payload and metadata sizes a decoder of ``n`` elements expects (a mismatch would read out of bounds)."""
     nb = -(-n // block)

@@ -39,7 +39,7 @@ ALLOWED = {
     ("kernels/native.py", "_dequantize"): _CPU_ONLY,
     ("kernels/native.py", "dequantize_native"): _CPU_ONLY,
     **{("kernels/native_ops.py", f): "the compiled CPU ops: CPU tensors only (native_ops.enabled)"
-       for f in ("_scale_in", "dropout", "relu_pack", "quantize_affine", "bn_backward")},
+       for f in ("_scale_in", "dropout", "relu_pack", "quantize_affine", "bn_backward", "heads_spmm", "heads_sddmm")},
     ("blockquant/bench/datasets.py", "generate_synthetic"): _HOST_DATA,
     ("blockquant/bench/datasets.py", "generate_synthetic.pick"): _HOST_DATA,
     ("blockquant/bench/datasets.py", "load_ogb"): _HOST_DATA,

@@ -89,7 +89,8 @@ def test_gcn_example_bytes_by_hand():
     assert mem.per_module[""] == relu_mask + 8
     conv2_input = blockquant.quantize(torch.randn(N, 16), cfg).nbytes  # 4-bit codes and two blocks' metadata
     assert conv2_input == N * 16 // 2 + 2 * 2 * 2
-    assert mem.per_module["conv2"] - sum(mem.plain_by_call["conv2"].values()) == conv2_input
+    # (conv2 holds nothing at full precision: its normalised graph is cached with the graph, not per step)
+    assert mem.per_module["conv2"] - sum(mem.plain_by_call.get("conv2", {}).values()) == conv2_input
 
 
 def test_report_says_what_is_held_at_full_precision_and_by_which_call():

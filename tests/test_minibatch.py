@@ -16,8 +16,8 @@ from blockquant.cli import main
 pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")
 
 HAS_SAMPLER = pyg_typing.WITH_PYG_LIB or pyg_typing.WITH_TORCH_SPARSE
-NO_SAMPLER = "NeighborLoader needs pyg-lib or torch-sparse, neither is installed (see README 'Mini-batch')"
-NO_METIS = "ClusterLoader needs METIS from pyg-lib or torch-sparse, not installed (see README 'Mini-batch')"
+NO_SAMPLER = "NeighborLoader needs pyg-lib or torch-sparse, neither is installed (see docs/scaling.md, 'Mini-batch')"
+NO_METIS = "ClusterLoader needs METIS from pyg-lib or torch-sparse, not installed (see docs/scaling.md, 'Mini-batch')"
 
 
 def _model(ds, config=None, seed=0, hidden=64):

@@ -183,3 +183,24 @@ def test_attention_heads_in_one_pass_equal_the_per_head_products(native_backend,
     torch.testing.assert_close(out_c, out_t, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_c, grads_t):
         assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+def test_converted_batch_norm_codes_are_checked_by_the_forward_check(native_backend, monkeypatch):
+    """In a converted model's forward (which opens the deferred finiteness check) batch norm encodes
+    through the compiled codec, records its metadata on that check, and trains; a non-finite input
+    raises when the forward returns, naming the batch norm that saved it."""
+    import blockquant
+    from blockquant.functional import normalization as norm
+
+    fused = []
+    pack = norm._pack_affine
+    monkeypatch.setattr(norm, "_pack_affine", lambda *a: fused.append(1) or pack(*a))
+    torch.manual_seed(0)
+    model = blockquant.convert(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32),
+                                                   torch.nn.ReLU(), torch.nn.Linear(32, 4)))
+    x = torch.randn(256, 16)
+    model(x).sum().backward()
+    assert fused and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    x[3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"deferred check.*module '1' \(QBatchNorm1d\)"):
+        model(x)

@@ -1,4 +1,4 @@
-"""The README runs as written.
+"""The README and the documentation's guide pages (docs/*.md) run as written.
 
 Every Python block is executed, each on its own in a fresh namespace (they make their data with
 ``blockquant.bench.datasets.synthetic_data``). Bash blocks are too slow to run here (a full benchmark, a test
@@ -18,41 +18,50 @@ import torch
 import torch_geometric.typing as pyg_typing
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+PAGES = ["README.md"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
 HAS_SAMPLER = pyg_typing.WITH_PYG_LIB or pyg_typing.WITH_TORCH_SPARSE
 
 pytestmark = pytest.mark.usefixtures("torch_backend_one_thread")
 
 
-def _blocks(lang):
-    """``(line, code)`` of every ``lang`` block, list-item blocks (indented) included."""
-    return [(README[:m.start()].count("\n") + 1, textwrap.dedent(m.group(2)))
-            for m in re.finditer(rf"^( *)```{lang}\n(.*?)^\1```", README, re.S | re.M)]
+def _blocks(lang, page):
+    """``(where, code)`` of every ``lang`` block of ``page``, list-item blocks (indented) included."""
+    text = (ROOT / page).read_text(encoding="utf-8")
+    return [(f"{page}:{text[:m.start()].count(chr(10)) + 1}", textwrap.dedent(m.group(2)))
+            for m in re.finditer(rf"^( *)```{lang}\n(.*?)^\1```", text, re.S | re.M)]
 
 
-PYTHON = _blocks("python")
-BASH = _blocks("bash")
+PYTHON = [b for page in PAGES for b in _blocks("python", page)]
+BASH = [b for page in PAGES for b in _blocks("bash", page)]
 
 
-def test_the_readme_has_code_to_check():
-    assert len(PYTHON) >= 5 and len(BASH) >= 10
-    assert len(PYTHON) + len(BASH) == len(re.findall(r"^ *```\w+$", README, re.M)), "a code block of another language"
+@pytest.mark.parametrize("page", PAGES)
+def test_every_code_block_is_python_or_bash(page):
+    text = (ROOT / page).read_text(encoding="utf-8")
+    checked = len(_blocks("python", page)) + len(_blocks("bash", page))
+    # MyST directives ({include}, {toctree}, {eval-rst}) are not code
+    assert checked == len(re.findall(r"^ *```\w+$", text, re.M)), f"{page}: a code block of another language"
+
+
+def test_the_pages_have_code_to_check():
+    assert len(_blocks("python", "README.md")) >= 2 and len(_blocks("bash", "README.md")) >= 3
+    assert len(PYTHON) >= 6 and len(BASH) >= 15
 
 
 def test_ci_runs_the_readme_test_and_docs_commands_as_written():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     for marker in ("pytest -q", "sphinx-build"):
-        (command,) = [code.strip() for _, code in BASH if marker in code]
+        (command,) = [code.strip() for where, code in BASH if marker in code and where.startswith("README.md:")]
         assert command in ci, f".ci/run does not run the README's command {command!r}"
 
 
-@pytest.mark.parametrize("line,code", PYTHON, ids=[f"README.md:{line}" for line, _ in PYTHON])
-def test_python_block_runs(line, code, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where,code", PYTHON, ids=[where for where, _ in PYTHON])
+def test_python_block_runs(where, code, tmp_path, monkeypatch):
     if "NeighborLoader(" in code and not HAS_SAMPLER:
         pytest.skip("NeighborLoader needs pyg-lib or torch-sparse (tools/build_torch_sparse.sh runs this block)")
     monkeypatch.chdir(tmp_path)  # blocks may write files (plan.json)
     torch.manual_seed(0)
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+    exec(compile(code, where, "exec"), {"__name__": "__readme__"})
 
 
 # ----------------------------------------------------------------------------- bash blocks
@@ -152,8 +161,8 @@ def _check(tokens):
         raise AssertionError(f"the README runs {head!r}: teach tests/test_readme.py how to check it")
 
 
-@pytest.mark.parametrize("line,code", BASH, ids=[f"README.md:{line}" for line, _ in BASH])
-def test_bash_block_names_only_commands_and_options_that_exist(line, code):
+@pytest.mark.parametrize("where,code", BASH, ids=[where for where, _ in BASH])
+def test_bash_block_names_only_commands_and_options_that_exist(where, code):
     commands = list(_commands(code))
     assert commands, code
     for tokens in commands:

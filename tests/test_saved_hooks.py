@@ -305,3 +305,45 @@ def test_routed_functions_keep_what_the_blockquant_op_keeps():
     assert torch.equal(out, torch.tanh(h_leaf.detach()))
     assert type(z.grad_fn).__name__ != "_SmoothBackward"
     assert BF.sigmoid(h_leaf).grad_fn is not None
+
+
+class _SoftmaxNet(nn.Module):
+    """A converted forward whose functional calls save their own outputs (log_softmax, sigmoid's exact path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 32)
+
+    def forward(self, x):
+        h = torch.nn.functional.log_softmax(self.lin(x), dim=-1)
+        return torch.softmax(h * 2.0, dim=-1).sum()
+
+
+@pytest.mark.parametrize("how", ["dropped", "raised"])
+def test_a_forward_without_backward_frees_what_it_saved(how):
+    """An op that saves its own output kept exact by the rules: the graph must not hold it through a
+    reference to itself (a cycle through autograd's C++ nodes that Python's collector cannot free), so a
+    training forward whose output is dropped without backward, or that raises midway, frees everything."""
+    from blockquant.bench.runner import profiler_net_bytes
+
+    torch.manual_seed(0)
+    model = blockquant.convert(_SoftmaxNet(), "int4").train()
+    x = torch.randn(64, 16)
+    model(x).backward()  # warm-up: nothing cached below is created in the measured call
+
+    class Boom(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.softmax:
+                raise RuntimeError("boom")
+            return func(*args, **(kwargs or {}))
+
+    def forward():
+        if how == "dropped":
+            out = model(x)
+            del out
+        else:
+            with pytest.raises(RuntimeError, match="boom"), Boom():
+                model(x)
+
+    _, net = profiler_net_bytes(forward)
+    assert net == 0, f"{net} bytes still held after a training forward without backward ({how})"

@@ -91,7 +91,7 @@ fi
 print('torch_geometric.typing: WITH_TORCH_SPARSE', t.WITH_TORCH_SPARSE, 'WITH_METIS', t.WITH_METIS)"
 
 # The tests that skip (or take their "not installed" branch) without torch-sparse: every mini-batch loader test,
-# the SparseTensor adjacency tests and the README's NeighborLoader example.
+# the SparseTensor adjacency tests and the NeighborLoader example of docs/scaling.md (tests/test_readme.py).
 TESTS=(tests/test_minibatch.py tests/test_conv_wrappers.py tests/test_attention.py tests/test_functional.py
        tests/test_readme.py)
 SELECT="test_minibatch or sparse_tensor or python_block_runs"

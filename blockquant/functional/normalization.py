@@ -134,16 +134,6 @@ class SideRounding:
         return self.packed.dequantize()
 
 
-def _normalized_row_blocks(shape, config: QuantConfig, device="cpu") -> List[Tuple[int, int]]:
-    """Row ranges in which :func:`_keep_normalized` normalises and compresses an input of ``shape`` on ``device``."""
-    n = shape[0] if len(shape) else 1
-    rows = (save_policy.rows_per_chunk(shape[1], config, device)
-            if len(shape) == 2 and math.prod(shape) > save_policy.chunk_elements(device) else n)
-    if rows >= n:
-        return [(0, n)]
-    return [(a, min(a + rows, n)) for a in range(0, n, rows)]
-
-
 def square_estimator_nbytes(shape, config: QuantConfig, count: int, packed_nbytes, device="cpu") -> int:
     """Exact bytes of what a normalisation over ``count`` elements keeps, beside ``xn``, for
     the diagonal term of its input gradient (0 under nearest rounding); ``packed_nbytes(shape,
@@ -153,7 +143,7 @@ def square_estimator_nbytes(shape, config: QuantConfig, count: int, packed_nbyte
         return 0
     form, param = _square_estimator_form(cfg, count)
     total = 0
-    for a, b in _normalized_row_blocks(tuple(shape), cfg, device):
+    for a, b in save_policy.row_blocks(shape, cfg, device):
         piece = (b - a, *shape[1:]) if len(shape) else ()
         if form == "sample":
             total += 4 * max(1, math.ceil(math.prod(piece) * param))
@@ -207,11 +197,7 @@ def _pack_affine(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cfg:
     levels = _packed._levels_for(cfg.bits, block, cfg.levels == "optimal")
     payload, meta = native_ops.quantize_affine(x, shift, scale, block, cfg.bits, cfg.meta_dtype, levels,
                                                cfg.rounding == "stochastic", seed)
-    deferred = _packed._ACTIVE_CHECK.get()
-    if deferred is not None:
-        deferred.record(meta, x.shape, cfg.meta_dtype)
-    elif not bool(torch.isfinite(meta).all()):
-        _packed._raise_non_finite(x, cfg.meta_dtype)
+    _packed.check_encoded(meta, x, cfg.meta_dtype)
     return PackedTensor(payload, meta, x.shape, torch.float32, cfg, block, seed)
 
 
@@ -220,7 +206,7 @@ def _compressed_affine(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     """:func:`_compressed_normalized` for ``xn = (x - shift) * scale`` (a batch norm's), encoded by the
     compiled codec straight from ``x``: the same state, the same seeds drawn in the same order."""
     estimate = diagonal_count is not None and cfg.rounding == "stochastic"
-    bounds = _normalized_row_blocks(tuple(x.shape), cfg, x.device)
+    bounds = save_policy.row_blocks(x.shape, cfg, x.device)
     shift, scale = shift.to(torch.float32).contiguous(), scale.to(torch.float32).contiguous()
     x = x.detach()
     main, side = [], []
@@ -243,7 +229,7 @@ def _compressed_normalized(x: torch.Tensor, normalize, cfg: QuantConfig, diagona
     (:func:`_square_estimator`). A large 2-D input is normalised and compressed one row block at a
     time (``normalize`` takes a slice of rows), so no full-size ``xn`` is ever formed."""
     estimate = diagonal_count is not None and cfg.rounding == "stochastic"
-    bounds = _normalized_row_blocks(tuple(x.shape), cfg, x.device)
+    bounds = save_policy.row_blocks(x.shape, cfg, x.device)
     if len(bounds) == 1:
         xn = normalize(slice(None))
         state = (save_policy.compress(xn, cfg),)
