@@ -31,10 +31,11 @@ WeakIdKeyDictionary``
 "<= 2.4": works on 2.4.1, the oldest release tested (``check()`` there; ``bench/results/torch_floor.md``).
 ``custom_op`` below evaluates string annotations, which torch 2.4-2.6 cannot infer a schema from.
 
-The floor (``setup.py``: ``torch>=2.10``) is measured, not derived from this table: ``tools/torch_floor.sh``,
-results in ``bench/results/torch_floor.md``. ``SavedTensor.data`` sets it: before 2.10 the only way to read a
+The floor (``setup.py``: ``torch>=2.12.1``) is measured, not derived from this table: ``tools/torch_floor.sh``,
+results in ``bench/results/torch_floor.md``. ``SavedTensor.data`` bounds it: before 2.10 the only way to read a
 saved tensor is to unpack it, which runs its unpack hook (decompressing what blockquant packed, and whatever
-another library's hooks do), so there is no exact fallback. Public APIs that would set it otherwise:
+another library's hooks do), so there is no exact fallback; 2.10.0 has every API here but fails two tests of its
+own (``torch.compile`` and its triton), so the suite sets the floor at 2.12.1. Public APIs that would set it otherwise:
 ``torch.library.custom_op`` and ``register_fake`` (2.4; the codec, CSR product, dropout and sampling ops; torch 2.4
 also rejects their string annotations, ``from __future__ import annotations``), ``torch.compiler.is_compiling``
 (2.3), ``torch.compiler.disable`` and ``assume_constant_result`` (2.1).
