@@ -39,7 +39,7 @@ setup(
     # convert, the codec, the functional ops and tune: torch and PyG (which also bring numpy and tqdm)
     install_requires=[
         # the oldest release the test suite passes on (tools/torch_floor.sh, bench/results/torch_floor.md)
-        "torch>=2.13",
+        "torch>=2.12.1",
         "torch-geometric>=2.4",
         "tqdm>=4.60",  # tune's progress bar; a torch-geometric dependency anyway
     ],

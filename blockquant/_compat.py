@@ -13,8 +13,8 @@ private API                            what blockquant uses it for              
 ``torch.ops.aten.                      BatchNorm's training forward: output, batch      <= 2.4
 _batch_norm_with_update``              statistics and the running-stat update in one
                                        op (what ``F.batch_norm`` dispatches to)
-``torch._C._autograd.SavedTensor``     ``track_saved`` and ``tune`` read what a graph   > 2.6 (2.4,
-and its ``.data``                      node saved without unpacking it (a pack hook's   2.5, 2.6 have
+``torch._C._autograd.SavedTensor``     ``track_saved`` and ``tune`` read what a graph   >= 2.10 (2.4.1
+and its ``.data``                      node saved without unpacking it (a pack hook's   to 2.9.1 have
                                        result stays packed)                            no ``.data``)
 ``Node._raw_saved_<name>``             the saved tensors of built-in autograd nodes     <= 2.4
 ``Node._sequence_nr()``                the order of graph nodes: which module's         <= 2.4
@@ -31,11 +31,14 @@ WeakIdKeyDictionary``
 "<= 2.4": works on 2.4.1, the oldest release tested (``check()`` there; ``bench/results/torch_floor.md``).
 ``custom_op`` below evaluates string annotations, which torch 2.4-2.6 cannot infer a schema from.
 
-The floor (``setup.py``: ``torch>=2.13``) is measured, not derived from this table: ``tools/torch_floor.sh``,
-results in ``bench/results/torch_floor.md``. Public APIs that would set it otherwise: ``torch.library.custom_op``
-and ``register_fake`` (2.4; the codec, CSR product, dropout and sampling ops; torch 2.4 also rejects their
-string annotations, ``from __future__ import annotations``), ``torch.compiler.is_compiling`` (2.3),
-``torch.compiler.disable`` and ``assume_constant_result`` (2.1).
+The floor (``setup.py``: ``torch>=2.12.1``) is measured, not derived from this table: ``tools/torch_floor.sh``,
+results in ``bench/results/torch_floor.md``. ``SavedTensor.data`` bounds it: before 2.10 the only way to read a
+saved tensor is to unpack it, which runs its unpack hook (decompressing what blockquant packed, and whatever
+another library's hooks do), so there is no exact fallback; 2.10.0 has every API here but fails two tests of its
+own (``torch.compile`` and its triton), so the suite sets the floor at 2.12.1. Public APIs that would set it otherwise:
+``torch.library.custom_op`` and ``register_fake`` (2.4; the codec, CSR product, dropout and sampling ops; torch 2.4
+also rejects their string annotations, ``from __future__ import annotations``), ``torch.compiler.is_compiling``
+(2.3), ``torch.compiler.disable`` and ``assume_constant_result`` (2.1).
 """
 import typing
 from typing import Optional, Tuple
@@ -78,8 +81,14 @@ def is_saved_tensor(obj) -> bool:
 
 
 def saved_tensor_data(saved):
-    """What a ``SavedTensor`` stores: the tensor, or the pack hook's result when saved-tensor hooks ran."""
-    return saved.data
+    """What a ``SavedTensor`` stores: the tensor, or the pack hook's result when saved-tensor hooks ran
+    (torch >= 2.10)."""
+    try:
+        return saved.data
+    except AttributeError:
+        raise AttributeError(f"reading what autograd saved without unpacking it needs torch >= 2.10 "
+                             f"(SavedTensor.data); got torch {torch.__version__}, whose {type(saved).__name__} "
+                             f"has no .data") from None
 
 
 _RAW_SLOTS = {}

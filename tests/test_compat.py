@@ -2,6 +2,8 @@
 import pathlib
 import re
 
+import pytest
+
 import blockquant
 from blockquant import _compat
 
@@ -34,3 +36,12 @@ def test_private_apis_only_in_the_compat_module():
 def test_every_private_api_works_on_this_torch():
     assert _compat.check() == {name: None for name in _compat.check()}
     assert len(_compat.check()) >= 7
+
+
+def test_a_saved_tensor_without_data_fails_naming_the_release_it_needs():
+    class SavedTensorBefore210:  # torch 2.9's SavedTensor: register_hooks only
+        def register_hooks(self, pack, unpack):
+            pass
+
+    with pytest.raises(AttributeError, match=r"needs torch >= 2\.10 \(SavedTensor\.data\); got torch "):
+        _compat.saved_tensor_data(SavedTensorBefore210())
