@@ -14,8 +14,9 @@
 # --build-only   build (or find) the wheels and stop
 # --record FILE  write the pytest summary (what ran, passed, skipped) to FILE
 #
-# ClusterLoader needs torch-sparse built with METIS: where the METIS headers are installed (Debian/Ubuntu:
-# apt-get install libmetis-dev) torch-sparse is built WITH_METIS=1 and its wheel cached apart.
+# ClusterLoader needs torch-sparse built with METIS: where METIS headers with 64-bit indices are installed
+# (IDXTYPEWIDTH 64; Debian's libmetis-dev has 32-bit ones, which torch-sparse cannot compile against)
+# torch-sparse is built WITH_METIS=1 and its wheel cached apart.
 #
 # Compiling takes about an hour per package on a loaded 2-core machine, 2.5 GB peak; MAX_JOBS=1 keeps it
 # to one compiler at a time (set MAX_JOBS to change that). CI does not run this: there the tests skip.
@@ -38,7 +39,7 @@ while [ $# -gt 0 ]; do
         --here) HERE=1; shift ;;
         --build-only) BUILD_ONLY=1; shift ;;
         --record) RECORD=$2; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "build_torch_sparse.sh: unknown argument '$1' (expected --wheels DIR, --venv DIR, --here, --build-only, --record FILE)" >&2; exit 2 ;;
     esac
 done
@@ -46,8 +47,16 @@ done
 TORCH=$("$PYTHON" -c "import torch; print(torch.__version__)")
 CACHE="$WHEELS/torch-$TORCH"
 METIS=0
+METIS_NOTE="no metis.h"
 for dir in /usr/include /usr/local/include $(echo "${CPATH:-}" | tr : " "); do
-    [ -f "$dir/metis.h" ] && METIS=1
+    [ -f "$dir/metis.h" ] || continue
+    # torch-sparse passes int64 indices to METIS: a METIS built with 32-bit idx_t (Debian's libmetis-dev)
+    # fails to compile against it (metis_cpu.cpp: cannot convert int64_t* to idx_t*)
+    if grep -qE '^#define IDXTYPEWIDTH 64' "$dir/metis.h"; then
+        METIS=1
+    else
+        METIS_NOTE="$dir/metis.h has 32-bit idx_t (IDXTYPEWIDTH 32), which torch-sparse cannot use"
+    fi
 done
 mkdir -p "$CACHE" "$CACHE-metis"
 
@@ -61,7 +70,7 @@ wheel_for() {  # the cached wheel of a requirement "name==version", or nothing
 }
 
 [ "$METIS" = 1 ] && echo "METIS headers found: torch-sparse is built WITH_METIS=1 (ClusterLoader)" \
-    || echo "no metis.h: torch-sparse is built without METIS (ClusterLoader will stay unavailable)"
+    || echo "$METIS_NOTE: torch-sparse is built without METIS (ClusterLoader will stay unavailable)"
 for req in "$SCATTER" "$SPARSE"; do
     if [ -n "$(wheel_for "$req")" ]; then
         echo "reusing $(wheel_for "$req")"
